@@ -1,0 +1,398 @@
+//! The normalized config model of one proxy.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// The trust domain's cluster suffix used to derive a service's implicit
+/// DNS names (`name.namespace.svc.cluster.local`).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// The namespace used when an object does not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Everything one proxy needs to run: where it listens, the services it can
+/// reach, and the endpoints behind them.
+///
+/// A proxy swaps the whole value atomically when its source changes, so every
+/// request sees one consistent version.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The workload this proxy runs beside; it names the proxy in metrics.
+    #[serde(default)]
+    pub workload: Workload,
+    /// The sockets the proxy accepts connections on.
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    /// The services clients address, with their routes.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Named sets of endpoints that routes send traffic to.
+    #[serde(default)]
+    pub backends: Vec<Backend>,
+}
+
+/// The identity of the workload a proxy serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    /// Workload name, for example the Deployment's name.
+    #[serde(default = "unknown")]
+    pub name: String,
+    /// Kubernetes namespace of the workload.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+/// A socket the proxy accepts connections on, and what it does with them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// Unique name of the listener, used in logs and metrics.
+    pub name: String,
+    /// Address to bind, for example `0.0.0.0:15001`. Port 0 picks a free port.
+    pub address: SocketAddr,
+    /// Whether the listener carries traffic leaving or entering the workload.
+    pub direction: Direction,
+    /// How the listener finds the destination of a connection.
+    pub mode: ListenerMode,
+    /// For [`ListenerMode::Fixed`]: the service that receives every
+    /// connection. Must be empty for the other modes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Protocol of the accepted connections. `auto` (the default) detects
+    /// HTTP/1.1, HTTP/2 and otherwise treats the connection as opaque TCP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// How long protocol detection waits for the client's first bytes before
+    /// treating the connection as opaque TCP, in milliseconds. Server-speaks-
+    /// first protocols wait this long once per connection.
+    #[serde(default = "default_detect_timeout_ms")]
+    pub detect_timeout_ms: u64,
+}
+
+/// The direction of a listener's traffic relative to the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Traffic from the local workload to other services.
+    Outbound,
+    /// Traffic from other workloads to the local workload.
+    Inbound,
+}
+
+/// How a listener learns where an accepted connection is going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerMode {
+    /// Connections redirected by iptables: the destination is the socket's
+    /// original destination (`SO_ORIGINAL_DST`). Outbound, it selects the
+    /// service by virtual address and port; inbound, it selects the local
+    /// application's port on 127.0.0.1.
+    Transparent,
+    /// An HTTP forward proxy for apps that set `HTTP_PROXY`: the destination
+    /// comes from the absolute-form request URI, the `Host` header, or the
+    /// target of a `CONNECT` request.
+    Explicit,
+    /// Every connection goes to the service named in the listener's `target`
+    /// (gateways, and the inbound side in local mode).
+    Fixed,
+}
+
+/// An application protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Detect HTTP/1.1 and HTTP/2 from the first bytes; otherwise opaque TCP.
+    #[default]
+    Auto,
+    /// HTTP/1.1.
+    Http,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+    /// gRPC, which is HTTP/2.
+    Grpc,
+    /// Opaque TCP: bytes are forwarded unchanged.
+    Tcp,
+}
+
+/// A service clients address by name or virtual IP, and the routes that
+/// decide which backend receives each request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    /// Service name, a DNS label such as `reviews`.
+    pub name: String,
+    /// Namespace of the service.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Extra host names clients use, beyond the implicit `name`,
+    /// `name.namespace`, `name.namespace.svc` and
+    /// `name.namespace.svc.cluster.local`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    /// Virtual IPs of the service (a Kubernetes ClusterIP).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
+    /// Ports the service accepts.
+    pub ports: Vec<ServicePort>,
+    /// HTTP routes attached to the service. When any route is attached, a
+    /// request that matches none of its rules gets 404 (GAMMA semantics).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<HttpRoute>,
+    /// The backend that receives traffic when no route is attached (and all
+    /// opaque TCP traffic). Defaults to the backend named like the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+}
+
+/// A port of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    /// The port number clients connect to.
+    pub port: u16,
+    /// Optional port name, for example `http`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Protocol on this port; `auto` detects it per connection.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// An HTTP route attached to a service, with Gateway API HTTPRoute
+/// semantics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRoute {
+    /// Route name, used as the `route` metric label.
+    pub name: String,
+    /// Namespace of the route object.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Rules in order of appearance. Across rules, the most specific match
+    /// wins; ties go to the earlier route and then the earlier rule.
+    pub rules: Vec<RouteRule>,
+}
+
+/// One rule of an HTTP route: the requests it matches and where they go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteRule {
+    /// The rule matches a request that satisfies any one of these. An empty
+    /// list matches every request (a `PathPrefix` of `/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    /// Weighted backends. A request picks one with probability
+    /// proportional to its weight. With no backends (or all weights zero)
+    /// matching requests get 500, as the Gateway API specifies.
+    #[serde(default)]
+    pub backend_refs: Vec<BackendRef>,
+}
+
+/// Conditions on a request. All conditions present must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    /// Condition on the request path; absent means `PathPrefix` `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    /// Conditions on request headers; names are case-insensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    /// Conditions on query parameters; names are case-sensitive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<QueryParamMatch>,
+    /// The request method, for example `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+/// A condition on the request path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PathMatch {
+    /// How `value` is compared with the path.
+    #[serde(rename = "type", default)]
+    pub kind: PathMatchType,
+    /// The path, path prefix or regular expression. Must start with `/`
+    /// unless it is a regular expression.
+    #[serde(default = "root_path")]
+    pub value: String,
+}
+
+/// How a path is compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum PathMatchType {
+    /// The path equals the value exactly.
+    Exact,
+    /// The path starts with the value at a `/` boundary: `/foo` matches
+    /// `/foo` and `/foo/bar` but not `/foobar`.
+    #[default]
+    PathPrefix,
+    /// The whole path matches the regular expression (RE2 syntax).
+    RegularExpression,
+}
+
+/// A condition on a request header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// How `value` is compared.
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// The value or regular expression.
+    pub value: String,
+}
+
+/// A condition on a query parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueryParamMatch {
+    /// How `value` is compared.
+    #[serde(rename = "type", default)]
+    pub kind: ValueMatchType,
+    /// Parameter name, case-sensitive.
+    pub name: String,
+    /// The value or regular expression.
+    pub value: String,
+}
+
+/// How a header or query value is compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ValueMatchType {
+    /// The value equals exactly.
+    #[default]
+    Exact,
+    /// The whole value matches the regular expression (RE2 syntax).
+    RegularExpression,
+}
+
+/// A weighted reference from a route rule to a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendRef {
+    /// Name of a [`Backend`].
+    pub name: String,
+    /// Relative weight; 0 sends this backend no traffic.
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+/// A named set of endpoints and how to balance load across them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    /// Backend name, referenced by routes and services.
+    pub name: String,
+    /// The endpoints. An empty list is valid; requests then get 503.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// How an endpoint is picked for each request.
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    /// Protocol to speak to the endpoints. `auto` (the default) keeps the
+    /// client's HTTP version.
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// One instance of a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// Address and port to connect to.
+    pub address: SocketAddr,
+    /// The workload behind the endpoint, for the `destination_workload`
+    /// metric label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+    /// Labels of the endpoint's pod, for example `version: v2`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Load-balancer settings of a backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancer {
+    /// The algorithm.
+    #[serde(default)]
+    pub algorithm: LoadBalancerAlgorithm,
+}
+
+/// A load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancerAlgorithm {
+    /// Power of two choices over peak-EWMA latency weighted by in-flight
+    /// requests: picks the faster of two random endpoints.
+    #[default]
+    PeakEwma,
+    /// Each endpoint in turn.
+    RoundRobin,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self {
+            name: unknown(),
+            namespace: default_namespace(),
+        }
+    }
+}
+
+impl Service {
+    /// The name of the backend used when no route is attached.
+    pub fn default_backend(&self) -> &str {
+        self.backend.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Every host name that addresses this service: the implicit Kubernetes
+    /// DNS names followed by the explicit `hostnames`.
+    pub fn all_hostnames(&self) -> Vec<String> {
+        let (name, ns) = (&self.name, &self.namespace);
+        let mut names = vec![
+            name.clone(),
+            format!("{name}.{ns}"),
+            format!("{name}.{ns}.svc"),
+            format!("{name}.{ns}.svc.{CLUSTER_DOMAIN}"),
+        ];
+        names.extend(self.hostnames.iter().cloned());
+        names
+    }
+}
+
+impl Protocol {
+    /// True for the protocols carried over HTTP/2.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+fn unknown() -> String {
+    "unknown".to_owned()
+}
+
+fn default_namespace() -> String {
+    DEFAULT_NAMESPACE.to_owned()
+}
+
+fn root_path() -> String {
+    "/".to_owned()
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The default protocol-detection timeout, in milliseconds.
+pub const DEFAULT_DETECT_TIMEOUT_MS: u64 = 1000;
+
+fn default_detect_timeout_ms() -> u64 {
+    DEFAULT_DETECT_TIMEOUT_MS
+}

@@ -1,0 +1,174 @@
+//! Body types of forwarded requests and responses.
+//!
+//! Both wrap hyper's `Incoming` without boxing. The response body carries
+//! what must happen when a response ends: its pooled HTTP/1 connection goes
+//! back to the pool, the endpoint's load count drops, and the request's
+//! telemetry is recorded.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+
+use crate::balance::Pick;
+use crate::telemetry::RequestRecord;
+
+/// A request body streamed upstream, counting its bytes.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    bytes: Arc<AtomicU64>,
+}
+
+/// A response body: from upstream, or made by the proxy.
+pub struct ResponseBody {
+    inner: Inner,
+    end: Option<Box<OnEnd>>,
+}
+
+enum Inner {
+    Local(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// What to do when the response ends.
+pub struct OnEnd {
+    /// The request's telemetry, recorded when this is dropped.
+    pub record: Option<RequestRecord>,
+    /// The endpoint's load slot, released when this is dropped.
+    pub pick: Option<Pick>,
+    /// The HTTP/1 connection to return to the endpoint's pool once the
+    /// response has been read to its end.
+    pub conn: Option<http1::SendRequest<RequestBody>>,
+}
+
+impl RequestBody {
+    /// Wraps `inner`, adding its size to `bytes`.
+    pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
+        Self { inner, bytes }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(d)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+            self.bytes
+                .fetch_add(d.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl ResponseBody {
+    /// A body made by the proxy.
+    pub fn local(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        Self {
+            inner: Inner::Local((!bytes.is_empty()).then_some(bytes)),
+            end: None,
+        }
+    }
+
+    /// A body streamed from upstream.
+    pub fn upstream(inner: Incoming) -> Self {
+        Self {
+            inner: Inner::Upstream(inner),
+            end: None,
+        }
+    }
+
+    /// Attaches what happens when the body ends.
+    pub fn on_end(mut self, end: OnEnd) -> Self {
+        self.end = Some(Box::new(end));
+        self
+    }
+
+    fn finish(&mut self, complete: bool) {
+        let Some(mut end) = self.end.take() else {
+            return;
+        };
+        if let (true, Some(conn), Some(pick)) = (complete, end.conn.take(), end.pick.as_ref()) {
+            pick.endpoint.pool.checkin(conn);
+        }
+    }
+
+    fn record(&mut self) -> Option<&mut RequestRecord> {
+        self.end.as_mut().and_then(|e| e.record.as_mut())
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = match &mut this.inner {
+            Inner::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
+            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(record) = this.record() {
+                    if let Some(d) = f.data_ref() {
+                        record.response_bytes += d.len() as u64;
+                    } else if let Some(t) = f.trailers_ref() {
+                        record.grpc_status = crate::http::grpc_status(t).or(record.grpc_status);
+                    }
+                }
+                if this.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Some(Err(_)) => this.finish(false),
+            None => this.finish(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Local(b) => b.is_none(),
+            Inner::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Upstream(body) => body.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A body hyper never polled because it was empty (HEAD, 204, 304)
+        // still ended cleanly.
+        let complete = self.is_end_stream();
+        self.finish(complete);
+    }
+}

@@ -1,0 +1,202 @@
+//! One accepted connection: find where it is going, detect its protocol,
+//! and hand it to the HTTP or TCP proxy.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use mesh_api::{Direction, ListenerMode, Protocol};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::Shared;
+use crate::balance::Endpoint;
+use crate::detect::{self, Detected, Rewind};
+use crate::listener::ListenerInfo;
+use crate::snapshot::{ServiceEntry, Snapshot};
+
+/// The context shared by all requests of one downstream connection.
+pub struct Conn {
+    /// Proxy-wide state.
+    pub shared: Arc<Shared>,
+    /// The listener that accepted the connection.
+    pub listener: Arc<ListenerInfo>,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Where the client was really going, for transparent listeners.
+    pub orig_dst: Option<SocketAddr>,
+}
+
+/// Where a request or connection goes.
+pub enum Dest {
+    /// A mesh service, routed and balanced.
+    Service(Arc<ServiceEntry>),
+    /// One address outside any service: passthrough, or the local app.
+    Direct {
+        /// The name used in metrics.
+        name: Arc<str>,
+        /// The endpoint, pooled like any other.
+        endpoint: Arc<Endpoint>,
+    },
+}
+
+/// A destination could not be found.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// A fixed listener's target is not in the config.
+    #[error("the listener's target service {0:?} is not in the current config")]
+    UnknownTarget(String),
+    /// An explicit-mode request without `Host` or absolute URI.
+    #[error("the request names no host: send an absolute URI or a Host header")]
+    NoAuthority,
+    /// The authority is not `host[:port]`.
+    #[error("{0:?} is not a valid host[:port]")]
+    BadAuthority(String),
+    /// DNS found nothing for a passthrough host.
+    #[error("cannot resolve host {0:?}: it is not a mesh service and DNS has no address")]
+    Resolve(String),
+    /// A transparent connection that was not redirected.
+    #[error("no original destination: the connection was not redirected to this listener")]
+    NoOriginalDst,
+}
+
+impl Conn {
+    /// Runs the connection to its end.
+    pub async fn run(self: Arc<Self>, mut stream: TcpStream) {
+        let declared = self.declared_protocol();
+        let detected = match declared {
+            Protocol::Http => (Detected::Http1, Default::default()),
+            Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Default::default()),
+            Protocol::Tcp => (Detected::Tcp, Default::default()),
+            Protocol::Auto => match detect::detect(&mut stream, self.listener.detect_timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(peer = %self.peer, error = %e, "connection failed during protocol detection");
+                    return;
+                }
+            },
+        };
+        let (protocol, prefix) = detected;
+        metrics::counter!(
+            crate::telemetry::CONNECTIONS,
+            "listener" => self.listener.name.to_string(),
+            "protocol" => match protocol {
+                Detected::Http1 => "http1",
+                Detected::Http2 => "http2",
+                Detected::Tcp => "tcp",
+            }
+        )
+        .increment(1);
+        let io = Rewind::new(prefix, stream);
+        match protocol {
+            Detected::Http1 => crate::http::serve_h1(self, io).await,
+            Detected::Http2 => crate::http::serve_h2(self, io).await,
+            Detected::Tcp => crate::tcp::serve(self, io).await,
+        }
+    }
+
+    /// The protocol the config declares for this connection, which skips
+    /// detection: the listener's, else the target service port's.
+    fn declared_protocol(&self) -> Protocol {
+        if self.listener.protocol != Protocol::Auto {
+            return self.listener.protocol;
+        }
+        let snap = self.shared.snapshot();
+        match (self.listener.mode, self.listener.direction, self.orig_dst) {
+            (ListenerMode::Transparent, Direction::Outbound, Some(dst)) => snap
+                .service_by_vip(dst)
+                .map_or(Protocol::Auto, |s| s.protocol(dst.port())),
+            (ListenerMode::Fixed, _, _) => self
+                .listener
+                .target
+                .as_deref()
+                .and_then(|t| snap.service(t))
+                .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].1))
+                .unwrap_or(Protocol::Auto),
+            _ => Protocol::Auto,
+        }
+    }
+
+    /// Finds the destination of a request or connection. `authority` is the
+    /// request's `host[:port]` (explicit mode); TCP passes `None`.
+    pub async fn destination(
+        &self,
+        snap: &Snapshot,
+        authority: Option<&str>,
+    ) -> Result<Dest, DestError> {
+        let l = &self.listener;
+        match l.mode {
+            ListenerMode::Fixed => {
+                let target = l.target.as_deref().unwrap_or_default();
+                snap.service(target)
+                    .cloned()
+                    .map(Dest::Service)
+                    .ok_or_else(|| DestError::UnknownTarget(target.to_owned()))
+            }
+            ListenerMode::Explicit => {
+                let authority = authority.ok_or(DestError::NoAuthority)?;
+                let (host, port) = crate::http::parse_authority(authority, 80)
+                    .ok_or_else(|| DestError::BadAuthority(authority.to_owned()))?;
+                if let Some(s) = snap.service_by_host(&host, port) {
+                    return Ok(Dest::Service(s.clone()));
+                }
+                let addr = match host.parse::<IpAddr>() {
+                    Ok(ip) => SocketAddr::new(ip, port),
+                    Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                        .await
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or_else(|| DestError::Resolve(host.clone()))?,
+                };
+                Ok(self.direct(Arc::from(host.as_str()), addr))
+            }
+            ListenerMode::Transparent => {
+                let dst = self.orig_dst.ok_or(DestError::NoOriginalDst)?;
+                match l.direction {
+                    Direction::Outbound => match snap.service_by_vip(dst) {
+                        Some(s) => Ok(Dest::Service(s.clone())),
+                        None => Ok(self.direct(Arc::from(dst.ip().to_string()), dst)),
+                    },
+                    // Inbound traffic goes to the app on the same port of
+                    // the pod's loopback.
+                    Direction::Inbound => {
+                        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), dst.port());
+                        Ok(self.direct(Arc::from(format!("inbound:{}", dst.port())), local))
+                    }
+                }
+            }
+        }
+    }
+
+    fn direct(&self, name: Arc<str>, addr: SocketAddr) -> Dest {
+        Dest::Direct {
+            name,
+            endpoint: self.shared.passthrough_endpoint(addr),
+        }
+    }
+}
+
+impl Dest {
+    /// The `destination_service` label.
+    pub fn name(&self) -> Arc<str> {
+        match self {
+            Dest::Service(s) => s.name.clone(),
+            Dest::Direct { name, .. } => name.clone(),
+        }
+    }
+}
+
+/// Reads `SO_ORIGINAL_DST`: where a connection redirected by iptables was
+/// going. `None` when the connection was not redirected (the original
+/// destination is then the listener itself, which would loop).
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    orig.ok()
+        .and_then(|a| a.as_socket())
+        .filter(|a| *a != local)
+}

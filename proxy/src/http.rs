@@ -1,0 +1,490 @@
+//! The HTTP proxy: serve a downstream connection, route each request, and
+//! forward it to an endpoint over a pooled upstream connection.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_api::Protocol;
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+use crate::balance::Pick;
+use crate::body::{OnEnd, RequestBody, ResponseBody};
+use crate::conn::{Conn, Dest};
+use crate::pool::{self, ConnectError};
+use crate::route::RequestParts;
+use crate::snapshot::Snapshot;
+use crate::telemetry::{AccessFields, Dims, RequestRecord};
+
+/// Serves HTTP/1 on `io` until the client closes or the proxy drains.
+pub async fn serve_h1<I>(conn: Arc<Conn>, io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &conn.shared.limits;
+    let svc = {
+        let conn = conn.clone();
+        service_fn(move |req| handle(conn.clone(), req))
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .preserve_header_case(true)
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
+    let served = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = &mut served => r,
+        () = conn.shared.drain.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(peer = %conn.peer, error = %e, "HTTP/1 connection ended with an error");
+    }
+}
+
+/// Serves HTTP/2 on `io` until the client closes or the proxy drains.
+pub async fn serve_h2<I>(conn: Arc<Conn>, io: I)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &conn.shared.limits;
+    let svc = {
+        let conn = conn.clone();
+        service_fn(move |req| handle(conn.clone(), req))
+    };
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = &mut served => r,
+        () = conn.shared.drain.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(peer = %conn.peer, error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Handles one request. Every failure becomes a response, never an error,
+/// so hyper keeps the connection for the next request.
+async fn handle(
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let snap = conn.shared.snapshot();
+    let access = conn.shared.access_log.then(|| {
+        Box::new(AccessFields {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+            authority: authority(&req).unwrap_or_default().to_owned(),
+            peer: conn.peer,
+            version: req.version(),
+        })
+    });
+    let mut dims = Dims {
+        direction: conn.listener.direction_label(),
+        source_workload: if conn.listener.is_outbound() {
+            snap.workload.clone()
+        } else {
+            Arc::from("unknown")
+        },
+        source_namespace: if conn.listener.is_outbound() {
+            snap.namespace.clone()
+        } else {
+            Arc::from("unknown")
+        },
+        destination_service: Arc::from("unknown"),
+        route: Arc::from(""),
+        tls: false,
+    };
+
+    if req.method() == Method::CONNECT {
+        let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
+        return Ok(crate::tcp::connect_tunnel(conn, &snap, req, record).await);
+    }
+    let routed = route(&conn, &snap, &req, &mut dims).await;
+    let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
+    Ok(match routed {
+        Ok((pick, protocol)) => forward(&conn, req, pick, protocol, record).await,
+        Err((status, msg)) => local(status, &msg, record),
+    })
+}
+
+/// Finds the request's destination, matches its route and picks a backend
+/// and an endpoint. Sets the `destination_service` and `route` labels on
+/// `dims` as they become known.
+async fn route(
+    conn: &Conn,
+    snap: &Snapshot,
+    req: &Request<Incoming>,
+    dims: &mut Dims,
+) -> Result<(Pick, Protocol), (StatusCode, String)> {
+    let dest = conn
+        .destination(snap, authority(req))
+        .await
+        .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+    dims.destination_service = dest.name();
+    let svc = match dest {
+        Dest::Direct { endpoint, .. } => return Ok((Pick::direct(endpoint), Protocol::Auto)),
+        Dest::Service(svc) => svc,
+    };
+    let backend = if svc.routes.is_empty() {
+        svc.backend.as_ref().ok_or_else(|| {
+            let msg = format!("service {} has no backend", svc.name);
+            (StatusCode::SERVICE_UNAVAILABLE, msg)
+        })?
+    } else {
+        let parts = RequestParts {
+            method: req.method(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+        };
+        let rule = svc.routes.find(&parts).ok_or_else(|| {
+            let msg = format!("no route of service {} matches this request", svc.name);
+            (StatusCode::NOT_FOUND, msg)
+        })?;
+        dims.route = rule.route.clone();
+        rule.pick(rand::rng().random()).ok_or_else(|| {
+            let msg = format!("route {} has no usable backend", rule.route);
+            (StatusCode::INTERNAL_SERVER_ERROR, msg)
+        })?
+    };
+    let pick = backend.balancer.pick().ok_or_else(|| {
+        let msg = format!("backend {} has no endpoints", backend.name);
+        (StatusCode::SERVICE_UNAVAILABLE, msg)
+    })?;
+    Ok((pick, backend.protocol))
+}
+
+/// Sends `req` to the picked endpoint and wraps the response.
+async fn forward(
+    conn: &Conn,
+    mut req: Request<Incoming>,
+    mut pick: Pick,
+    protocol: Protocol,
+    mut record: RequestRecord,
+) -> Response<ResponseBody> {
+    let addr = pick.endpoint.addr;
+    record.destination_workload = pick.endpoint.workload.clone();
+    record.upstream = Some(addr);
+    let timeout = conn.shared.limits.connect_timeout;
+    let upgrade = is_upgrade(&req);
+    let h2 = match protocol {
+        Protocol::Http2 | Protocol::Grpc => true,
+        Protocol::Http | Protocol::Tcp => false,
+        Protocol::Auto => req.version() == Version::HTTP_2,
+    } && !upgrade;
+
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    if let Err(msg) = prepare_request(&mut req, h2, upgrade) {
+        return local(StatusCode::BAD_REQUEST, &msg, record);
+    }
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, RequestBody::new(body, record.request_bytes.clone()));
+
+    let sent = if h2 {
+        send_h2(&pick, req, timeout).await.map(|r| (r, None))
+    } else if upgrade {
+        match pool::connect_h1(addr, timeout, true).await {
+            Ok(mut c) => c.send_request(req).await.map(|r| (r, None)).map_err(Into::into),
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        send_h1(&pick, req, timeout).await.map(|(r, c)| (r, Some(c)))
+    };
+    let (mut resp, h1_conn) = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            pick.observe_failure();
+            let status = match e {
+                ForwardError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
+                ForwardError::Http(_) => StatusCode::BAD_GATEWAY,
+            };
+            debug!(upstream = %addr, error = %e, "forwarding failed");
+            return local(status, &format!("upstream {addr}: {e}"), record);
+        }
+    };
+    pick.observe_response();
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(crate::tcp::join_upgrades(down, up, addr));
+        }
+    } else {
+        strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    record.status = resp.status().as_u16();
+    record.grpc_status = grpc_status(resp.headers());
+    resp.map(|body| {
+        ResponseBody::upstream(body).on_end(OnEnd {
+            record: Some(record),
+            pick: Some(pick),
+            conn: h1_conn,
+        })
+    })
+}
+
+/// Why a request could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// How often a request is re-sent on another connection when a pooled one
+/// turns out to be closed before the request was written.
+const STALE_RETRIES: usize = 3;
+
+async fn send_h1(
+    pick: &Pick,
+    mut req: Request<RequestBody>,
+    timeout: std::time::Duration,
+) -> Result<
+    (Response<Incoming>, hyper::client::conn::http1::SendRequest<RequestBody>),
+    ForwardError,
+> {
+    let pool = &pick.endpoint.pool;
+    for _ in 0..STALE_RETRIES {
+        let Some(mut c) = pool.checkout() else { break };
+        if c.ready().await.is_err() {
+            continue;
+        }
+        match c.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, c)),
+            Err(mut e) => match e.take_message() {
+                // Never written: safe to send again on a fresh connection.
+                Some(r) => req = r,
+                None => return Err(e.into_error().into()),
+            },
+        }
+    }
+    let mut c = pool::connect_h1(pick.endpoint.addr, timeout, false).await?;
+    let resp = c.send_request(req).await?;
+    Ok((resp, c))
+}
+
+async fn send_h2(
+    pick: &Pick,
+    req: Request<RequestBody>,
+    timeout: std::time::Duration,
+) -> Result<Response<Incoming>, ForwardError> {
+    let pool = &pick.endpoint.pool;
+    let mut c = match pool.h2() {
+        Some(c) => c,
+        None => {
+            let c = pool::connect_h2(pick.endpoint.addr, timeout).await?;
+            pool.set_h2(c.clone());
+            c
+        }
+    };
+    c.ready().await?;
+    Ok(c.send_request(req).await?)
+}
+
+/// The request's target authority: the URI's (absolute form, HTTP/2) or
+/// the `Host` header.
+pub fn authority<B>(req: &Request<B>) -> Option<&str> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
+}
+
+/// Rewrites the request for the upstream hop: drops hop-by-hop headers and
+/// puts the URI in the form the upstream protocol needs.
+fn prepare_request<B>(req: &mut Request<B>, h2: bool, upgrade: bool) -> Result<(), String> {
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let authority = authority(req).map(str::to_owned);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    if h2 {
+        let Some(authority) = authority else {
+            return Err("request has no Host header or authority".into());
+        };
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(authority.as_str())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("bad request target: {e}"))?;
+        req.headers_mut().remove(header::HOST);
+        *req.version_mut() = Version::HTTP_2;
+    } else {
+        if !req.headers().contains_key(header::HOST) {
+            if let Some(a) = &authority {
+                let v = HeaderValue::from_str(a).map_err(|_| "bad authority".to_owned())?;
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        *req.uri_mut() = path.parse().map_err(|e| format!("bad request target: {e}"))?;
+        *req.version_mut() = Version::HTTP_11;
+    }
+    Ok(())
+}
+
+/// Removes headers that describe one connection rather than the message
+/// (RFC 9110 section 7.6.1), keeping `Upgrade` on upgrade requests and
+/// `TE: trailers`, which gRPC needs end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "transfer-encoding",
+    ] {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// The `grpc-status` of trailers, or of a trailers-only response's headers.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// A response made by the proxy itself, recorded like any other.
+pub fn local(status: StatusCode, message: &str, mut record: RequestRecord) -> Response<ResponseBody> {
+    record.status = status.as_u16();
+    let mut resp = Response::new(
+        ResponseBody::local(format!("{message}\n")).on_end(OnEnd {
+            record: Some(record),
+            pick: None,
+            conn: None,
+        }),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert("x-trellis-error", HeaderValue::from_static("1"));
+    resp
+}
+
+/// Socket address of a `host:port` authority, for passthrough targets.
+pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    let a: http::uri::Authority = authority.parse().ok()?;
+    let host = a.host().trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_ascii_lowercase(), a.port_u16().unwrap_or(default_port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn upgrade_keeps_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_host() {
+        let mut req = Request::get("http://reviews:9080/reviews/0?x=1")
+            .body(())
+            .unwrap();
+        prepare_request(&mut req, false, false).unwrap();
+        assert_eq!(req.uri(), "/reviews/0?x=1");
+        assert_eq!(req.headers()[header::HOST], "reviews:9080");
+    }
+
+    #[test]
+    fn h2_upstream_gets_scheme_and_authority() {
+        let mut req = Request::get("/x").header("host", "svc:80").body(()).unwrap();
+        prepare_request(&mut req, true, false).unwrap();
+        assert_eq!(req.uri(), "http://svc:80/x");
+        assert!(req.headers().get(header::HOST).is_none());
+    }
+
+    #[test]
+    fn authorities_parse_with_default_port() {
+        assert_eq!(parse_authority("Reviews:9080", 80), Some(("reviews".into(), 9080)));
+        assert_eq!(parse_authority("ratings", 80), Some(("ratings".into(), 80)));
+        assert_eq!(parse_authority("[::1]:8080", 80), Some(("::1".into(), 8080)));
+    }
+}

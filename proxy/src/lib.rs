@@ -1,0 +1,237 @@
+//! `trellis-proxy`: the Trellis data plane.
+//!
+//! One proxy runs beside each workload (or as a gateway). It accepts
+//! connections on its listeners, detects HTTP/1.1, HTTP/2 or opaque TCP,
+//! routes HTTP requests with Gateway API semantics, balances them over
+//! endpoints with peak-EWMA P2C, and forwards them over pooled upstream
+//! connections, recording golden-signal metrics on the way.
+//!
+//! The config is a [`mesh_api::ProxyConfig`]. It is compiled into a
+//! [`snapshot::Snapshot`] and swapped atomically on every update
+//! ([`Proxy::update`]); the file source ([`source`]) and, later, the
+//! discovery client feed that one entry point.
+//!
+//! [`start`] is the whole proxy as a library call, used by `main` and by
+//! tests.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_api::ProxyConfig;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub mod admin;
+pub mod balance;
+pub mod body;
+pub mod conn;
+pub mod detect;
+pub mod http;
+pub mod listener;
+pub mod pool;
+pub mod route;
+pub mod settings;
+pub mod snapshot;
+pub mod source;
+pub mod tcp;
+pub mod telemetry;
+
+use balance::Endpoint;
+use listener::Listeners;
+use settings::Settings;
+use snapshot::Snapshot;
+
+/// Limits applied to every connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Upstream TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time a client has to send a complete HTTP/1 request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; larger ones get 431.
+    pub max_header_bytes: usize,
+}
+
+/// State shared by all listeners and connections of one proxy.
+pub struct Shared {
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Connection limits.
+    pub limits: Limits,
+    /// Whether to write JSON access logs.
+    pub access_log: bool,
+    /// Cached request metric handles.
+    pub metrics: Arc<telemetry::RequestMetrics>,
+    /// Cancelled when the proxy starts draining.
+    pub drain: CancellationToken,
+    /// Every listener and connection task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    passthrough: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+}
+
+impl Shared {
+    /// The current config snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A pooled endpoint for an address outside any backend.
+    pub fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut map = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(addr)
+            .or_insert_with(|| Arc::new(Endpoint::new(addr, Arc::from(""))))
+            .clone()
+    }
+}
+
+/// A running proxy.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    admin: admin::Servers,
+    drain_timeout: Duration,
+    /// Serializes updates so versions and listener changes apply in order.
+    updating: tokio::sync::Mutex<()>,
+}
+
+/// The proxy could not start or apply a config.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The config breaks a rule.
+    #[error(transparent)]
+    Config(#[from] mesh_api::ConfigError),
+    /// A route could not be compiled.
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
+    /// A listener could not bind.
+    #[error(transparent)]
+    Bind(#[from] listener::BindError),
+    /// An admin, metrics or health port could not bind.
+    #[error("cannot listen on {addr} for the {what} server: {source}")]
+    AdminBind {
+        /// Which server.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Starts a proxy with `config`: binds its listeners and the admin, metrics
+/// and health servers, and returns once all are accepting.
+pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>, Error> {
+    config
+        .validate()
+        .map_err(|e| Error::Config(mesh_api::ConfigError::Invalid(e)))?;
+    let recorder = telemetry::recorder();
+    let snapshot = Arc::new(Snapshot::build(config, None, 1)?);
+    let shared = Arc::new(Shared {
+        snapshot: watch::channel(snapshot.clone()).0,
+        limits: settings.limits(),
+        access_log: settings.access_log,
+        metrics: Default::default(),
+        drain: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        passthrough: Mutex::default(),
+    });
+    let listeners = Listeners::default();
+    listeners.reconcile(&shared, &snapshot.config.listeners).await?;
+    let admin = admin::Servers::bind(&settings).await?;
+    let proxy = Arc::new(Proxy {
+        shared,
+        listeners,
+        admin,
+        drain_timeout: settings.drain_timeout,
+        updating: Default::default(),
+    });
+    proxy.admin.spawn(proxy.clone(), recorder.clone());
+    tokio::spawn(telemetry::upkeep(recorder));
+    metrics::counter!(telemetry::CONFIG_UPDATES, "result" => "ok").increment(1);
+    info!(version = 1, "config applied");
+    Ok(proxy)
+}
+
+impl Proxy {
+    /// Applies a new config atomically. Requests in flight finish on the
+    /// config they started with; new requests see the new one. An invalid
+    /// config is refused and the current one stays.
+    pub async fn update(&self, config: ProxyConfig) -> Result<u64, Error> {
+        let _serial = self.updating.lock().await;
+        let result = self.apply(config).await;
+        let label = if result.is_ok() { "ok" } else { "refused" };
+        metrics::counter!(telemetry::CONFIG_UPDATES, "result" => label).increment(1);
+        match &result {
+            Ok(v) => info!(version = v, "config applied"),
+            Err(e) => warn!(error = %e, "config refused; keeping the current one"),
+        }
+        result
+    }
+
+    async fn apply(&self, config: ProxyConfig) -> Result<u64, Error> {
+        config
+            .validate()
+            .map_err(|e| Error::Config(mesh_api::ConfigError::Invalid(e)))?;
+        let current = self.shared.snapshot();
+        let version = current.version + 1;
+        let next = Snapshot::build(config, Some(&current), version)?;
+        self.listeners.reconcile(&self.shared, &next.config.listeners).await?;
+        self.shared.snapshot.send_replace(Arc::new(next));
+        Ok(version)
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot()
+    }
+
+    /// The bound address of listener `name`.
+    pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.local_addr(name)
+    }
+
+    /// The admin server's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.admin_addr
+    }
+
+    /// The Prometheus metrics server's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.admin.metrics_addr
+    }
+
+    /// The health server's address.
+    pub fn health_addr(&self) -> SocketAddr {
+        self.admin.health_addr
+    }
+
+    /// True until the proxy starts draining.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.drain.is_cancelled()
+    }
+
+    /// Drains: stops accepting, lets in-flight requests finish (HTTP/1
+    /// connections close after their current request, HTTP/2 ones get
+    /// GOAWAY), and returns when all connections are done or the drain
+    /// timeout passes. Returns whether everything finished in time.
+    pub async fn shutdown(&self) -> bool {
+        info!(timeout = ?self.drain_timeout, "draining");
+        self.shared.drain.cancel();
+        self.shared.tasks.close();
+        let done = tokio::time::timeout(self.drain_timeout, self.shared.tasks.wait())
+            .await
+            .is_ok();
+        if done {
+            info!("drained");
+        } else {
+            warn!(
+                open = self.shared.tasks.len(),
+                "drain timeout passed with connections still open"
+            );
+        }
+        done
+    }
+}

@@ -1,0 +1,86 @@
+//! `trellis-proxy`: parse settings, build the runtime, run.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use proxy::settings::Settings;
+use tracing::{error, info};
+use tracing_subscriber::{EnvFilter, reload};
+
+#[derive(Parser)]
+#[command(name = "trellis-proxy", version, about = "The Trellis sidecar and gateway proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run(Settings),
+}
+
+fn main() -> ExitCode {
+    let Command::Run(settings) = Cli::parse().command;
+    if let Err(e) = init_logging(&settings.log) {
+        eprintln!("trellis-proxy: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = if settings.workers <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(settings.workers)
+            .enable_all()
+            .build()
+    };
+    let result = runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(settings)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("trellis-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let (config, text) = proxy::source::load(&settings.config)?;
+    info!(?settings, "starting");
+    let proxy = proxy::start(settings.clone(), config).await?;
+    tokio::spawn(proxy::source::watch(settings.config.clone(), proxy.clone(), text));
+    shutdown_signal().await?;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log filter {filter:?}: {e}"))?;
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    proxy::admin::set_log_reload(Box::new(move |new| {
+        let f = EnvFilter::try_new(new).map_err(|e| format!("invalid filter {new:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())?;
+        Ok(new.to_owned())
+    }));
+    Ok(())
+}

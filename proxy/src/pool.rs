@@ -1,0 +1,167 @@
+//! Upstream connections of one endpoint, reused across requests.
+//!
+//! HTTP/1 connections carry one request at a time: a connection is checked
+//! out for a request and checked back in when the response body has been
+//! read to its end. HTTP/2 connections are shared: one per endpoint carries
+//! every concurrent request until it closes.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::body::RequestBody;
+
+/// How long a connection may sit idle in the pool.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle HTTP/1 connections kept per endpoint.
+pub const MAX_IDLE: usize = 256;
+
+/// The connections of one endpoint.
+#[derive(Debug, Default)]
+pub struct Pool {
+    h1: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: http1::SendRequest<RequestBody>,
+    since: Instant,
+}
+
+/// Connecting to an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The TCP connect failed.
+    #[error("connect to {addr} failed: {source}")]
+    Io {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TCP connect did not finish in time.
+    #[error("connect to {addr} timed out after {timeout:?}")]
+    Timeout {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The HTTP handshake failed.
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+impl Pool {
+    /// An idle HTTP/1 connection that is still open, if any.
+    pub fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(i) = idle.pop() {
+            if !i.conn.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection whose last response was read to the end.
+    pub fn checkin(&self, conn: http1::SendRequest<RequestBody>) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// The shared HTTP/2 connection, if it is open.
+    pub fn h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        h2.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+
+    /// Makes `conn` the shared HTTP/2 connection.
+    pub fn set_h2(&self, conn: http2::SendRequest<RequestBody>) {
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+    }
+
+    /// Idle HTTP/1 connections, for tests and the admin page.
+    pub fn idle(&self) -> usize {
+        self.h1.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Opens a TCP connection with `TCP_NODELAY`.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ConnectError::Timeout { addr, timeout })?
+        .map_err(|source| ConnectError::Io { addr, source })?;
+    // Latency matters more than packet count for proxied request/response
+    // traffic; failing to set it only costs latency.
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+/// Opens an HTTP/1 connection and drives it on its own task.
+/// `upgrades` keeps the connection usable for a protocol upgrade.
+pub async fn connect_h1(
+    addr: SocketAddr,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
+    let io = TokioIo::new(connect_tcp(addr, timeout).await?);
+    let (send, conn) = http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake(io)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let result = if upgrades {
+            conn.with_upgrades().await
+        } else {
+            conn.await
+        };
+        if let Err(e) = result {
+            debug!(%addr, error = %e, "upstream HTTP/1 connection closed");
+        }
+    });
+    Ok(send)
+}
+
+/// Opens an HTTP/2 connection (prior knowledge) and drives it on its own
+/// task.
+pub async fn connect_h2(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
+    let io = TokioIo::new(connect_tcp(addr, timeout).await?);
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .handshake(io)
+        .await
+        .map_err(|source| ConnectError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(%addr, error = %e, "upstream HTTP/2 connection closed");
+        }
+    });
+    Ok(send)
+}

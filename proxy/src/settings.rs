@@ -1,0 +1,99 @@
+//! Command-line and environment settings of `trellis-proxy run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::Limits;
+
+/// Default admin address: localhost only, it can change the log level.
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Default Prometheus metrics address.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+/// Default health address.
+pub const DEFAULT_HEALTH_ADDR: &str = "0.0.0.0:15021";
+/// Default worker threads. One: a sidecar shares its pod's CPU budget with
+/// the app, and one thread without cross-thread handoffs carries many
+/// thousands of requests per second.
+pub const DEFAULT_WORKERS: usize = 1;
+/// Default drain deadline on SIGTERM.
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+/// Default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// Default time for a client to send a request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+/// Default largest request head, like Envoy's 60 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Settings of a proxy process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// YAML file of the proxy config model (mesh-api `ProxyConfig`). It is
+    /// watched and re-applied when it changes.
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    pub config: PathBuf,
+    /// Admin server: config dump and log level.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics server.
+    #[arg(long, env = "TRELLIS_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Readiness and liveness server.
+    #[arg(long, env = "TRELLIS_HEALTH_ADDR", default_value = DEFAULT_HEALTH_ADDR)]
+    pub health_addr: SocketAddr,
+    /// Worker threads of the runtime.
+    #[arg(long, env = "TRELLIS_WORKERS", default_value_t = DEFAULT_WORKERS,
+          value_parser = clap::value_parser!(usize))]
+    pub workers: usize,
+    /// Write one JSON access log line per request to stdout.
+    #[arg(long, env = "TRELLIS_ACCESS_LOG")]
+    pub access_log: bool,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = DEFAULT_DRAIN_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Upstream connect timeout.
+    #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Time a client has to send a whole HTTP/1 request head.
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes; larger ones get 431.
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
+    pub max_header_bytes: usize,
+    /// Log filter, for example `info` or `proxy=debug`.
+    #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl Settings {
+    /// Settings for tests: every server on a free loopback port.
+    pub fn for_tests() -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            config: PathBuf::new(),
+            admin_addr: any,
+            metrics_addr: any,
+            health_addr: any,
+            workers: 1,
+            access_log: false,
+            drain_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            log: "info".into(),
+        }
+    }
+
+    /// The connection limits.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            connect_timeout: self.connect_timeout,
+            header_read_timeout: self.header_read_timeout,
+            // hyper refuses buffers smaller than 8 KiB.
+            max_header_bytes: self.max_header_bytes.max(8192),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The proxy's config compiled for serving.
+//!
+//! A [`Snapshot`] is immutable. A config update builds a new one and swaps
+//! it in through a `watch` channel; requests in flight keep the `Arc` of the
+//! snapshot they started with, so nothing they use changes under them.
+//! Endpoint state (latency averages, connection pools) is carried from the
+//! previous snapshot for every address that is still present, so a swap
+//! neither drops pooled connections nor resets the balancer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use mesh_api::{Protocol, ProxyConfig};
+
+use crate::balance::{Balancer, Endpoint};
+use crate::route::{RouteError, RouteTable};
+
+/// A compiled config.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The config it was built from, for the admin config dump.
+    pub config: Arc<ProxyConfig>,
+    /// Increases with every applied update.
+    pub version: u64,
+    /// This proxy's workload name.
+    pub workload: Arc<str>,
+    /// This proxy's namespace.
+    pub namespace: Arc<str>,
+    by_name: HashMap<String, Arc<ServiceEntry>>,
+    by_host: HashMap<String, Arc<ServiceEntry>>,
+    by_vip: HashMap<SocketAddr, Arc<ServiceEntry>>,
+    endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+}
+
+/// A service ready to route.
+#[derive(Debug)]
+pub struct ServiceEntry {
+    /// Service name.
+    pub name: Arc<str>,
+    /// Namespace.
+    pub namespace: Arc<str>,
+    /// Ports and their declared protocols.
+    pub ports: Vec<(u16, Protocol)>,
+    /// Attached routes; empty means every request goes to `backend`.
+    pub routes: RouteTable<Arc<BackendEntry>>,
+    /// The backend for requests when no route is attached, and for TCP.
+    pub backend: Option<Arc<BackendEntry>>,
+}
+
+/// A backend ready to balance.
+#[derive(Debug)]
+pub struct BackendEntry {
+    /// Backend name.
+    pub name: Arc<str>,
+    /// Picks endpoints.
+    pub balancer: Balancer,
+    /// Protocol to speak upstream.
+    pub protocol: Protocol,
+}
+
+impl Snapshot {
+    /// Compiles `config`, reusing endpoint state from `previous`.
+    pub fn build(
+        config: ProxyConfig,
+        previous: Option<&Snapshot>,
+        version: u64,
+    ) -> Result<Self, RouteError> {
+        let mut endpoints = HashMap::new();
+        let mut backends = HashMap::new();
+        for b in &config.backends {
+            let eps = b
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let workload: Arc<str> = Arc::from(e.workload.as_deref().unwrap_or(""));
+                    // Backends that share an address share its endpoint
+                    // state, within this snapshot and with the previous one.
+                    endpoints
+                        .entry(e.address)
+                        .or_insert_with(|| {
+                            previous
+                                .and_then(|p| p.endpoints.get(&e.address))
+                                .filter(|old| old.workload == workload)
+                                .cloned()
+                                .unwrap_or_else(|| Arc::new(Endpoint::new(e.address, workload)))
+                        })
+                        .clone()
+                })
+                .collect();
+            backends.insert(
+                b.name.clone(),
+                Arc::new(BackendEntry {
+                    name: Arc::from(b.name.as_str()),
+                    balancer: Balancer::new(eps, b.load_balancer.algorithm),
+                    protocol: b.protocol,
+                }),
+            );
+        }
+
+        let mut by_name = HashMap::new();
+        let mut by_host = HashMap::new();
+        let mut by_vip = HashMap::new();
+        for s in &config.services {
+            let routes = RouteTable::new(&s.routes, |name| backends.get(name).cloned())?;
+            let entry = Arc::new(ServiceEntry {
+                name: Arc::from(s.name.as_str()),
+                namespace: Arc::from(s.namespace.as_str()),
+                ports: s.ports.iter().map(|p| (p.port, p.protocol)).collect(),
+                routes,
+                backend: backends.get(s.default_backend()).cloned(),
+            });
+            // Service names are unique per namespace; a fixed listener names
+            // its target without one, so the first service of a name wins.
+            by_name.entry(s.name.clone()).or_insert_with(|| entry.clone());
+            for h in s.all_hostnames() {
+                by_host.entry(h).or_insert_with(|| entry.clone());
+            }
+            for a in &s.addresses {
+                for p in &s.ports {
+                    by_vip.insert(SocketAddr::new(*a, p.port), entry.clone());
+                }
+            }
+        }
+
+        Ok(Self {
+            workload: Arc::from(config.workload.name.as_str()),
+            namespace: Arc::from(config.workload.namespace.as_str()),
+            config: Arc::new(config),
+            version,
+            by_name,
+            by_host,
+            by_vip,
+            endpoints,
+        })
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.by_name.get(name)
+    }
+
+    /// The service a client addresses as `host:port`. A service that does
+    /// not list `port` does not match.
+    pub fn service_by_host(&self, host: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
+        self.by_host
+            .get(host)
+            .filter(|s| s.ports.iter().any(|(p, _)| *p == port))
+    }
+
+    /// The service behind a virtual address.
+    pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<ServiceEntry>> {
+        self.by_vip.get(&addr)
+    }
+}
+
+impl ServiceEntry {
+    /// The declared protocol of `port`.
+    pub fn protocol(&self, port: u16) -> Protocol {
+        self.ports
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(Protocol::Auto, |(_, proto)| *proto)
+    }
+}

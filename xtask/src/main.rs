@@ -1,0 +1,33 @@
+//! `cargo xtask`: project automation beyond plain cargo (matklad's cargo-xtask
+//! convention). Each subcommand lives in its own module.
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Trellis project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run bookinfo locally with a proxy beside each service.
+    Demo(demo::Args),
+    /// Benchmark the proxy against the direct path and peer proxies.
+    Bench(bench::Args),
+    /// Internal: the upstream HTTP server the benchmark measures against.
+    #[command(hide = true)]
+    BenchServer(bench::ServerArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::BenchServer(args) => bench::serve(args),
+    }
+}
