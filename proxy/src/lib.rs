@@ -39,6 +39,8 @@ pub mod snapshot;
 pub mod source;
 pub mod tcp;
 pub mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod testutil;
 
 use balance::Endpoint;
 use listener::Listeners;
