@@ -97,17 +97,21 @@ impl Validator {
                 self.err(&obj, "name", "another listener has the same name");
             }
             if l.address.port() != 0 && !addrs.insert(l.address) {
-                self.err(&obj, "address", format!("{} is used by another listener", l.address));
+                self.err(
+                    &obj,
+                    "address",
+                    format!("{} is used by another listener", l.address),
+                );
             }
             match (l.mode, &l.target) {
-                (ListenerMode::Fixed, None) => {
-                    self.err(&obj, "target", "mode fixed needs the name of a target service")
-                }
-                (ListenerMode::Fixed, Some(t)) if !services.contains(t.as_str()) => self.err(
+                (ListenerMode::Fixed, None) => self.err(
                     &obj,
                     "target",
-                    format!("no service named {t:?} is defined"),
+                    "mode fixed needs the name of a target service",
                 ),
+                (ListenerMode::Fixed, Some(t)) if !services.contains(t.as_str()) => {
+                    self.err(&obj, "target", format!("no service named {t:?} is defined"))
+                }
                 (ListenerMode::Transparent | ListenerMode::Explicit, Some(_)) => self.err(
                     &obj,
                     "target",
@@ -144,7 +148,11 @@ impl Validator {
             }
             for (j, e) in b.endpoints.iter().enumerate() {
                 if e.address.port() == 0 {
-                    self.err(&obj, format!("endpoints[{j}].address"), "port must not be 0");
+                    self.err(
+                        &obj,
+                        format!("endpoints[{j}].address"),
+                        "port must not be 0",
+                    );
                 }
             }
         }
@@ -169,7 +177,11 @@ impl Validator {
             self.err(&obj, "namespace", "must be a DNS label");
         }
         if !seen.insert((&s.name, &s.namespace)) {
-            self.err(&obj, "name", "another service has the same name and namespace");
+            self.err(
+                &obj,
+                "name",
+                "another service has the same name and namespace",
+            );
         }
         if s.ports.is_empty() {
             self.err(&obj, "ports", "a service needs at least one port");
@@ -183,25 +195,33 @@ impl Validator {
                 self.err(&obj, format!("ports[{i}].port"), "port is listed twice");
             }
             for a in &s.addresses {
-                if let Some(other) = vips.insert((*a, p.port), &s.name) {
-                    if other != s.name {
-                        self.err(
-                            &obj,
-                            "addresses",
-                            format!("{a}:{} is also claimed by service {other:?}", p.port),
-                        );
-                    }
+                if let Some(other) = vips.insert((*a, p.port), &s.name)
+                    && other != s.name
+                {
+                    self.err(
+                        &obj,
+                        "addresses",
+                        format!("{a}:{} is also claimed by service {other:?}", p.port),
+                    );
                 }
             }
         }
         for (i, h) in s.hostnames.iter().enumerate() {
             if h.is_empty() || h.contains(['/', ':', ' ']) {
-                self.err(&obj, format!("hostnames[{i}]"), format!("{h:?} is not a host name"));
+                self.err(
+                    &obj,
+                    format!("hostnames[{i}]"),
+                    format!("{h:?} is not a host name"),
+                );
             }
         }
         let default_backend = s.default_backend();
         if s.routes.is_empty() && !backends.contains(default_backend) {
-            let field = if s.backend.is_some() { "backend" } else { "name" };
+            let field = if s.backend.is_some() {
+                "backend"
+            } else {
+                "name"
+            };
             self.err(
                 &obj,
                 field,
@@ -216,7 +236,11 @@ impl Validator {
                 self.err(&obj, format!("routes[{r}].name"), "must not be empty");
             }
             if !names.insert((&route.namespace, &route.name)) {
-                self.err(&obj, format!("routes[{r}].name"), "another route has the same name");
+                self.err(
+                    &obj,
+                    format!("routes[{r}].name"),
+                    "another route has the same name",
+                );
             }
             for (i, rule) in route.rules.iter().enumerate() {
                 let at = format!("routes[{r}].rules[{i}]");
@@ -230,7 +254,9 @@ impl Validator {
             let at = format!("{at}.matches[{m}]");
             if let Some(p) = &mat.path {
                 match p.kind {
-                    PathMatchType::Exact | PathMatchType::PathPrefix if !p.value.starts_with('/') => {
+                    PathMatchType::Exact | PathMatchType::PathPrefix
+                        if !p.value.starts_with('/') =>
+                    {
                         self.err(obj, format!("{at}.path.value"), "must start with '/'")
                     }
                     PathMatchType::RegularExpression => {
@@ -253,20 +279,24 @@ impl Validator {
             }
             for (q, qm) in mat.query_params.iter().enumerate() {
                 if qm.name.is_empty() {
-                    self.err(obj, format!("{at}.queryParams[{q}].name"), "must not be empty");
+                    self.err(
+                        obj,
+                        format!("{at}.queryParams[{q}].name"),
+                        "must not be empty",
+                    );
                 }
                 if qm.kind == ValueMatchType::RegularExpression {
                     self.regex(obj, &format!("{at}.queryParams[{q}].value"), &qm.value);
                 }
             }
-            if let Some(method) = &mat.method {
-                if !is_http_token(method) || method.chars().any(|c| c.is_ascii_lowercase()) {
-                    self.err(
-                        obj,
-                        format!("{at}.method"),
-                        format!("{method:?} is not an upper-case HTTP method"),
-                    );
-                }
+            if let Some(method) = &mat.method
+                && (!is_http_token(method) || method.chars().any(|c| c.is_ascii_lowercase()))
+            {
+                self.err(
+                    obj,
+                    format!("{at}.method"),
+                    format!("{method:?} is not an upper-case HTTP method"),
+                );
             }
         }
         for (b, r) in rule.backend_refs.iter().enumerate() {
@@ -278,7 +308,11 @@ impl Validator {
                 );
             }
             if r.weight > 1_000_000 {
-                self.err(obj, format!("{at}.backendRefs[{b}].weight"), "must be at most 1000000");
+                self.err(
+                    obj,
+                    format!("{at}.backendRefs[{b}].weight"),
+                    "must be at most 1000000",
+                );
             }
         }
     }
@@ -293,7 +327,8 @@ impl Validator {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }

@@ -70,7 +70,11 @@ impl Servers {
 
     /// Starts serving; call once.
     pub fn spawn(&self, proxy: Arc<Proxy>, recorder: PrometheusHandle) {
-        let taken = self.listeners.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let taken = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let Some([admin, metrics, health]) = taken else {
             return;
         };
@@ -116,7 +120,10 @@ fn admin_route(proxy: &Proxy, req: Request<Incoming>) -> std::future::Ready<Repl
             });
             match (level, LOG_RELOAD.get()) {
                 (None, _) => text(StatusCode::BAD_REQUEST, "missing ?level=FILTER"),
-                (_, None) => text(StatusCode::NOT_IMPLEMENTED, "no log control in this process"),
+                (_, None) => text(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "no log control in this process",
+                ),
                 (Some(l), Some(f)) => match f(&l) {
                     Ok(now) => text(StatusCode::OK, &format!("log filter is now {now}")),
                     Err(e) => text(StatusCode::BAD_REQUEST, &e),
@@ -156,8 +163,10 @@ where
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     r
 }
 

@@ -67,7 +67,8 @@ impl Conn {
             Protocol::Http => (Detected::Http1, Default::default()),
             Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Default::default()),
             Protocol::Tcp => (Detected::Tcp, Default::default()),
-            Protocol::Auto => match detect::detect(&mut stream, self.listener.detect_timeout).await {
+            Protocol::Auto => match detect::detect(&mut stream, self.listener.detect_timeout).await
+            {
                 Ok(d) => d,
                 Err(e) => {
                     debug!(peer = %self.peer, error = %e, "connection failed during protocol detection");

@@ -110,7 +110,11 @@ impl<T: AsyncRead> AsyncRead for Rewind<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.project().inner.poll_write(cx, buf)
     }
 
@@ -147,7 +151,11 @@ mod tests {
         assert_eq!(classify(b"M-SEARCH * HTTP/1.1"), Some(Detected::Http1));
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n"), None);
         assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
-        assert_eq!(classify(b"\x16\x03\x01\x02\x00"), Some(Detected::Tcp), "TLS");
+        assert_eq!(
+            classify(b"\x16\x03\x01\x02\x00"),
+            Some(Detected::Tcp),
+            "TLS"
+        );
         assert_eq!(classify(b"get / HTTP/1.1"), Some(Detected::Tcp));
         assert_eq!(classify(b" GET"), Some(Detected::Tcp));
         assert_eq!(classify(&[b'A'; 40]), Some(Detected::Tcp));
@@ -156,7 +164,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_means_tcp_after_the_timeout() {
         let (mut client, _server) = tokio::io::duplex(64);
-        let (d, bytes) = detect(&mut client, Duration::from_millis(100)).await.unwrap();
+        let (d, bytes) = detect(&mut client, Duration::from_millis(100))
+            .await
+            .unwrap();
         assert_eq!((d, bytes.len()), (Detected::Tcp, 0));
     }
 
@@ -170,7 +180,10 @@ mod tests {
         b.write_all(b"rest").await.unwrap();
         drop(b);
         let mut all = String::new();
-        Rewind::new(prefix, a).read_to_string(&mut all).await.unwrap();
+        Rewind::new(prefix, a)
+            .read_to_string(&mut all)
+            .await
+            .unwrap();
         assert_eq!(all, "GET / HTTP/1.1\r\nrest");
     }
 }

@@ -40,7 +40,9 @@ where
         .preserve_header_case(true)
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes);
-    let served = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    let served = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
     tokio::pin!(served);
     let result = tokio::select! {
         r = &mut served => r,
@@ -208,11 +210,17 @@ async fn forward(
         send_h2(&pick, req, timeout).await.map(|r| (r, None))
     } else if upgrade {
         match pool::connect_h1(addr, timeout, true).await {
-            Ok(mut c) => c.send_request(req).await.map(|r| (r, None)).map_err(Into::into),
+            Ok(mut c) => c
+                .send_request(req)
+                .await
+                .map(|r| (r, None))
+                .map_err(Into::into),
             Err(e) => Err(e.into()),
         }
     } else {
-        send_h1(&pick, req, timeout).await.map(|(r, c)| (r, Some(c)))
+        send_h1(&pick, req, timeout)
+            .await
+            .map(|(r, c)| (r, Some(c)))
     };
     let (mut resp, h1_conn) = match sent {
         Ok(r) => r,
@@ -265,7 +273,10 @@ async fn send_h1(
     mut req: Request<RequestBody>,
     timeout: std::time::Duration,
 ) -> Result<
-    (Response<Incoming>, hyper::client::conn::http1::SendRequest<RequestBody>),
+    (
+        Response<Incoming>,
+        hyper::client::conn::http1::SendRequest<RequestBody>,
+    ),
     ForwardError,
 > {
     let pool = &pick.endpoint.pool;
@@ -338,13 +349,15 @@ fn prepare_request<B>(req: &mut Request<B>, h2: bool, upgrade: bool) -> Result<(
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if !req.headers().contains_key(header::HOST) {
-            if let Some(a) = &authority {
-                let v = HeaderValue::from_str(a).map_err(|_| "bad authority".to_owned())?;
-                req.headers_mut().insert(header::HOST, v);
-            }
+        if let Some(a) = &authority
+            && !req.headers().contains_key(header::HOST)
+        {
+            let v = HeaderValue::from_str(a).map_err(|_| "bad authority".to_owned())?;
+            req.headers_mut().insert(header::HOST, v);
         }
-        *req.uri_mut() = path.parse().map_err(|e| format!("bad request target: {e}"))?;
+        *req.uri_mut() = path
+            .parse()
+            .map_err(|e| format!("bad request target: {e}"))?;
         *req.version_mut() = Version::HTTP_11;
     }
     Ok(())
@@ -383,7 +396,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let te_trailers = headers
         .get(header::TE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -398,7 +414,10 @@ fn is_upgrade<B>(req: &Request<B>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// The `grpc-status` of trailers, or of a trailers-only response's headers.
@@ -407,15 +426,17 @@ pub fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 }
 
 /// A response made by the proxy itself, recorded like any other.
-pub fn local(status: StatusCode, message: &str, mut record: RequestRecord) -> Response<ResponseBody> {
+pub fn local(
+    status: StatusCode,
+    message: &str,
+    mut record: RequestRecord,
+) -> Response<ResponseBody> {
     record.status = status.as_u16();
-    let mut resp = Response::new(
-        ResponseBody::local(format!("{message}\n")).on_end(OnEnd {
-            record: Some(record),
-            pick: None,
-            conn: None,
-        }),
-    );
+    let mut resp = Response::new(ResponseBody::local(format!("{message}\n")).on_end(OnEnd {
+        record: Some(record),
+        pick: None,
+        conn: None,
+    }));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -430,7 +451,10 @@ pub fn local(status: StatusCode, message: &str, mut record: RequestRecord) -> Re
 pub fn parse_authority(authority: &str, default_port: u16) -> Option<(String, u16)> {
     let a: http::uri::Authority = authority.parse().ok()?;
     let host = a.host().trim_start_matches('[').trim_end_matches(']');
-    Some((host.to_ascii_lowercase(), a.port_u16().unwrap_or(default_port)))
+    Some((
+        host.to_ascii_lowercase(),
+        a.port_u16().unwrap_or(default_port),
+    ))
 }
 
 #[cfg(test)]
@@ -440,11 +464,17 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
@@ -475,7 +505,10 @@ mod tests {
 
     #[test]
     fn h2_upstream_gets_scheme_and_authority() {
-        let mut req = Request::get("/x").header("host", "svc:80").body(()).unwrap();
+        let mut req = Request::get("/x")
+            .header("host", "svc:80")
+            .body(())
+            .unwrap();
         prepare_request(&mut req, true, false).unwrap();
         assert_eq!(req.uri(), "http://svc:80/x");
         assert!(req.headers().get(header::HOST).is_none());
@@ -483,8 +516,14 @@ mod tests {
 
     #[test]
     fn authorities_parse_with_default_port() {
-        assert_eq!(parse_authority("Reviews:9080", 80), Some(("reviews".into(), 9080)));
+        assert_eq!(
+            parse_authority("Reviews:9080", 80),
+            Some(("reviews".into(), 9080))
+        );
         assert_eq!(parse_authority("ratings", 80), Some(("ratings".into(), 80)));
-        assert_eq!(parse_authority("[::1]:8080", 80), Some(("::1".into(), 8080)));
+        assert_eq!(
+            parse_authority("[::1]:8080", 80),
+            Some(("::1".into(), 8080))
+        );
     }
 }

@@ -141,7 +141,9 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         passthrough: Mutex::default(),
     });
     let listeners = Listeners::default();
-    listeners.reconcile(&shared, &snapshot.config.listeners).await?;
+    listeners
+        .reconcile(&shared, &snapshot.config.listeners)
+        .await?;
     let admin = admin::Servers::bind(&settings).await?;
     let proxy = Arc::new(Proxy {
         shared,
@@ -180,7 +182,9 @@ impl Proxy {
         let current = self.shared.snapshot();
         let version = current.version + 1;
         let next = Snapshot::build(config, Some(&current), version)?;
-        self.listeners.reconcile(&self.shared, &next.config.listeners).await?;
+        self.listeners
+            .reconcile(&self.shared, &next.config.listeners)
+            .await?;
         self.shared.snapshot.send_replace(Arc::new(next));
         Ok(version)
     }

@@ -36,7 +36,9 @@ pub struct ListenerInfo {
 
 /// A listener could not be bound.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for listener {name:?}: {source}; is another process using the port?")]
+#[error(
+    "cannot listen on {addr} for listener {name:?}: {source}; is another process using the port?"
+)]
 pub struct BindError {
     name: String,
     addr: SocketAddr,
@@ -84,18 +86,24 @@ impl ListenerInfo {
 impl Listeners {
     /// Makes the running listeners match `specs`. Binds all new listeners
     /// before stopping any old one; on a bind error nothing changes.
-    pub async fn reconcile(&self, shared: &Arc<Shared>, specs: &[Listener]) -> Result<(), BindError> {
+    pub async fn reconcile(
+        &self,
+        shared: &Arc<Shared>,
+        specs: &[Listener],
+    ) -> Result<(), BindError> {
         let unchanged = |l: &Listener| {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             running.get(&l.name).is_some_and(|r| r.spec == *l)
         };
         let mut bound = Vec::new();
         for spec in specs.iter().filter(|l| !unchanged(l)) {
-            let listener = TcpListener::bind(spec.address).await.map_err(|source| BindError {
-                name: spec.name.clone(),
-                addr: spec.address,
-                source,
-            })?;
+            let listener = TcpListener::bind(spec.address)
+                .await
+                .map_err(|source| BindError {
+                    name: spec.name.clone(),
+                    addr: spec.address,
+                    source,
+                })?;
             bound.push((spec.clone(), listener));
         }
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -113,7 +121,9 @@ impl Listeners {
             info!(listener = %spec.name, addr = %local, mode = ?spec.mode, direction = ?spec.direction, "listening");
             let info = Arc::new(ListenerInfo::new(&spec));
             let span = info_span!("listener", name = %spec.name);
-            shared.tasks.spawn(accept(shared.clone(), info, listener, stop.clone()).instrument(span));
+            shared
+                .tasks
+                .spawn(accept(shared.clone(), info, listener, stop.clone()).instrument(span));
             running.insert(spec.name.clone(), Running { spec, local, stop });
         }
         Ok(())
@@ -126,7 +136,12 @@ impl Listeners {
     }
 }
 
-async fn accept(shared: Arc<Shared>, info: Arc<ListenerInfo>, listener: TcpListener, stop: CancellationToken) {
+async fn accept(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {

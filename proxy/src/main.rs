@@ -8,7 +8,11 @@ use tracing::{error, info};
 use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Parser)]
-#[command(name = "trellis-proxy", version, about = "The Trellis sidecar and gateway proxy")]
+#[command(
+    name = "trellis-proxy",
+    version,
+    about = "The Trellis sidecar and gateway proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,7 +31,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let runtime = if settings.workers <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(settings.workers)
@@ -51,7 +57,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let (config, text) = proxy::source::load(&settings.config)?;
     info!(?settings, "starting");
     let proxy = proxy::start(settings.clone(), config).await?;
-    tokio::spawn(proxy::source::watch(settings.config.clone(), proxy.clone(), text));
+    tokio::spawn(proxy::source::watch(
+        settings.config.clone(),
+        proxy.clone(),
+        text,
+    ));
     shutdown_signal().await?;
     proxy.shutdown().await;
     Ok(())

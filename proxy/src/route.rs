@@ -221,21 +221,33 @@ impl Matcher {
         let headers = m
             .headers
             .iter()
-            .map(|HeaderMatch { kind, name, value: v }| {
-                let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-                    RouteError::Invalid {
-                        route: route.to_owned(),
-                        what: "header name",
-                        value: name.clone(),
-                    }
-                })?;
-                Ok((name, value(*kind, v)?))
-            })
+            .map(
+                |HeaderMatch {
+                     kind,
+                     name,
+                     value: v,
+                 }| {
+                    let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                        RouteError::Invalid {
+                            route: route.to_owned(),
+                            what: "header name",
+                            value: name.clone(),
+                        }
+                    })?;
+                    Ok((name, value(*kind, v)?))
+                },
+            )
             .collect::<Result<_, RouteError>>()?;
         let query = m
             .query_params
             .iter()
-            .map(|QueryParamMatch { kind, name, value: v }| Ok((name.clone(), value(*kind, v)?)))
+            .map(
+                |QueryParamMatch {
+                     kind,
+                     name,
+                     value: v,
+                 }| Ok((name.clone(), value(*kind, v)?)),
+            )
             .collect::<Result<_, RouteError>>()?;
         Ok(Self {
             path,
@@ -279,9 +291,10 @@ impl Matcher {
                     .and_then(|h| h.to_str().ok())
                     .is_some_and(|h| v.matches(h))
             })
-            && self.query.iter().all(|(name, v)| {
-                query_value(req.query, name).is_some_and(|q| v.matches(&q))
-            })
+            && self
+                .query
+                .iter()
+                .all(|(name, v)| query_value(req.query, name).is_some_and(|q| v.matches(&q)))
     }
 }
 

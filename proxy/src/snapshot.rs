@@ -112,7 +112,9 @@ impl Snapshot {
             });
             // Service names are unique per namespace; a fixed listener names
             // its target without one, so the first service of a name wins.
-            by_name.entry(s.name.clone()).or_insert_with(|| entry.clone());
+            by_name
+                .entry(s.name.clone())
+                .or_insert_with(|| entry.clone());
             for h in s.all_hostnames() {
                 by_host.entry(h).or_insert_with(|| entry.clone());
             }

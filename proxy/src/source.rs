@@ -61,12 +61,18 @@ pub fn load(path: &Path) -> Result<(ProxyConfig, String), SourceError> {
 /// `applied` is the text the proxy runs with now.
 pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied: String) {
     let (tx, mut rx) = mpsc::channel::<()>(1);
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let watcher = notify::recommended_watcher(move |_event| {
         // A full channel already holds a wake-up; one is enough.
         let _ = tx.try_send(());
     })
-    .and_then(|mut w| w.watch(dir, notify::RecursiveMode::NonRecursive).map(|()| w));
+    .and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
     let _watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
@@ -102,7 +108,8 @@ pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied: String) {
             },
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "config file is invalid; keeping the current config");
-                metrics::counter!(crate::telemetry::CONFIG_UPDATES, "result" => "refused").increment(1);
+                metrics::counter!(crate::telemetry::CONFIG_UPDATES, "result" => "refused")
+                    .increment(1);
                 failed = Some(text);
             }
         }

@@ -108,7 +108,13 @@ fn pick(dest: &Dest) -> Option<Pick> {
 
 fn labels(conn: &Conn, snap: &Snapshot, dest: &Dest, pick: &Pick) -> Vec<(&'static str, String)> {
     let outbound = conn.listener.is_outbound();
-    let source = |v: &Arc<str>| if outbound { v.to_string() } else { "unknown".to_owned() };
+    let source = |v: &Arc<str>| {
+        if outbound {
+            v.to_string()
+        } else {
+            "unknown".to_owned()
+        }
+    };
     vec![
         ("direction", conn.listener.direction_label().to_owned()),
         ("source_workload", source(&snap.workload)),

@@ -99,9 +99,20 @@ fn describe() {
     describe_histogram!(RESPONSE_BYTES, Unit::Bytes, "Response body size");
     describe_counter!(TCP_OPENED, "Opaque TCP connections opened");
     describe_counter!(TCP_CLOSED, "Opaque TCP connections closed");
-    describe_counter!(TCP_SENT, Unit::Bytes, "Bytes from client to server on opaque TCP");
-    describe_counter!(TCP_RECEIVED, Unit::Bytes, "Bytes from server to client on opaque TCP");
-    describe_counter!(CONFIG_UPDATES, "Config versions applied (result=ok) or refused");
+    describe_counter!(
+        TCP_SENT,
+        Unit::Bytes,
+        "Bytes from client to server on opaque TCP"
+    );
+    describe_counter!(
+        TCP_RECEIVED,
+        Unit::Bytes,
+        "Bytes from server to client on opaque TCP"
+    );
+    describe_counter!(
+        CONFIG_UPDATES,
+        "Config versions applied (result=ok) or refused"
+    );
     describe_gauge!("trellis_build_info", "Proxy version");
     describe_counter!(CONNECTIONS, "Downstream connections accepted");
 }
@@ -158,7 +169,10 @@ impl RequestMetrics {
             ("direction", key.dims.direction.to_owned()),
             ("source_workload", key.dims.source_workload.to_string()),
             ("source_namespace", key.dims.source_namespace.to_string()),
-            ("destination_service", key.dims.destination_service.to_string()),
+            (
+                "destination_service",
+                key.dims.destination_service.to_string(),
+            ),
             ("destination_workload", key.destination_workload.to_string()),
             ("route", key.dims.route.to_string()),
             ("response_code", key.status.to_string()),

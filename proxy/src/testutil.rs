@@ -30,7 +30,9 @@ pub async fn echo_server(name: &str) -> SocketAddr {
     let name: Arc<str> = Arc::from(name);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| echo(name.clone(), req));
@@ -47,7 +49,11 @@ pub async fn echo_server(name: &str) -> SocketAddr {
 
 async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
@@ -81,8 +87,9 @@ pub async fn proxy_with(settings: Settings, yaml: &str, vars: &[(&str, String)])
 
 /// Replaces `{NAME}` with its value.
 pub fn subst(yaml: &str, vars: &[(&str, String)]) -> String {
-    vars.iter()
-        .fold(yaml.to_owned(), |y, (k, v)| y.replace(&format!("{{{k}}}"), v))
+    vars.iter().fold(yaml.to_owned(), |y, (k, v)| {
+        y.replace(&format!("{{{k}}}"), v)
+    })
 }
 
 /// A config with one fixed outbound listener `out` on a free port, a
@@ -115,9 +122,10 @@ pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequ
 /// An h2c client connection to `addr`.
 pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -137,7 +145,11 @@ pub async fn get(
     let resp = client.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
 }
 
 /// Fetches the proxy's Prometheus text.

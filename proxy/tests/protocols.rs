@@ -101,7 +101,11 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
 async fn http1_header_case_is_kept_both_ways() {
     let (up, head) = raw_upstream().await;
     let addr = fixed_proxy(up).await;
-    let resp = raw_exchange(addr, "GET /c HTTP/1.1\r\nHost: svc\r\nX-MiXeD-Case: 1\r\n\r\n").await;
+    let resp = raw_exchange(
+        addr,
+        "GET /c HTTP/1.1\r\nHost: svc\r\nX-MiXeD-Case: 1\r\n\r\n",
+    )
+    .await;
     let head = head.await.unwrap();
     assert!(head.contains("X-MiXeD-Case: 1\r\n"), "{head}");
     assert!(resp.contains("X-Resp-CaSe: yes\r\n"), "{resp}");
@@ -118,7 +122,12 @@ async fn hop_by_hop_headers_are_not_forwarded() {
     )
     .await;
     let head = head.await.unwrap().to_ascii_lowercase();
-    for gone in ["x-secret", "keep-alive", "proxy-authorization", "connection: keep-alive, x-secret"] {
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "connection: keep-alive, x-secret",
+    ] {
         assert!(!head.contains(gone), "{gone} forwarded: {head}");
     }
     assert!(head.contains("x-kept: 1"), "{head}");
@@ -135,7 +144,11 @@ async fn h2c_prior_knowledge_is_detected_and_kept_upstream() {
             .unwrap();
         streams.push(c.send_request(req));
     }
-    for (i, s) in futures_util::future::join_all(streams).await.into_iter().enumerate() {
+    for (i, s) in futures_util::future::join_all(streams)
+        .await
+        .into_iter()
+        .enumerate()
+    {
         let resp = s.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.version(), http::Version::HTTP_2);
@@ -236,22 +249,35 @@ async fn grpc_bidirectional_stream_is_not_buffered() {
     let mut c = grpc_client(addr).await;
     let (mut tx, body) = Channel::new(1);
     tx.send_data(grpc_frame(b"m0")).await.unwrap();
-    let resp = timeout(LIMIT, c.send_request(grpc_request(body))).await.unwrap().unwrap();
+    let resp = timeout(LIMIT, c.send_request(grpc_request(body)))
+        .await
+        .unwrap()
+        .unwrap();
     let mut body = resp.into_body();
     // Each reply arrives before the next message is sent: the proxy
     // streams both directions instead of buffering whole bodies.
     for i in 0..5 {
-        let frame = timeout(LIMIT, body.frame()).await.unwrap().unwrap().unwrap();
+        let frame = timeout(LIMIT, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let mut data = frame.into_data().unwrap();
         assert_eq!(data.get_u8(), 0);
         let len = data.get_u32() as usize;
         assert_eq!(&data[..len], format!("m{i}").as_bytes());
         if i < 4 {
-            tx.send_data(grpc_frame(format!("m{}", i + 1).as_bytes())).await.unwrap();
+            tx.send_data(grpc_frame(format!("m{}", i + 1).as_bytes()))
+                .await
+                .unwrap();
         }
     }
     drop(tx);
-    let trailers = timeout(LIMIT, body.frame()).await.unwrap().unwrap().unwrap();
+    let trailers = timeout(LIMIT, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(trailers.into_trailers().unwrap()["grpc-status"], "0");
 }
 
@@ -279,14 +305,18 @@ async fn websocket_upgrade_passes_through() {
     use tokio_tungstenite::tungstenite::Message;
     let addr = fixed_proxy(websocket_echo_server().await).await;
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async("ws://svc/chat", stream).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://svc/chat", stream)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..20 {
         ws.send(Message::text(format!("msg {i}"))).await.unwrap();
         let back = timeout(LIMIT, ws.next()).await.unwrap().unwrap().unwrap();
         assert_eq!(back, Message::text(format!("msg {i}")));
     }
-    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
     let back = timeout(LIMIT, ws.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(back, Message::binary(vec![0u8, 1, 2, 255]));
     ws.close(None).await.unwrap();
@@ -323,7 +353,9 @@ async fn opaque_tcp_is_forwarded_byte_for_byte() {
     };
     let mut back = Vec::new();
     let read = r.read_to_end(&mut back);
-    let ((), n) = timeout(LIMIT, async { tokio::join!(write, read) }).await.unwrap();
+    let ((), n) = timeout(LIMIT, async { tokio::join!(write, read) })
+        .await
+        .unwrap();
     n.unwrap();
     assert_eq!(&back[..3], &[0x16, 0x03, 0x01]);
     assert_eq!(&back[3..], &payload[..]);
@@ -337,14 +369,22 @@ async fn server_speaks_first_protocol_does_not_hang() {
         "mode: fixed, target: svc, detectTimeoutMs: 200 }",
     );
     let p = proxy(&yaml, &[]).await;
-    let mut s = TcpStream::connect(p.listener_addr("out").unwrap()).await.unwrap();
+    let mut s = TcpStream::connect(p.listener_addr("out").unwrap())
+        .await
+        .unwrap();
     // The client waits for the server's greeting without sending anything.
     let mut banner = [0u8; 30];
-    timeout(LIMIT, s.read_exact(&mut banner)).await.unwrap().unwrap();
+    timeout(LIMIT, s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&banner, b"220 smtp.example ESMTP ready\r\n");
     s.write_all(b"EHLO me\r\n").await.unwrap();
     let mut reply = [0u8; 9];
-    timeout(LIMIT, s.read_exact(&mut reply)).await.unwrap().unwrap();
+    timeout(LIMIT, s.read_exact(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&reply, b"EHLO me\r\n");
 }
 
@@ -353,12 +393,23 @@ async fn declared_tcp_port_skips_detection() {
     let upstream = tcp_echo_server(Some(b"hello")).await;
     // One hour of detection would hang the test if detection ran.
     let yaml = fixed_config(&[upstream])
-        .replace("mode: fixed, target: svc }", "mode: fixed, target: svc, detectTimeoutMs: 3600000 }")
-        .replace("ports: [{ port: 80 }]", "ports: [{ port: 80, protocol: tcp }]");
+        .replace(
+            "mode: fixed, target: svc }",
+            "mode: fixed, target: svc, detectTimeoutMs: 3600000 }",
+        )
+        .replace(
+            "ports: [{ port: 80 }]",
+            "ports: [{ port: 80, protocol: tcp }]",
+        );
     let p = proxy(&yaml, &[]).await;
-    let mut s = TcpStream::connect(p.listener_addr("out").unwrap()).await.unwrap();
+    let mut s = TcpStream::connect(p.listener_addr("out").unwrap())
+        .await
+        .unwrap();
     let mut banner = [0u8; 5];
-    timeout(LIMIT, s.read_exact(&mut banner)).await.unwrap().unwrap();
+    timeout(LIMIT, s.read_exact(&mut banner))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&banner, b"hello");
 }
 
@@ -377,8 +428,12 @@ async fn explicit_mode_routes_absolute_form_requests_by_host() {
     let up = echo_server("reviews").await;
     let p = proxy(EXPLICIT, &[("UP", up.to_string())]).await;
     let mut c = h1_client(p.listener_addr("out").unwrap()).await;
-    let (status, headers, body) =
-        get(&mut c, "http://reviews.default.svc.cluster.local:9080/r/1", "ignored").await;
+    let (status, headers, body) = get(
+        &mut c,
+        "http://reviews.default.svc.cluster.local:9080/r/1",
+        "ignored",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(headers["x-served-by"], "reviews");
     let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -399,7 +454,9 @@ async fn explicit_mode_passes_unknown_hosts_through() {
 async fn explicit_mode_connect_tunnels_to_the_service() {
     let up = tcp_echo_server(None).await;
     let p = proxy(EXPLICIT, &[("UP", up.to_string())]).await;
-    let mut s = TcpStream::connect(p.listener_addr("out").unwrap()).await.unwrap();
+    let mut s = TcpStream::connect(p.listener_addr("out").unwrap())
+        .await
+        .unwrap();
     s.write_all(b"CONNECT reviews:9080 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
         .await
         .unwrap();
@@ -417,17 +474,28 @@ async fn explicit_mode_connect_tunnels_to_the_service() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(b"\x00tunnelled bytes").await.unwrap();
     let mut back = [0u8; 16];
-    timeout(LIMIT, s.read_exact(&mut back)).await.unwrap().unwrap();
+    timeout(LIMIT, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(&back, b"\x00tunnelled bytes");
 }
 
 #[tokio::test]
 async fn explicit_mode_without_host_is_a_clear_error() {
     let p = proxy(&subst(EXPLICIT, &[("UP", "127.0.0.1:1".into())]), &[]).await;
-    let mut s = TcpStream::connect(p.listener_addr("out").unwrap()).await.unwrap();
+    let mut s = TcpStream::connect(p.listener_addr("out").unwrap())
+        .await
+        .unwrap();
     s.write_all(b"GET /x HTTP/1.0\r\n\r\n").await.unwrap();
     let mut resp = String::new();
-    timeout(LIMIT, s.read_to_string(&mut resp)).await.unwrap().unwrap();
-    assert!(resp.starts_with("HTTP/1.0 502") || resp.starts_with("HTTP/1.1 502"), "{resp}");
+    timeout(LIMIT, s.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.0 502") || resp.starts_with("HTTP/1.1 502"),
+        "{resp}"
+    );
     assert!(resp.contains("names no host"), "{resp}");
 }

@@ -65,19 +65,32 @@ async fn routed_proxy() -> Arc<Proxy> {
     let mut backends = String::from("backends:\n");
     for name in BACKENDS {
         let addr = echo_server(name).await;
-        backends.push_str(&format!("  - {{ name: {name}, endpoints: [{{ address: \"{addr}\" }}] }}\n"));
+        backends.push_str(&format!(
+            "  - {{ name: {name}, endpoints: [{{ address: \"{addr}\" }}] }}\n"
+        ));
     }
     proxy(&ROUTES.replace("backends: []\n", &backends), &[]).await
 }
 
 /// Sends one request and returns the status and the backend that served it.
-async fn send(p: &Proxy, method: &str, uri: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+async fn send(
+    p: &Proxy,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, String) {
     let mut c = h1_client(p.listener_addr("out").unwrap()).await;
-    let mut req = Request::builder().method(method).uri(uri).header("host", "shop");
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "shop");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = c.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let resp = c
+        .send_request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
     let status = resp.status();
     let served = resp
         .headers()
@@ -97,7 +110,10 @@ async fn served_by(p: &Proxy, uri: &str) -> String {
 async fn exact_path_match() {
     let p = routed_proxy().await;
     assert_eq!(served_by(&p, "/exact").await, "exact");
-    assert_eq!(send(&p, "GET", "/exact/more", &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/exact/more", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -105,7 +121,10 @@ async fn prefix_path_match_on_segment_boundary() {
     let p = routed_proxy().await;
     assert_eq!(served_by(&p, "/prefix").await, "prefix");
     assert_eq!(served_by(&p, "/prefix/a/b?c=d").await, "prefix");
-    assert_eq!(send(&p, "GET", "/prefixes", &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/prefixes", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -119,7 +138,10 @@ async fn longest_prefix_wins() {
 async fn regex_path_match() {
     let p = routed_proxy().await;
     assert_eq!(served_by(&p, "/items/123").await, "regex");
-    assert_eq!(send(&p, "GET", "/items/abc", &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/items/abc", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -127,7 +149,10 @@ async fn header_exact_match() {
     let p = routed_proxy().await;
     let (status, served) = send(&p, "GET", "/h", &[("X-Tier", "gold")]).await;
     assert_eq!((status, served.as_str()), (StatusCode::OK, "header-exact"));
-    assert_eq!(send(&p, "GET", "/h", &[("x-tier", "Gold")]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/h", &[("x-tier", "Gold")]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
@@ -135,21 +160,33 @@ async fn header_regex_match() {
     let p = routed_proxy().await;
     let (status, served) = send(&p, "GET", "/h", &[("x-tier", "bronze")]).await;
     assert_eq!((status, served.as_str()), (StatusCode::OK, "header-regex"));
-    assert_eq!(send(&p, "GET", "/h", &[("x-tier", "bronzed")]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/h", &[("x-tier", "bronzed")]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
 async fn query_param_match() {
     let p = routed_proxy().await;
     assert_eq!(served_by(&p, "/q?x=1&debug=on").await, "query");
-    assert_eq!(send(&p, "GET", "/q?debug=off", &[]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        send(&p, "GET", "/q?debug=off", &[]).await.0,
+        StatusCode::NOT_FOUND
+    );
 }
 
 #[tokio::test]
 async fn method_match_outranks_plain_prefix() {
     let p = routed_proxy().await;
-    assert_eq!(send(&p, "DELETE", "/m/1", &[]).await, (StatusCode::OK, "method".into()));
-    assert_eq!(send(&p, "GET", "/m/1", &[]).await, (StatusCode::OK, "prefix".into()));
+    assert_eq!(
+        send(&p, "DELETE", "/m/1", &[]).await,
+        (StatusCode::OK, "method".into())
+    );
+    assert_eq!(
+        send(&p, "GET", "/m/1", &[]).await,
+        (StatusCode::OK, "prefix".into())
+    );
 }
 
 #[tokio::test]
@@ -163,7 +200,12 @@ async fn unmatched_request_gets_404_not_a_default_backend() {
     let p = routed_proxy().await;
     let mut c = h1_client(p.listener_addr("out").unwrap()).await;
     let resp = c
-        .send_request(Request::get("/nowhere").header("host", "shop").body(Full::new(Bytes::new())).unwrap())
+        .send_request(
+            Request::get("/nowhere")
+                .header("host", "shop")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
@@ -217,7 +259,10 @@ async fn weighted_split_over_10000_requests() {
             let mut c = h1_client(addr).await;
             let mut counts: HashMap<String, usize> = HashMap::new();
             for _ in 0..N / CLIENTS {
-                let req = Request::get("/r").header("host", "reviews").body(Full::new(Bytes::new())).unwrap();
+                let req = Request::get("/r")
+                    .header("host", "reviews")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
                 let resp = c.send_request(req).await.unwrap();
                 assert_eq!(resp.status(), StatusCode::OK);
                 let who = resp.headers()["x-served-by"].to_str().unwrap().to_owned();
@@ -239,6 +284,10 @@ async fn weighted_split_over_10000_requests() {
     for (name, p, sd) in [("v1", 0.8, 40.0), ("v2", 0.1, 30.0), ("v3", 0.1, 30.0)] {
         let got = total.get(name).copied().unwrap_or(0) as f64;
         let want = N as f64 * p;
-        assert!((got - want).abs() <= 5.0 * sd, "{name}: {got} requests, expected {want} ± {}", 5.0 * sd);
+        assert!(
+            (got - want).abs() <= 5.0 * sd,
+            "{name}: {got} requests, expected {want} ± {}",
+            5.0 * sd
+        );
     }
 }

@@ -57,12 +57,20 @@ fn good_config_parses_with_defaults() {
     let rule = &c.services[1].routes[0].rules[0];
     assert_eq!(rule.backend_refs[0].weight, 1);
     assert_eq!(rule.matches[0].headers[0].kind, ValueMatchType::Exact);
-    assert_eq!(c.backends[2].load_balancer.algorithm, LoadBalancerAlgorithm::RoundRobin);
-    assert_eq!(c.backends[1].load_balancer.algorithm, LoadBalancerAlgorithm::PeakEwma);
+    assert_eq!(
+        c.backends[2].load_balancer.algorithm,
+        LoadBalancerAlgorithm::RoundRobin
+    );
+    assert_eq!(
+        c.backends[1].load_balancer.algorithm,
+        LoadBalancerAlgorithm::PeakEwma
+    );
     assert_eq!(c.services[1].namespace, "default");
-    assert!(c.services[1]
-        .all_hostnames()
-        .contains(&"reviews.default.svc.cluster.local".to_owned()));
+    assert!(
+        c.services[1]
+            .all_hostnames()
+            .contains(&"reviews.default.svc.cluster.local".to_owned())
+    );
 }
 
 #[test]
@@ -76,7 +84,8 @@ fn round_trips_through_json_and_yaml() {
 
 #[test]
 fn yaml_errors_carry_the_location() {
-    let err = ProxyConfig::from_yaml("listeners:\n  - name: a\n    adress: 1.2.3.4:5\n").unwrap_err();
+    let err =
+        ProxyConfig::from_yaml("listeners:\n  - name: a\n    adress: 1.2.3.4:5\n").unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("unknown field `adress`"), "{msg}");
     assert!(msg.contains("line 3"), "{msg}");
@@ -84,7 +93,10 @@ fn yaml_errors_carry_the_location() {
 
 #[test]
 fn unknown_references_name_object_and_field() {
-    let yaml = GOOD.replace("- { name: reviews-v3, weight: 10 }", "- { name: reviews-v4, weight: 10 }");
+    let yaml = GOOD.replace(
+        "- { name: reviews-v3, weight: 10 }",
+        "- { name: reviews-v4, weight: 10 }",
+    );
     let errs = errors(&yaml);
     assert_eq!(
         errs,
@@ -98,11 +110,16 @@ fn unknown_references_name_object_and_field() {
 #[test]
 fn bad_regex_path_and_method_are_reported_together() {
     let yaml = GOOD
-        .replace("{ type: PathPrefix, value: /reviews }", "{ type: RegularExpression, value: '/r(' }")
+        .replace(
+            "{ type: PathPrefix, value: /reviews }",
+            "{ type: RegularExpression, value: '/r(' }",
+        )
         .replace("headers: [{ name: x-user, value: jason }]", "method: get");
     let errs = errors(&yaml);
     assert_eq!(errs.len(), 2, "{errs:?}");
-    assert!(errs[0].contains("routes[0].rules[0].matches[0].path.value: invalid regular expression"));
+    assert!(
+        errs[0].contains("routes[0].rules[0].matches[0].path.value: invalid regular expression")
+    );
     assert!(errs[1].contains("matches[0].method: \"get\" is not an upper-case HTTP method"));
 }
 
@@ -125,15 +142,29 @@ fn fixed_listener_needs_a_known_target() {
 
 #[test]
 fn duplicates_are_rejected() {
-    let yaml = GOOD.replace("name: inbound\n    address: 127.0.0.1:15006", "name: outbound\n    address: 127.0.0.1:15001");
+    let yaml = GOOD.replace(
+        "name: inbound\n    address: 127.0.0.1:15006",
+        "name: outbound\n    address: 127.0.0.1:15001",
+    );
     let errs = errors(&yaml);
-    assert!(errs.iter().any(|e| e.contains("another listener has the same name")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("127.0.0.1:15001 is used by another listener")), "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("another listener has the same name")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("127.0.0.1:15001 is used by another listener")),
+        "{errs:?}"
+    );
 }
 
 #[test]
 fn service_without_route_needs_its_backend() {
-    let yaml = GOOD.replace("  - name: productpage-local\n    endpoints", "  - name: pp\n    endpoints");
+    let yaml = GOOD.replace(
+        "  - name: productpage-local\n    endpoints",
+        "  - name: pp\n    endpoints",
+    );
     assert_eq!(
         errors(&yaml),
         vec![
@@ -145,9 +176,24 @@ fn service_without_route_needs_its_backend() {
 
 #[test]
 fn bad_service_names_and_ports() {
-    let yaml = GOOD.replace("name: reviews\n    addresses", "name: Reviews\n    addresses")
-        .replace("ports: [{ port: 9080, protocol: http }]", "ports: [{ port: 0 }]");
+    let yaml = GOOD
+        .replace(
+            "name: reviews\n    addresses",
+            "name: Reviews\n    addresses",
+        )
+        .replace(
+            "ports: [{ port: 9080, protocol: http }]",
+            "ports: [{ port: 0 }]",
+        );
     let errs = errors(&yaml);
-    assert!(errs.iter().any(|e| e.contains("\"default/Reviews\": name: must be a DNS label")), "{errs:?}");
-    assert!(errs.iter().any(|e| e.contains("ports[0].port: must be 1-65535")), "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("\"default/Reviews\": name: must be a DNS label")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("ports[0].port: must be 1-65535")),
+        "{errs:?}"
+    );
 }

@@ -2,20 +2,31 @@ use super::*;
 
 fn endpoints(n: u16) -> Vec<Arc<Endpoint>> {
     (0..n)
-        .map(|i| Arc::new(Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1000 + i)), Arc::from(""))))
+        .map(|i| {
+            Arc::new(Endpoint::new(
+                SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                Arc::from(""),
+            ))
+        })
         .collect()
 }
 
 #[tokio::test(start_paused = true)]
 async fn round_robin_takes_turns() {
     let b = Balancer::new(endpoints(3), LoadBalancerAlgorithm::RoundRobin);
-    let ports: Vec<u16> = (0..6).map(|_| b.pick().unwrap().endpoint.addr.port()).collect();
+    let ports: Vec<u16> = (0..6)
+        .map(|_| b.pick().unwrap().endpoint.addr.port())
+        .collect();
     assert_eq!(ports, [1000, 1001, 1002, 1000, 1001, 1002]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn no_endpoints_no_pick() {
-    assert!(Balancer::new(vec![], LoadBalancerAlgorithm::PeakEwma).pick().is_none());
+    assert!(
+        Balancer::new(vec![], LoadBalancerAlgorithm::PeakEwma)
+            .pick()
+            .is_none()
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -34,10 +45,17 @@ async fn peak_ewma_jumps_to_slow_observations_and_decays() {
     let e = &endpoints(1)[0];
     let base = e.cost();
     e.observe(Duration::from_millis(300));
-    assert!((e.cost() - 300e6).abs() < 1e3, "peak taken at once: {}", e.cost());
+    assert!(
+        (e.cost() - 300e6).abs() < 1e3,
+        "peak taken at once: {}",
+        e.cost()
+    );
     tokio::time::advance(DECAY).await;
     let decayed = e.cost();
-    assert!((decayed - 300e6 / std::f64::consts::E).abs() < 1e5, "{decayed}");
+    assert!(
+        (decayed - 300e6 / std::f64::consts::E).abs() < 1e5,
+        "{decayed}"
+    );
     // A fast observation pulls the estimate down only gradually.
     e.observe(Duration::from_millis(1));
     assert!(e.cost() > 1e6 && e.cost() < decayed, "{}", e.cost());

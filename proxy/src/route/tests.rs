@@ -5,15 +5,29 @@ fn table(yaml: &str) -> RouteTable<String> {
     RouteTable::new(&routes, |name| Some(name.to_owned())).unwrap()
 }
 
-fn route_of(t: &RouteTable<String>, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<String> {
+fn route_of(
+    t: &RouteTable<String>,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Option<String> {
     let uri: http::Uri = uri.parse().unwrap();
     let method = http::Method::from_bytes(method.as_bytes()).unwrap();
     let mut map = http::HeaderMap::new();
     for (k, v) in headers {
-        map.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        map.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
     }
-    let parts = RequestParts { method: &method, path: uri.path(), query: uri.query(), headers: &map };
-    t.find(&parts).map(|r| r.pick(0).cloned().unwrap_or_else(|| "<none>".into()))
+    let parts = RequestParts {
+        method: &method,
+        path: uri.path(),
+        query: uri.query(),
+        headers: &map,
+    };
+    t.find(&parts)
+        .map(|r| r.pick(0).cloned().unwrap_or_else(|| "<none>".into()))
 }
 
 fn get(t: &RouteTable<String>, uri: &str) -> Option<String> {
@@ -22,7 +36,9 @@ fn get(t: &RouteTable<String>, uri: &str) -> Option<String> {
 
 #[test]
 fn exact_path() {
-    let t = table("- name: r\n  rules:\n  - matches: [{path: {type: Exact, value: /a}}]\n    backendRefs: [{name: exact}]\n");
+    let t = table(
+        "- name: r\n  rules:\n  - matches: [{path: {type: Exact, value: /a}}]\n    backendRefs: [{name: exact}]\n",
+    );
     assert_eq!(get(&t, "/a").as_deref(), Some("exact"));
     assert_eq!(get(&t, "/a/"), None);
     assert_eq!(get(&t, "/ab"), None);
@@ -30,7 +46,9 @@ fn exact_path() {
 
 #[test]
 fn prefix_path_respects_segment_boundaries() {
-    let t = table("- name: r\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /foo/}}]\n    backendRefs: [{name: p}]\n");
+    let t = table(
+        "- name: r\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /foo/}}]\n    backendRefs: [{name: p}]\n",
+    );
     assert_eq!(get(&t, "/foo").as_deref(), Some("p"));
     assert_eq!(get(&t, "/foo/bar?x=1").as_deref(), Some("p"));
     assert_eq!(get(&t, "/foobar"), None);
@@ -38,7 +56,9 @@ fn prefix_path_respects_segment_boundaries() {
 
 #[test]
 fn regex_path_matches_whole_path() {
-    let t = table("- name: r\n  rules:\n  - matches: [{path: {type: RegularExpression, value: '/items/[0-9]+'}}]\n    backendRefs: [{name: re}]\n");
+    let t = table(
+        "- name: r\n  rules:\n  - matches: [{path: {type: RegularExpression, value: '/items/[0-9]+'}}]\n    backendRefs: [{name: re}]\n",
+    );
     assert_eq!(get(&t, "/items/42").as_deref(), Some("re"));
     assert_eq!(get(&t, "/items/42/x"), None);
     assert_eq!(get(&t, "/x/items/42"), None);
@@ -49,15 +69,26 @@ fn headers_exact_and_regex() {
     let t = table(
         "- name: r\n  rules:\n  - matches: [{headers: [{name: X-User, value: jason}, {type: RegularExpression, name: x-env, value: 'prod|stage'}]}]\n    backendRefs: [{name: h}]\n",
     );
-    assert_eq!(route_of(&t, "GET", "/", &[("x-user", "jason"), ("x-env", "stage")]).as_deref(), Some("h"));
-    assert_eq!(route_of(&t, "GET", "/", &[("x-user", "jason"), ("x-env", "staging")]), None);
-    assert_eq!(route_of(&t, "GET", "/", &[("x-user", "Jason"), ("x-env", "prod")]), None);
+    assert_eq!(
+        route_of(&t, "GET", "/", &[("x-user", "jason"), ("x-env", "stage")]).as_deref(),
+        Some("h")
+    );
+    assert_eq!(
+        route_of(&t, "GET", "/", &[("x-user", "jason"), ("x-env", "staging")]),
+        None
+    );
+    assert_eq!(
+        route_of(&t, "GET", "/", &[("x-user", "Jason"), ("x-env", "prod")]),
+        None
+    );
     assert_eq!(route_of(&t, "GET", "/", &[("x-user", "jason")]), None);
 }
 
 #[test]
 fn query_params_are_decoded() {
-    let t = table("- name: r\n  rules:\n  - matches: [{queryParams: [{name: q, value: 'a b'}, {type: RegularExpression, name: n, value: '[0-9]+'}]}]\n    backendRefs: [{name: q}]\n");
+    let t = table(
+        "- name: r\n  rules:\n  - matches: [{queryParams: [{name: q, value: 'a b'}, {type: RegularExpression, name: n, value: '[0-9]+'}]}]\n    backendRefs: [{name: q}]\n",
+    );
     assert_eq!(get(&t, "/?q=a+b&n=7").as_deref(), Some("q"));
     assert_eq!(get(&t, "/?n=7&q=a%20b").as_deref(), Some("q"));
     assert_eq!(get(&t, "/?q=a+b&n=x"), None);
@@ -66,7 +97,8 @@ fn query_params_are_decoded() {
 
 #[test]
 fn method() {
-    let t = table("- name: r\n  rules:\n  - matches: [{method: POST}]\n    backendRefs: [{name: m}]\n");
+    let t =
+        table("- name: r\n  rules:\n  - matches: [{method: POST}]\n    backendRefs: [{name: m}]\n");
     assert_eq!(route_of(&t, "POST", "/x", &[]).as_deref(), Some("m"));
     assert_eq!(route_of(&t, "GET", "/x", &[]), None);
 }
@@ -100,10 +132,22 @@ fn precedence_follows_gateway_api_order() {
     assert_eq!(get(&t, "/api/v2/special").as_deref(), Some("regex"));
     assert_eq!(get(&t, "/api/v1/other").as_deref(), Some("longer-prefix"));
     let hdrs = [("x-a", "1"), ("x-b", "1")];
-    assert_eq!(route_of(&t, "GET", "/api/x", &hdrs).as_deref(), Some("method"));
-    assert_eq!(route_of(&t, "PUT", "/api/x", &hdrs).as_deref(), Some("two-headers"));
-    assert_eq!(route_of(&t, "PUT", "/api/x?debug=1", &[("x-a", "1")]).as_deref(), Some("one-header"));
-    assert_eq!(route_of(&t, "PUT", "/api/x?debug=1", &[]).as_deref(), Some("query"));
+    assert_eq!(
+        route_of(&t, "GET", "/api/x", &hdrs).as_deref(),
+        Some("method")
+    );
+    assert_eq!(
+        route_of(&t, "PUT", "/api/x", &hdrs).as_deref(),
+        Some("two-headers")
+    );
+    assert_eq!(
+        route_of(&t, "PUT", "/api/x?debug=1", &[("x-a", "1")]).as_deref(),
+        Some("one-header")
+    );
+    assert_eq!(
+        route_of(&t, "PUT", "/api/x?debug=1", &[]).as_deref(),
+        Some("query")
+    );
     assert_eq!(get(&t, "/other").as_deref(), Some("catch-all"));
 }
 
@@ -117,15 +161,28 @@ fn ties_go_to_the_earlier_route_then_rule() {
 
 #[test]
 fn unmatched_request_finds_no_rule_and_empty_rule_has_no_backend() {
-    let t = table("- name: r\n  rules:\n  - matches: [{path: {value: /a}}]\n    backendRefs: [{name: a}]\n  - matches: [{path: {value: /b}}]\n");
+    let t = table(
+        "- name: r\n  rules:\n  - matches: [{path: {value: /a}}]\n    backendRefs: [{name: a}]\n  - matches: [{path: {value: /b}}]\n",
+    );
     assert_eq!(get(&t, "/c"), None, "no match means 404");
-    assert_eq!(get(&t, "/b").as_deref(), Some("<none>"), "no backends means 500");
+    assert_eq!(
+        get(&t, "/b").as_deref(),
+        Some("<none>"),
+        "no backends means 500"
+    );
 }
 
 #[test]
 fn weights_split_proportionally() {
-    let t = table("- name: r\n  rules:\n  - backendRefs: [{name: a, weight: 80}, {name: b, weight: 10}, {name: zero, weight: 0}, {name: c, weight: 10}]\n");
-    let parts = RequestParts { method: &http::Method::GET, path: "/", query: None, headers: &http::HeaderMap::new() };
+    let t = table(
+        "- name: r\n  rules:\n  - backendRefs: [{name: a, weight: 80}, {name: b, weight: 10}, {name: zero, weight: 0}, {name: c, weight: 10}]\n",
+    );
+    let parts = RequestParts {
+        method: &http::Method::GET,
+        path: "/",
+        query: None,
+        headers: &http::HeaderMap::new(),
+    };
     let rule = t.find(&parts).unwrap();
     let mut counts = std::collections::HashMap::new();
     for roll in 0..100u64 {
