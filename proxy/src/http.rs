@@ -22,7 +22,7 @@ use crate::conn::{Conn, Dest};
 use crate::pool::{self, ConnectError};
 use crate::route::RequestParts;
 use crate::snapshot::Snapshot;
-use crate::telemetry::{AccessFields, Dims, RequestRecord};
+use crate::telemetry::{self, AccessFields, Dims, RequestRecord};
 
 /// Serves HTTP/1 on `io` until the client closes or the proxy drains.
 pub async fn serve_h1<I>(conn: Arc<Conn>, io: I)
@@ -109,15 +109,15 @@ async fn handle(
         source_workload: if conn.listener.is_outbound() {
             snap.workload.clone()
         } else {
-            Arc::from("unknown")
+            telemetry::unknown()
         },
         source_namespace: if conn.listener.is_outbound() {
             snap.namespace.clone()
         } else {
-            Arc::from("unknown")
+            telemetry::unknown()
         },
-        destination_service: Arc::from("unknown"),
-        route: Arc::from(""),
+        destination_service: telemetry::unknown(),
+        route: telemetry::empty(),
         tls: false,
     };
 
@@ -330,34 +330,35 @@ pub fn authority<B>(req: &Request<B>) -> Option<&str> {
 /// puts the URI in the form the upstream protocol needs.
 fn prepare_request<B>(req: &mut Request<B>, h2: bool, upgrade: bool) -> Result<(), String> {
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let authority = authority(req).map(str::to_owned);
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let origin_form = req.uri().scheme().is_none() && req.uri().authority().is_none();
     if h2 {
-        let Some(authority) = authority else {
-            return Err("request has no Host header or authority".into());
-        };
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(authority.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| format!("bad request target: {e}"))?;
+        if origin_form {
+            let authority = authority(req)
+                .ok_or("request has no Host header or authority")?
+                .to_owned();
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = Uri::builder()
+                .scheme("http")
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .map_err(|e| format!("bad request target: {e}"))?;
+        }
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if let Some(a) = &authority
-            && !req.headers().contains_key(header::HOST)
-        {
-            let v = HeaderValue::from_str(a).map_err(|_| "bad authority".to_owned())?;
-            req.headers_mut().insert(header::HOST, v);
+        if !origin_form {
+            // Absolute form (explicit proxy requests, HTTP/2 clients): the
+            // authority moves to Host and the URI keeps only the path.
+            if let Some(a) = req.uri().authority()
+                && !req.headers().contains_key(header::HOST)
+            {
+                let v = HeaderValue::from_str(a.as_str()).map_err(|_| "bad authority")?;
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() = Uri::try_from(path).map_err(|e| format!("bad request target: {e}"))?;
         }
-        *req.uri_mut() = path
-            .parse()
-            .map_err(|e| format!("bad request target: {e}"))?;
         *req.version_mut() = Version::HTTP_11;
     }
     Ok(())

@@ -84,7 +84,7 @@ impl Shared {
     pub fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
         let mut map = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(addr)
-            .or_insert_with(|| Arc::new(Endpoint::new(addr, Arc::from(""))))
+            .or_insert_with(|| Arc::new(Endpoint::new(addr, telemetry::empty())))
             .clone()
     }
 }

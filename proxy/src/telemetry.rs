@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram, Unit, describe_counter, describe_gauge, describe_histogram};
@@ -43,6 +43,20 @@ const SIZE_BUCKETS: &[f64] = &[
     0.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
 ];
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+static UNKNOWN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("unknown"));
+static EMPTY: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+
+/// The label value for a peer the proxy cannot identify, shared so that
+/// requests do not allocate it.
+pub fn unknown() -> Arc<str> {
+    UNKNOWN.clone()
+}
+
+/// The empty label value, shared.
+pub fn empty() -> Arc<str> {
+    EMPTY.clone()
+}
 
 /// Installs the process-wide Prometheus recorder, once, and returns its
 /// handle. Later calls return the same handle, so several proxies in one
@@ -238,7 +252,7 @@ impl RequestRecord {
             start,
             metrics,
             dims,
-            destination_workload: Arc::from(""),
+            destination_workload: empty(),
             upstream: None,
             status: 0,
             grpc_status: None,
