@@ -15,6 +15,7 @@
 
 pub mod details;
 pub mod http;
+pub mod mesh;
 pub mod productpage;
 pub mod ratings;
 pub mod reviews;

@@ -1,0 +1,432 @@
+//! The local mesh: every bookinfo workload on loopback with a Trellis proxy
+//! beside it in explicit mode. `cargo xtask demo` and `tests/mesh.rs` both
+//! wire it from [`local_configs`], so the demo and its test cannot drift.
+//!
+//! ```text
+//! app ──HTTP_PROXY──► outbound ──► peer's inbound ──► peer app
+//!       (proxy of the caller)       (proxy of the callee)
+//! ```
+//!
+//! An app calls `http://reviews:9080/...` through its proxy's
+//! [`OUTBOUND_LISTENER`] (explicit mode, the app's `HTTP_PROXY`). That proxy
+//! finds the service by host, applies its routes and forwards to an
+//! endpoint, which is the [`INBOUND_LISTENER`] of the peer's proxy (mode
+//! fixed). The inbound listener sends everything to the service
+//! `<workload>-local`, whose one endpoint is the app itself.
+//!
+//! Every proxy knows the mesh services `details`, `ratings` and `reviews`
+//! (port [`MESH_PORT`]). `reviews` carries the route [`REVIEWS_ROUTE`], which
+//! splits traffic over the backends `reviews-v1`, `reviews-v2` and
+//! `reviews-v3` as [`REVIEWS_SPLIT`] says; the backend `reviews` (all
+//! versions, what the Kubernetes Service selects) is there for a user who
+//! removes the route.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use mesh_api::{
+    Backend, BackendRef, Direction, Endpoint, HttpRoute, Listener, ListenerMode, ProxyConfig,
+    RouteRule, Service, ServicePort,
+};
+
+use crate::reviews::{RATINGS_UNAVAILABLE, StarColor};
+
+/// The port clients use for every mesh service (`http://details:9080`).
+pub const MESH_PORT: u16 = 9080;
+
+/// The namespace of every workload and service of the local mesh.
+pub const NAMESPACE: &str = mesh_api::DEFAULT_NAMESPACE;
+
+/// Name of the listener the app uses as its `HTTP_PROXY`.
+pub const OUTBOUND_LISTENER: &str = "outbound";
+
+/// Name of the listener peers send the app's traffic to.
+pub const INBOUND_LISTENER: &str = "inbound";
+
+/// Name of the route that splits `reviews` traffic over its versions.
+pub const REVIEWS_ROUTE: &str = "reviews-split";
+
+/// Backends of [`REVIEWS_ROUTE`] and their weights, in percent.
+pub const REVIEWS_SPLIT: [(&str, u32); 3] =
+    [("reviews-v1", 80), ("reviews-v2", 10), ("reviews-v3", 10)];
+
+/// The services other workloads call, in the order they appear in configs.
+const MESH_SERVICES: [&str; 3] = ["details", "ratings", "reviews"];
+
+/// One deployable unit of bookinfo: a service in one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Workload {
+    /// Workload name, for example `reviews-v2`: the proxy's identity in
+    /// metrics (`source_workload`, `destination_workload`).
+    pub name: &'static str,
+    /// The `bookinfo` subcommand and mesh service name, for example `reviews`.
+    pub service: &'static str,
+    /// The `version` label, for example `v2`.
+    pub version: &'static str,
+}
+
+/// A workload with the loopback addresses of its app and its proxy's
+/// listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sidecar {
+    /// Which workload.
+    pub workload: Workload,
+    /// Where the app listens.
+    pub app: SocketAddr,
+    /// The proxy's [`OUTBOUND_LISTENER`], the app's `HTTP_PROXY`.
+    pub outbound: SocketAddr,
+    /// The proxy's [`INBOUND_LISTENER`], the endpoint peers connect to.
+    pub inbound: SocketAddr,
+}
+
+/// Every workload of the local mesh. The front end comes first.
+pub const WORKLOADS: [Workload; 6] = [
+    Workload::new("productpage", "productpage", "v1"),
+    Workload::new("details", "details", "v1"),
+    Workload::new("ratings", "ratings", "v1"),
+    Workload::new("reviews-v1", "reviews", "v1"),
+    Workload::new("reviews-v2", "reviews", "v2"),
+    Workload::new("reviews-v3", "reviews", "v3"),
+];
+
+/// The proxy config of every sidecar, in the order given, named by
+/// workload. Backends list only the sidecars given: a mesh service with
+/// none gets an empty backend (and its callers 503).
+pub fn local_configs(sidecars: &[Sidecar]) -> Vec<(String, ProxyConfig)> {
+    sidecars
+        .iter()
+        .map(|sidecar| {
+            let name = sidecar.workload.name.to_owned();
+            (name, proxy_config(sidecar, sidecars))
+        })
+        .collect()
+}
+
+/// The config of `sidecar`'s proxy in a mesh of `mesh`.
+pub fn proxy_config(sidecar: &Sidecar, mesh: &[Sidecar]) -> ProxyConfig {
+    let workload = sidecar.workload;
+    let local = workload.local_service();
+    let listeners = vec![
+        listener(
+            OUTBOUND_LISTENER,
+            sidecar.outbound,
+            Direction::Outbound,
+            None,
+        ),
+        listener(
+            INBOUND_LISTENER,
+            sidecar.inbound,
+            Direction::Inbound,
+            Some(&local),
+        ),
+    ];
+
+    let mut services: Vec<Service> = MESH_SERVICES
+        .iter()
+        .map(|name| service(name, MESH_PORT))
+        .collect();
+    if let Some(reviews) = services.iter_mut().find(|s| s.name == "reviews") {
+        reviews.routes.push(reviews_route());
+    }
+    services.push(service(&local, sidecar.app.port()));
+
+    // A backend per mesh service (every version) and one per versioned
+    // workload, pointing at the peers' inbound listeners.
+    let mut backends: BTreeMap<String, Vec<Endpoint>> = MESH_SERVICES
+        .iter()
+        .map(|name| ((*name).to_owned(), Vec::new()))
+        .collect();
+    for (name, _) in REVIEWS_SPLIT {
+        backends.insert(name.to_owned(), Vec::new());
+    }
+    for peer in mesh {
+        let w = peer.workload;
+        if !MESH_SERVICES.contains(&w.service) {
+            continue;
+        }
+        for key in [w.service, w.name] {
+            if let Some(endpoints) = backends.get_mut(key)
+                && !endpoints.iter().any(|e| e.address == peer.inbound)
+            {
+                endpoints.push(endpoint(&w, peer.inbound));
+            }
+        }
+    }
+    let mut backends: Vec<Backend> = backends
+        .into_iter()
+        .map(|(name, endpoints)| backend(name, endpoints))
+        .collect();
+    backends.push(backend(local, vec![endpoint(&workload, sidecar.app)]));
+
+    ProxyConfig {
+        workload: mesh_api::Workload {
+            name: workload.name.to_owned(),
+            namespace: NAMESPACE.to_owned(),
+        },
+        listeners,
+        services,
+        backends,
+    }
+}
+
+/// What is wrong with a product page fetched through the mesh.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PageProblem(String);
+
+/// Checks a product page served through the mesh: details and reviews are
+/// both there (no error section), and a v2 or v3 page shows its stars, so
+/// reviews reached ratings. Returns the reviews workload that served it,
+/// for example `reviews-v2`.
+pub fn check_product_page(page: &str) -> Result<&str, PageProblem> {
+    let problem = |what: String| Err(PageProblem(what));
+    for needle in [
+        "<section id=\"details\">",
+        "<dd>William Shakespeare</dd>",
+        "<section id=\"reviews\">",
+    ] {
+        if !page.contains(needle) {
+            return problem(format!("the page has no {needle:?}"));
+        }
+    }
+    let Some(served_by) = page
+        .split("Reviews served by: ")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+    else {
+        return problem("the page does not say which reviews version served it".to_owned());
+    };
+    let color = match served_by {
+        "reviews-v1" => None,
+        "reviews-v2" => Some(StarColor::Black),
+        "reviews-v3" => Some(StarColor::Red),
+        other => return problem(format!("served by an unknown reviews workload {other:?}")),
+    };
+    if page.contains(RATINGS_UNAVAILABLE) {
+        return problem(format!("{served_by} could not reach ratings"));
+    }
+    match color {
+        Some(color) => {
+            let stars = format!("class=\"stars\" style=\"color: {}\"", color.as_str());
+            if !page.contains(&stars) {
+                return problem(format!("{served_by} shows no {stars}"));
+            }
+        }
+        None if page.contains("class=\"stars\"") => {
+            return problem(format!("{served_by} shows stars; v1 has none"));
+        }
+        None => {}
+    }
+    Ok(served_by)
+}
+
+impl Workload {
+    const fn new(name: &'static str, service: &'static str, version: &'static str) -> Self {
+        Self {
+            name,
+            service,
+            version,
+        }
+    }
+
+    /// The service the inbound listener targets: `<workload>-local`, whose
+    /// endpoint is the app.
+    pub fn local_service(&self) -> String {
+        format!("{}-local", self.name)
+    }
+
+    /// Arguments of the `bookinfo` binary that run this workload on `app`,
+    /// calling the other services through the proxy at `outbound`. The
+    /// service URLs keep their defaults (`http://reviews:9080` and so on):
+    /// the proxy resolves those names.
+    pub fn app_args(&self, app: SocketAddr, outbound: SocketAddr) -> Vec<String> {
+        let mut args = vec![
+            self.service.to_owned(),
+            "--listen".to_owned(),
+            app.to_string(),
+        ];
+        if self.service == "reviews" {
+            args.extend(["--version".to_owned(), self.version.to_owned()]);
+        }
+        // Only the services that call others take a proxy.
+        if matches!(self.service, "productpage" | "reviews") {
+            args.extend(["--http-proxy".to_owned(), format!("http://{outbound}")]);
+        }
+        args
+    }
+}
+
+impl Sidecar {
+    /// [`Workload::app_args`] with this sidecar's addresses.
+    pub fn app_args(&self) -> Vec<String> {
+        self.workload.app_args(self.app, self.outbound)
+    }
+}
+
+fn listener(
+    name: &str,
+    address: SocketAddr,
+    direction: Direction,
+    target: Option<&str>,
+) -> Listener {
+    Listener {
+        name: name.to_owned(),
+        address,
+        direction,
+        mode: if target.is_some() {
+            ListenerMode::Fixed
+        } else {
+            ListenerMode::Explicit
+        },
+        target: target.map(str::to_owned),
+        protocol: mesh_api::Protocol::Auto,
+        detect_timeout_ms: mesh_api::DEFAULT_DETECT_TIMEOUT_MS,
+    }
+}
+
+fn service(name: &str, port: u16) -> Service {
+    Service {
+        name: name.to_owned(),
+        namespace: NAMESPACE.to_owned(),
+        hostnames: Vec::new(),
+        addresses: Vec::new(),
+        ports: vec![ServicePort {
+            port,
+            name: Some("http".to_owned()),
+            protocol: mesh_api::Protocol::Auto,
+        }],
+        routes: Vec::new(),
+        backend: None,
+    }
+}
+
+fn reviews_route() -> HttpRoute {
+    HttpRoute {
+        name: REVIEWS_ROUTE.to_owned(),
+        namespace: NAMESPACE.to_owned(),
+        rules: vec![RouteRule {
+            matches: Vec::new(),
+            backend_refs: REVIEWS_SPLIT
+                .iter()
+                .map(|(name, weight)| BackendRef {
+                    name: (*name).to_owned(),
+                    weight: *weight,
+                })
+                .collect(),
+        }],
+    }
+}
+
+fn backend(name: String, endpoints: Vec<Endpoint>) -> Backend {
+    Backend {
+        name,
+        endpoints,
+        load_balancer: Default::default(),
+        protocol: mesh_api::Protocol::Auto,
+    }
+}
+
+fn endpoint(workload: &Workload, address: SocketAddr) -> Endpoint {
+    Endpoint {
+        address,
+        workload: Some(workload.name.to_owned()),
+        labels: BTreeMap::from([
+            ("app".to_owned(), workload.service.to_owned()),
+            ("version".to_owned(), workload.version.to_owned()),
+        ]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sidecars() -> Vec<Sidecar> {
+        WORKLOADS
+            .iter()
+            .zip(0u16..)
+            .map(|(workload, i)| Sidecar {
+                workload: *workload,
+                app: SocketAddr::from(([127, 0, 0, 1], 20000 + 10 * i)),
+                outbound: SocketAddr::from(([127, 0, 0, 1], 20001 + 10 * i)),
+                inbound: SocketAddr::from(([127, 0, 0, 1], 20002 + 10 * i)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_config_is_valid_and_round_trips_through_yaml() {
+        let mesh = sidecars();
+        let configs = local_configs(&mesh);
+        assert_eq!(configs.len(), WORKLOADS.len());
+        for (name, config) in configs {
+            config
+                .validate()
+                .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            let yaml = serde_yaml::to_string(&config).unwrap();
+            assert_eq!(ProxyConfig::from_yaml(&yaml).unwrap(), config, "{name}");
+            assert_eq!(config.workload.name, name);
+        }
+    }
+
+    #[test]
+    fn reviews_versions_point_at_their_inbound_listeners() {
+        let mesh = sidecars();
+        let config = proxy_config(&mesh[0], &mesh);
+        let backend = |name: &str| {
+            config
+                .backends
+                .iter()
+                .find(|b| b.name == name)
+                .unwrap_or_else(|| panic!("no backend {name}"))
+        };
+        for sidecar in &mesh[3..] {
+            let b = backend(sidecar.workload.name);
+            assert_eq!(b.endpoints.len(), 1);
+            assert_eq!(b.endpoints[0].address, sidecar.inbound);
+            assert_eq!(
+                b.endpoints[0].workload.as_deref(),
+                Some(sidecar.workload.name)
+            );
+        }
+        assert_eq!(backend("reviews").endpoints.len(), 3);
+        assert_eq!(backend("details").endpoints[0].address, mesh[1].inbound);
+        assert_eq!(
+            backend("productpage-local").endpoints[0].address,
+            mesh[0].app
+        );
+        let reviews = config
+            .services
+            .iter()
+            .find(|s| s.name == "reviews")
+            .unwrap();
+        let weights: Vec<u32> = reviews.routes[0].rules[0]
+            .backend_refs
+            .iter()
+            .map(|r| r.weight)
+            .collect();
+        assert_eq!(weights, [80, 10, 10]);
+    }
+
+    #[test]
+    fn only_callers_get_a_proxy() {
+        let app = SocketAddr::from(([127, 0, 0, 1], 1));
+        let out = SocketAddr::from(([127, 0, 0, 1], 2));
+        assert_eq!(
+            WORKLOADS[4].app_args(app, out),
+            [
+                "reviews",
+                "--listen",
+                "127.0.0.1:1",
+                "--version",
+                "v2",
+                "--http-proxy",
+                "http://127.0.0.1:2"
+            ]
+        );
+        assert_eq!(
+            WORKLOADS[1].app_args(app, out),
+            ["details", "--listen", "127.0.0.1:1"]
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! CPU time and peak RSS of processes, read from /proc.
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::Context;
+
+use super::scenario::Probe;
+
+/// CPU seconds (user + system, all threads) each probed process has used.
+pub fn sample_cpu(probes: &[Probe]) -> anyhow::Result<Vec<f64>> {
+    probes
+        .iter()
+        .map(|probe| {
+            let path = format!("/proc/{}/stat", probe.pid);
+            let text = read(&path, probe)?;
+            let ticks = parse_stat_cpu_ticks(&text)
+                .with_context(|| format!("cannot parse {path}: {text:?}"))?;
+            Ok(ticks as f64 / clock_ticks_per_second() as f64)
+        })
+        .collect()
+}
+
+/// Peak resident set size (VmHWM) of each probed process, in bytes.
+pub fn sample_peak_rss(probes: &[Probe]) -> anyhow::Result<Vec<u64>> {
+    probes
+        .iter()
+        .map(|probe| {
+            let path = format!("/proc/{}/status", probe.pid);
+            let text = read(&path, probe)?;
+            let kib =
+                parse_status_kib(&text, "VmHWM").with_context(|| format!("no VmHWM in {path}"))?;
+            Ok(kib * 1024)
+        })
+        .collect()
+}
+
+fn read(path: &str, probe: &Probe) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {path}; has {} exited?", probe.name))
+}
+
+/// utime + stime from the text of /proc/PID/stat, in clock ticks.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may hold spaces or
+    // parentheses itself, so count fields from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A `Key:   123 kB` line of /proc/PID/status, in KiB.
+fn parse_status_kib(status: &str, key: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let value = line.strip_prefix(key)?.strip_prefix(':')?;
+        value.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// USER_HZ; 100 on every mainstream Linux, asked once to be sure.
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: OnceLock<u64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|ticks| *ticks > 0)
+            .unwrap_or(100)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_cpu_ticks_sum_user_and_system_time() {
+        let stat = "4242 (trellis-proxy) S 1 4242 4242 0 -1 4194560 1500 0 0 0 \
+                    731 69 0 0 20 0 3 0 123456 12345678 2048 18446744073709551615";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(800));
+    }
+
+    #[test]
+    fn stat_cpu_ticks_survive_odd_command_names() {
+        let stat = "7 (a) b (c) R 1 7 7 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 1 1 1";
+        assert_eq!(parse_stat_cpu_ticks(stat), Some(11));
+        assert_eq!(parse_stat_cpu_ticks("7 (truncated"), None);
+        assert_eq!(parse_stat_cpu_ticks("7 (x) R 1 2"), None);
+    }
+
+    #[test]
+    fn status_values_are_read_in_kib() {
+        let status = "Name:\thaproxy\nVmPeak:\t  20000 kB\nVmHWM:\t    9876 kB\nVmRSS:\t 9000 kB\n";
+        assert_eq!(parse_status_kib(status, "VmHWM"), Some(9876));
+        assert_eq!(parse_status_kib(status, "VmSwap"), None);
+    }
+
+    #[test]
+    fn this_process_can_be_sampled() -> anyhow::Result<()> {
+        let me = [Probe::loadgen()];
+        assert!(sample_cpu(&me)?[0] >= 0.0);
+        assert!(sample_peak_rss(&me)?[0] > 0);
+        Ok(())
+    }
+}
