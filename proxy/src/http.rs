@@ -147,6 +147,14 @@ async fn route(
         .await
         .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
     dims.destination_service = dest.name();
+    // Inbound, the listener's target is the local app; the service the
+    // client addressed names the destination better, when it is known.
+    if !conn.listener.is_outbound()
+        && let Some((host, port)) = authority(req).and_then(|a| crate::http::parse_authority(a, 80))
+        && let Some(s) = snap.service_by_host(&host, port)
+    {
+        dims.destination_service = s.name.clone();
+    }
     let svc = match dest {
         Dest::Direct { endpoint, .. } => return Ok((Pick::direct(endpoint), Protocol::Auto)),
         Dest::Service(svc) => svc,

@@ -142,6 +142,8 @@ pub async fn get(
         .header("host", host)
         .body(Full::new(Bytes::new()))
         .unwrap();
+    // The previous response on this connection may still be finishing.
+    client.ready().await.unwrap();
     let resp = client.send_request(req).await.unwrap();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
