@@ -233,11 +233,16 @@ async fn forward(
     let (mut resp, h1_conn) = match sent {
         Ok(r) => r,
         Err(e) => {
-            pick.observe_failure();
-            let status = match e {
+            let status = match &e {
                 ForwardError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
+                // Our own request body failed: the client sent a broken
+                // body or went away. Not the upstream's fault.
+                ForwardError::Http(h) if h.is_user() => StatusCode::BAD_REQUEST,
                 ForwardError::Http(_) => StatusCode::BAD_GATEWAY,
             };
+            if status != StatusCode::BAD_REQUEST {
+                pick.observe_failure();
+            }
             debug!(upstream = %addr, error = %e, "forwarding failed");
             return local(status, &format!("upstream {addr}: {e}"), record);
         }
@@ -247,7 +252,10 @@ async fn forward(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
             let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(crate::tcp::join_upgrades(down, up, addr));
+            // Tracked, so that a drain waits for the upgraded connection.
+            conn.shared
+                .tasks
+                .spawn(crate::tcp::join_upgrades(down, up, addr));
         }
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);

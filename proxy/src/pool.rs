@@ -17,8 +17,10 @@ use tracing::debug;
 
 use crate::body::RequestBody;
 
-/// How long a connection may sit idle in the pool.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may sit idle in the pool. Shorter than the idle
+/// timeouts of common servers (ours is 60 s, hyper's and nginx's longer), so
+/// that the pool rarely hands out a connection the server is closing.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle HTTP/1 connections kept per endpoint.
 pub const MAX_IDLE: usize = 256;
 

@@ -20,8 +20,10 @@ pub const DEFAULT_WORKERS: usize = 1;
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
 /// Default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
-/// Default time for a client to send a request head.
-pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+/// Default time for a client to send a request head, which on a keep-alive
+/// connection counts from the end of the previous response (nginx's
+/// `client_header_timeout` is also 60 s).
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "60s";
 /// Default largest request head, like Envoy's 60 KiB.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
 
@@ -56,7 +58,9 @@ pub struct Settings {
     #[arg(long, env = "TRELLIS_CONNECT_TIMEOUT", default_value = DEFAULT_CONNECT_TIMEOUT,
           value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
-    /// Time a client has to send a whole HTTP/1 request head.
+    /// Time a client has to send a whole HTTP/1 request head. On a
+    /// keep-alive connection it counts from the end of the previous
+    /// response, so it is also the idle timeout of client connections.
     #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = DEFAULT_HEADER_READ_TIMEOUT,
           value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,

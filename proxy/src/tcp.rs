@@ -68,7 +68,8 @@ pub async fn connect_tunnel(
     };
     let labels = labels(&conn, snap, &dest, &pick);
     let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
+    let tasks = conn.shared.tasks.clone();
+    tasks.spawn(async move {
         match on_upgrade.await {
             Ok(up) => copy(&mut TokioIo::new(up), &mut upstream, &labels).await,
             Err(e) => debug!(upstream = %addr, error = %e, "CONNECT upgrade failed"),
