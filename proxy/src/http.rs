@@ -2,6 +2,8 @@
 //! forward it to an endpoint over a pooled upstream connection.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,10 +32,6 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &conn.shared.limits;
-    let svc = {
-        let conn = conn.clone();
-        service_fn(move |req| handle(conn.clone(), req))
-    };
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -41,19 +39,9 @@ where
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes);
     let served = builder
-        .serve_connection(TokioIo::new(io), svc)
+        .serve_connection(TokioIo::new(io), service(conn.clone()))
         .with_upgrades();
-    tokio::pin!(served);
-    let result = tokio::select! {
-        r = &mut served => r,
-        () = conn.shared.drain.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            served.await
-        }
-    };
-    if let Err(e) = result {
-        debug!(peer = %conn.peer, error = %e, "HTTP/1 connection ended with an error");
-    }
+    drive(&conn, served, |s| s.graceful_shutdown()).await;
 }
 
 /// Serves HTTP/2 on `io` until the client closes or the proxy drains.
@@ -61,26 +49,42 @@ pub async fn serve_h2<I>(conn: Arc<Conn>, io: I)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = &conn.shared.limits;
-    let svc = {
-        let conn = conn.clone();
-        service_fn(move |req| handle(conn.clone(), req))
-    };
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
-    let served = builder.serve_connection(TokioIo::new(io), svc);
+        .max_header_list_size(conn.shared.limits.max_header_bytes as u32);
+    let served = builder.serve_connection(TokioIo::new(io), service(conn.clone()));
+    drive(&conn, served, |s| s.graceful_shutdown()).await;
+}
+
+fn service(
+    conn: Arc<Conn>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<ResponseBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |req| handle(conn.clone(), req))
+}
+
+/// Runs a served connection; when the proxy drains, asks it to shut down
+/// gracefully (finish the request in flight, or send GOAWAY) and waits.
+async fn drive<S, E>(conn: &Conn, served: S, shutdown: impl FnOnce(Pin<&mut S>))
+where
+    S: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(served);
     let result = tokio::select! {
         r = &mut served => r,
         () = conn.shared.drain.cancelled() => {
-            served.as_mut().graceful_shutdown();
+            shutdown(served.as_mut());
             served.await
         }
     };
     if let Err(e) = result {
-        debug!(peer = %conn.peer, error = %e, "HTTP/2 connection ended with an error");
+        debug!(peer = %conn.peer, error = %e, "downstream connection ended with an error");
     }
 }
 
