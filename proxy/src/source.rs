@@ -65,9 +65,13 @@ pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied: String) {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let watcher = notify::recommended_watcher(move |_event| {
-        // A full channel already holds a wake-up; one is enough.
-        let _ = tx.try_send(());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reading the file raises access events; reacting to those would
+        // re-read it forever.
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            // A full channel already holds a wake-up; one is enough.
+            let _ = tx.try_send(());
+        }
     })
     .and_then(|mut w| {
         w.watch(dir, notify::RecursiveMode::NonRecursive)
