@@ -36,6 +36,7 @@ where
     builder
         .timer(TokioTimer::new())
         .preserve_header_case(true)
+        .writev(false)
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes);
     let served = builder

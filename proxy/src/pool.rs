@@ -131,6 +131,7 @@ pub async fn connect_h1(
     let io = TokioIo::new(connect_tcp(addr, timeout).await?);
     let (send, conn) = http1::Builder::new()
         .preserve_header_case(true)
+        .writev(false)
         .handshake(io)
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;

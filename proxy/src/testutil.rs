@@ -25,7 +25,12 @@ use crate::settings::Settings;
 /// "body"}`. Header names are sent back as received (case kept) under
 /// `raw_headers` for HTTP/1.
 pub async fn echo_server(name: &str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_server_on(SocketAddr::from(([127, 0, 0, 1], 0)), name).await
+}
+
+/// [`echo_server`] on a given address.
+pub async fn echo_server_on(addr: SocketAddr, name: &str) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let name: Arc<str> = Arc::from(name);
     tokio::spawn(async move {
