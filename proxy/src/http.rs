@@ -155,7 +155,7 @@ async fn route(
     // Inbound, the listener's target is the local app; the service the
     // client addressed names the destination better, when it is known.
     if !conn.listener.is_outbound()
-        && let Some((host, port)) = authority(req).and_then(|a| crate::http::parse_authority(a, 80))
+        && let Some((host, port)) = authority(req).and_then(|a| parse_authority(a, 80))
         && let Some(s) = snap.service_by_host(&host, port)
     {
         dims.destination_service = s.name.clone();

@@ -499,3 +499,68 @@ async fn explicit_mode_without_host_is_a_clear_error() {
     );
     assert!(resp.contains("names no host"), "{resp}");
 }
+
+/// An echo server that counts the connections it accepts.
+async fn counting_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_http1_connections_are_pooled_and_reused() {
+    let (up, accepted) = counting_server().await;
+    let addr = fixed_proxy(up).await;
+    // Sequential requests over fresh client connections: the proxy keeps
+    // reusing one upstream connection.
+    for _ in 0..20 {
+        let mut c = h1_client(addr).await;
+        let (status, _, body) = get(&mut c, "/", "svc").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn upstream_http2_connection_is_shared_by_concurrent_streams() {
+    let (up, accepted) = counting_server().await;
+    let addr = fixed_proxy(up).await;
+    let mut c = h2_client(addr).await;
+    // The first request opens the upstream connection; the rest share it.
+    let first = c.send_request(
+        Request::get("http://svc/")
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
+    );
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    let streams: Vec<_> = (0..20)
+        .map(|_| {
+            c.send_request(
+                Request::get("http://svc/")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+        })
+        .collect();
+    for r in futures_util::future::join_all(streams).await {
+        assert_eq!(r.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
