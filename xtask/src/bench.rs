@@ -6,7 +6,10 @@
 //! at a fixed rate (latency without coordinated omission) and then a
 //! closed-loop phase at maximum throughput, while the proxies' CPU time and
 //! peak RSS are read from /proc. Absolute figures drift on shared machines,
-//! so the report leads with ratios to the direct path and to the best peer.
+//! so the report leads with ratios to the direct path and to the best peer,
+//! and the whole scenario list runs several times, interleaved (round 1:
+//! direct, proxy, ...; round 2: the same), so that the machine's noise falls
+//! on every scenario alike; the report takes each figure's median.
 
 mod loadgen;
 mod peers;
@@ -15,6 +18,7 @@ mod procfs;
 mod report;
 mod scenario;
 mod server;
+mod summary;
 mod trellis;
 
 use std::collections::BTreeSet;
@@ -39,9 +43,12 @@ pub const DEFAULT_WARMUP_S: f64 = 1.0;
 pub const DEFAULT_CONNECTIONS: usize = 8;
 /// Response body size in bytes.
 pub const DEFAULT_BODY_SIZE: usize = 1024;
-/// `--quick`: phase and warm-up seconds for smoke runs.
+/// Rounds over the scenario list.
+pub const DEFAULT_REPEAT: usize = 3;
+/// `--quick`: phase and warm-up seconds and rounds for smoke runs.
 const QUICK_DURATION_S: f64 = 2.0;
 const QUICK_WARMUP_S: f64 = 0.25;
+const QUICK_REPEAT: usize = 1;
 /// A request that takes longer counts as an error and its connection is
 /// replaced.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +66,10 @@ pub struct Args {
     /// with --quick].
     #[arg(long)]
     pub warmup: Option<f64>,
+    /// Rounds over the scenario list, interleaved; the report takes each
+    /// figure's median [default: 3, or 1 with --quick].
+    #[arg(long)]
+    pub repeat: Option<usize>,
     /// Keep-alive connections from the load generator.
     #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: usize,
@@ -76,7 +87,8 @@ pub struct Args {
         default_value = "direct,proxy,proxy-pair,haproxy,haproxy-pair,nginx"
     )]
     pub scenarios: Vec<Scenario>,
-    /// Short phases for smoke runs; explicit --duration/--warmup still win.
+    /// Short phases and one round for smoke runs; explicit --duration,
+    /// --warmup and --repeat still win.
     #[arg(long)]
     pub quick: bool,
     /// Use the release binaries already built instead of running cargo.
@@ -101,6 +113,7 @@ pub struct Options {
     pub rate: u32,
     pub duration_s: f64,
     pub warmup_s: f64,
+    pub repeat: usize,
     pub connections: usize,
     pub body_size: usize,
     pub request_size: usize,
@@ -139,24 +152,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("skipping peers not installed: {}", names.join(", "));
     }
 
-    let mut rows = Vec::new();
+    let mut rounds = Vec::new();
     let mut failures = Vec::new();
-    for scenario in runnable {
-        eprintln!("bench: {} ...", scenario.name());
-        match measure(scenario, &env, &opts) {
-            Ok(row) => rows.push(row),
-            Err(error) => {
-                eprintln!("bench: {} failed: {error:#}", scenario.name());
-                failures.push(Failure {
-                    scenario: scenario.name(),
-                    error: format!("{error:#}"),
-                });
+    for round in 1..=opts.repeat {
+        let mut rows = Vec::new();
+        for &scenario in &runnable {
+            let name = scenario.name();
+            eprintln!("bench: round {round}/{}: {name} ...", opts.repeat);
+            match measure(scenario, &env, &opts) {
+                Ok(row) => rows.push(row),
+                Err(error) => {
+                    eprintln!("bench: {name} failed: {error:#}");
+                    let error = format!("{error:#}");
+                    failures.push(Failure {
+                        scenario: name,
+                        round,
+                        error,
+                    });
+                }
             }
         }
+        rounds.push(rows);
     }
 
     let skipped = skipped.iter().map(|s| s.name()).collect();
-    let report = Report::new(machine, opts, rows, failures, skipped);
+    let report = Report::new(machine, opts, rounds, failures, skipped);
     print!("{}", report.table());
     let json_path = env.dir.join("report.json");
     let json = serde_json::to_string_pretty(&report)?;
@@ -164,7 +184,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     println!("report: {}", json_path.display());
     if !report.failures.is_empty() {
-        let names: Vec<_> = report.failures.iter().map(|f| f.scenario).collect();
+        let names: Vec<_> = report
+            .failures
+            .iter()
+            .map(|f| format!("{} (round {})", f.scenario, f.round))
+            .collect();
         bail!("scenarios failed: {}", names.join(", "));
     }
     Ok(())
@@ -177,15 +201,16 @@ pub fn serve(args: ServerArgs) -> anyhow::Result<()> {
 
 impl Options {
     fn new(args: &Args) -> anyhow::Result<Self> {
-        let (duration, warmup) = if args.quick {
-            (QUICK_DURATION_S, QUICK_WARMUP_S)
+        let (duration, warmup, repeat) = if args.quick {
+            (QUICK_DURATION_S, QUICK_WARMUP_S, QUICK_REPEAT)
         } else {
-            (DEFAULT_DURATION_S, DEFAULT_WARMUP_S)
+            (DEFAULT_DURATION_S, DEFAULT_WARMUP_S, DEFAULT_REPEAT)
         };
         let opts = Options {
             rate: args.rate,
             duration_s: args.duration.unwrap_or(duration),
             warmup_s: args.warmup.unwrap_or(warmup),
+            repeat: args.repeat.unwrap_or(repeat),
             connections: args.connections,
             body_size: args.body_size,
             request_size: args.request_size,
@@ -194,6 +219,7 @@ impl Options {
         };
         ensure!(opts.rate > 0, "--rate must be above 0");
         ensure!(opts.connections > 0, "--connections must be above 0");
+        ensure!(opts.repeat > 0, "--repeat must be above 0");
         ensure!(
             opts.duration_s > 0.0 && opts.duration_s.is_finite(),
             "--duration must be a positive number of seconds"
@@ -334,6 +360,13 @@ mod tests {
         let opts = Options::new(&args)?;
         assert_eq!(opts.duration_s, 3.0);
         assert_eq!(opts.warmup_s, QUICK_WARMUP_S);
+        assert_eq!(opts.repeat, QUICK_REPEAT);
+        let opts = Options::new(&Cli::parse_from(["x", "--quick", "--repeat", "5"]).args)?;
+        assert_eq!(opts.repeat, 5);
+        assert_eq!(
+            Options::new(&Cli::parse_from(["x"]).args)?.repeat,
+            DEFAULT_REPEAT
+        );
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The figures of a run: the table printed for people and the JSON written
-//! for tools, with ratios to the direct path and to the best peer.
+//! for tools, with ratios to the direct path and to the best peer, computed
+//! from each scenario's medians over the rounds.
 
 use std::fmt::Write;
 
@@ -8,13 +9,18 @@ use serde::Serialize;
 use super::Options;
 use super::loadgen::Phase;
 use super::scenario::{Probe, Role, Scenario};
+use super::summary::{self, Summary};
 
 /// Everything a run measured.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub options: Options,
-    pub scenarios: Vec<Row>,
+    /// Per scenario, the medians over the rounds and the ratios.
+    pub scenarios: Vec<Summary>,
+    /// Every round's raw figures: `rounds[i]` is round i + 1, in the order
+    /// the scenarios ran.
+    pub rounds: Vec<Vec<Row>>,
     pub failures: Vec<Failure>,
     /// Scenarios whose peer proxy is not installed.
     pub skipped: Vec<&'static str>,
@@ -36,10 +42,12 @@ pub struct Machine {
 #[derive(Debug, Serialize)]
 pub struct Failure {
     pub scenario: &'static str,
+    /// From 1.
+    pub round: usize,
     pub error: String,
 }
 
-/// One scenario's figures.
+/// One scenario's figures in one round.
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub scenario: &'static str,
@@ -57,13 +65,12 @@ pub struct Row {
     pub proxy_peak_rss_mb_fixed_rate: Option<f64>,
     pub proxy_peak_rss_mb_max_throughput: Option<f64>,
     pub processes: Vec<ProcessReport>,
-    pub ratios: Ratios,
     #[serde(skip)]
-    kind: Scenario,
+    pub(super) kind: Scenario,
 }
 
 /// The figures of one phase.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct PhaseReport {
     pub requests: u64,
     pub errors: u64,
@@ -116,25 +123,27 @@ impl Report {
     pub fn new(
         machine: Machine,
         options: Options,
-        mut scenarios: Vec<Row>,
+        rounds: Vec<Vec<Row>>,
         failures: Vec<Failure>,
         skipped: Vec<&'static str>,
     ) -> Self {
+        let mut scenarios = summary::aggregate(&rounds);
         let keys: Vec<_> = scenarios
             .iter()
-            .map(|row| Key {
-                scenario: row.kind,
-                p99_ms: row.fixed_rate.p99_ms,
-                rps: row.max_throughput.rps,
+            .map(|s| Key {
+                scenario: s.kind,
+                p99_ms: s.fixed_rate_p99_ms,
+                rps: s.max_throughput_rps,
             })
             .collect();
-        for (row, ratios) in scenarios.iter_mut().zip(ratios(&keys)) {
-            row.ratios = ratios;
+        for (summary, ratios) in scenarios.iter_mut().zip(ratios(&keys)) {
+            summary.ratios = ratios;
         }
         Self {
             machine,
             options,
             scenarios,
+            rounds,
             failures,
             skipped,
         }
@@ -144,10 +153,14 @@ impl Report {
     pub fn table(&self) -> String {
         let mut out = String::new();
         let o = &self.options;
+        let rounds = match o.repeat {
+            1 => "1 round".to_owned(),
+            n => format!("median of {n} interleaved rounds"),
+        };
         let _ = writeln!(
             out,
             "\n{} req/s open loop and closed loop, {} connections, {} B responses, \
-             {} s phases; {} cores, kernel {}",
+             {} s phases, {rounds}; {} cores, kernel {}",
             o.rate,
             o.connections,
             o.body_size,
@@ -155,69 +168,70 @@ impl Report {
             self.machine.nproc,
             self.machine.kernel
         );
-        let _ = writeln!(
-            out,
-            "{:<13} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
-            "scenario",
-            "p50 ms",
-            "p99 ms",
-            "p99.9",
-            "max rps",
-            "cpu/1k",
-            "cpu/1k",
-            "rss MB",
-            "p99",
-            "rps",
-            "p99",
-            "rps",
-            "errors"
-        );
-        let _ = writeln!(
-            out,
-            "{:<13} {:>7} {:>7} {:>7} {:>9} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
-            "",
-            "",
-            "",
-            "",
-            "",
-            "@rate",
-            "@max",
-            "@rate",
-            "/direct",
-            "/direct",
-            "/peer",
-            "/peer",
-            ""
-        );
-        for row in &self.scenarios {
-            let r = &row.ratios;
-            let _ = writeln!(
-                out,
-                "{:<13} {:>7.3} {:>7.3} {:>7.3} {:>9.0} {:>8} {:>8} {:>7} {:>8} {:>8} {:>8} {:>8} {:>6}",
-                row.scenario,
-                row.fixed_rate.p50_ms,
-                row.fixed_rate.p99_ms,
-                row.fixed_rate.p999_ms,
-                row.max_throughput.rps,
-                cell(row.proxy_cpu_s_per_1k_fixed_rate, 3),
-                cell(row.proxy_cpu_s_per_1k_max_throughput, 3),
-                cell(row.proxy_peak_rss_mb_fixed_rate, 1),
+        let headers = [
+            [
+                "scenario",
+                "p50 ms",
+                "p99 ms",
+                "p99.9",
+                "max rps",
+                "rps range",
+                "cpu/1k",
+                "cpu/1k",
+                "rss MB",
+                "p99",
+                "rps",
+                "p99",
+                "rps",
+                "errors",
+            ],
+            [
+                "", "", "", "", "", "", "@rate", "@max", "@rate", "/direct", "/direct", "/peer",
+                "/peer", "",
+            ],
+        ];
+        for header in headers {
+            out += &line(header.map(str::to_owned));
+        }
+        for s in &self.scenarios {
+            let r = &s.ratios;
+            out += &line([
+                s.scenario.to_owned(),
+                format!("{:.3}", s.fixed_rate_p50_ms),
+                format!("{:.3}", s.fixed_rate_p99_ms),
+                format!("{:.3}", s.fixed_rate_p999_ms),
+                format!("{:.0}", s.max_throughput_rps),
+                format!(
+                    "{:.1}-{:.1}k",
+                    s.max_throughput_rps_min / 1000.0,
+                    s.max_throughput_rps_max / 1000.0
+                ),
+                cell(s.proxy_cpu_s_per_1k_fixed_rate, 3),
+                cell(s.proxy_cpu_s_per_1k_max_throughput, 3),
+                cell(s.proxy_peak_rss_mb_fixed_rate, 1),
                 cell(r.p99_vs_direct, 2),
                 cell(r.rps_vs_direct, 2),
                 cell(r.p99_vs_best_peer, 2),
                 cell(r.rps_vs_best_peer, 2),
-                row.fixed_rate.errors + row.max_throughput.errors,
-            );
+                s.errors.to_string(),
+            ]);
         }
         for failure in &self.failures {
             // The whole error, with the log's tail, was printed when it happened.
             let first_line = failure.error.lines().next().unwrap_or_default();
-            let _ = writeln!(out, "{:<13} failed: {first_line}", failure.scenario);
+            let _ = writeln!(
+                out,
+                "{:<13} failed in round {}: {first_line}",
+                failure.scenario, failure.round
+            );
         }
         let _ = writeln!(
             out,
-            "cpu/1k: proxy CPU seconds per 1000 requests (a pair's proxies summed); \
-             rss: peak RSS of the largest proxy process at the fixed rate;\n\
+            "figures: medians over the rounds each scenario completed, ratios from the medians; \
+             rps range: lowest-highest max rps of the rounds;\n\
+             cpu/1k: proxy CPU seconds per 1000 requests (a pair's proxies summed); \
+             rss: peak RSS of the largest proxy process at the fixed rate,\n\
+             median of the rounds (fresh processes each round); errors: summed over the rounds and phases;\n\
              peer: the best installed peer with as many hops (lowest p99, highest rps)."
         );
         out
@@ -253,7 +267,6 @@ impl Row {
             fixed_rate,
             max_throughput,
             processes,
-            ratios: Ratios::default(),
             kind: scenario,
         }
     }
@@ -378,6 +391,16 @@ fn ratio(value: f64, reference: f64) -> Option<f64> {
 
 fn per_1k((cpu_s, requests): (f64, u64)) -> Option<f64> {
     (requests > 0).then(|| cpu_s * 1000.0 / requests as f64)
+}
+
+/// One line of the table: the scenario left-aligned, the figures right.
+fn line(cells: [String; 14]) -> String {
+    const WIDTHS: [usize; 14] = [13, 7, 7, 7, 8, 11, 8, 8, 7, 8, 8, 8, 8, 6];
+    let mut out = format!("{:<w$}", cells[0], w = WIDTHS[0]);
+    for (cell, width) in cells.iter().zip(WIDTHS).skip(1) {
+        let _ = write!(out, " {cell:>width$}");
+    }
+    out + "\n"
 }
 
 fn cell(value: Option<f64>, decimals: usize) -> String {
