@@ -160,6 +160,11 @@ pub struct ServicePort {
     /// Protocol on this port; `auto` detects it per connection.
     #[serde(default)]
     pub protocol: Protocol,
+    /// The backend for this port when no route is attached, overriding the
+    /// service's `backend`: Kubernetes services send each port to its own
+    /// target port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 /// An HTTP route attached to a service, with Gateway API HTTPRoute
@@ -326,7 +331,9 @@ pub struct LoadBalancer {
 }
 
 /// A load-balancing algorithm.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum LoadBalancerAlgorithm {
     /// Power of two choices over peak-EWMA latency weighted by in-flight
@@ -350,6 +357,11 @@ impl Service {
     /// The name of the backend used when no route is attached.
     pub fn default_backend(&self) -> &str {
         self.backend.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The name of the backend for `port` when no route is attached.
+    pub fn port_backend<'a>(&'a self, port: &'a ServicePort) -> &'a str {
+        port.backend.as_deref().unwrap_or_else(|| self.default_backend())
     }
 
     /// Every host name that addresses this service: the implicit Kubernetes

@@ -215,20 +215,25 @@ impl Validator {
                 );
             }
         }
-        let default_backend = s.default_backend();
-        if s.routes.is_empty() && !backends.contains(default_backend) {
-            let field = if s.backend.is_some() {
-                "backend"
-            } else {
-                "name"
-            };
-            self.err(
-                &obj,
-                field,
-                format!(
-                    "no backend named {default_backend:?}; define it or attach a route to the service"
-                ),
-            );
+        if s.routes.is_empty() {
+            for (i, p) in s.ports.iter().enumerate() {
+                let backend = s.port_backend(p);
+                if backends.contains(backend) {
+                    continue;
+                }
+                let field = match (&p.backend, &s.backend) {
+                    (Some(_), _) => format!("ports[{i}].backend"),
+                    (None, Some(_)) => "backend".to_owned(),
+                    (None, None) => "name".to_owned(),
+                };
+                self.err(
+                    &obj,
+                    field,
+                    format!(
+                        "no backend named {backend:?}; define it or attach a route to the service"
+                    ),
+                );
+            }
         }
         let mut names = HashSet::new();
         for (r, route) in s.routes.iter().enumerate() {

@@ -28,8 +28,9 @@ pub struct Conn {
 
 /// Where a request or connection goes.
 pub enum Dest {
-    /// A mesh service, routed and balanced.
-    Service(Arc<ServiceEntry>),
+    /// A mesh service, routed and balanced, and the service port the client
+    /// addressed when known.
+    Service(Arc<ServiceEntry>, Option<u16>),
     /// One address outside any service: passthrough, or the local app.
     Direct {
         /// The name used in metrics.
@@ -111,7 +112,7 @@ impl Conn {
                 .target
                 .as_deref()
                 .and_then(|t| snap.service(t))
-                .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].1))
+                .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].protocol))
                 .unwrap_or(Protocol::Auto),
             _ => Protocol::Auto,
         }
@@ -129,8 +130,7 @@ impl Conn {
             ListenerMode::Fixed => {
                 let target = l.target.as_deref().unwrap_or_default();
                 snap.service(target)
-                    .cloned()
-                    .map(Dest::Service)
+                    .map(|s| Dest::Service(s.clone(), None))
                     .ok_or_else(|| DestError::UnknownTarget(target.to_owned()))
             }
             ListenerMode::Explicit => {
@@ -138,7 +138,7 @@ impl Conn {
                 let (host, port) = crate::http::parse_authority(authority, 80)
                     .ok_or_else(|| DestError::BadAuthority(authority.to_owned()))?;
                 if let Some(s) = snap.service_by_host(&host, port) {
-                    return Ok(Dest::Service(s.clone()));
+                    return Ok(Dest::Service(s.clone(), Some(port)));
                 }
                 let addr = match host.parse::<IpAddr>() {
                     Ok(ip) => SocketAddr::new(ip, port),
@@ -154,7 +154,7 @@ impl Conn {
                 let dst = self.orig_dst.ok_or(DestError::NoOriginalDst)?;
                 match l.direction {
                     Direction::Outbound => match snap.service_by_vip(dst) {
-                        Some(s) => Ok(Dest::Service(s.clone())),
+                        Some(s) => Ok(Dest::Service(s.clone(), Some(dst.port()))),
                         None => Ok(self.direct(Arc::from(dst.ip().to_string()), dst)),
                     },
                     // Inbound traffic goes to the app on the same port of
@@ -180,7 +180,7 @@ impl Dest {
     /// The `destination_service` label.
     pub fn name(&self) -> Arc<str> {
         match self {
-            Dest::Service(s) => s.name.clone(),
+            Dest::Service(s, _) => s.name.clone(),
             Dest::Direct { name, .. } => name.clone(),
         }
     }

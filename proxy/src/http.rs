@@ -160,12 +160,13 @@ async fn route(
     {
         dims.destination_service = s.name.clone();
     }
-    let svc = match dest {
+    let (svc, port) = match dest {
         Dest::Direct { endpoint, .. } => return Ok((Pick::direct(endpoint), Protocol::Auto)),
-        Dest::Service(svc) => svc,
+        Dest::Service(svc, port) => (svc, port),
     };
     let backend = if svc.routes.is_empty() {
-        svc.backend.as_ref().ok_or_else(|| {
+        let port = svc.port_or_first(port);
+        port.and_then(|p| p.backend.as_ref()).ok_or_else(|| {
             let msg = format!("service {} has no backend", svc.name);
             (StatusCode::SERVICE_UNAVAILABLE, msg)
         })?

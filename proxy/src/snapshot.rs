@@ -40,10 +40,20 @@ pub struct ServiceEntry {
     pub name: Arc<str>,
     /// Namespace.
     pub namespace: Arc<str>,
-    /// Ports and their declared protocols.
-    pub ports: Vec<(u16, Protocol)>,
-    /// Attached routes; empty means every request goes to `backend`.
+    /// Ports with their declared protocols and backends.
+    pub ports: Vec<PortEntry>,
+    /// Attached routes; empty means every request goes to the port's
+    /// backend.
     pub routes: RouteTable<Arc<BackendEntry>>,
+}
+
+/// A port of a service.
+#[derive(Debug)]
+pub struct PortEntry {
+    /// Port number.
+    pub port: u16,
+    /// Declared protocol.
+    pub protocol: Protocol,
     /// The backend for requests when no route is attached, and for TCP.
     pub backend: Option<Arc<BackendEntry>>,
 }
@@ -106,9 +116,16 @@ impl Snapshot {
             let entry = Arc::new(ServiceEntry {
                 name: Arc::from(s.name.as_str()),
                 namespace: Arc::from(s.namespace.as_str()),
-                ports: s.ports.iter().map(|p| (p.port, p.protocol)).collect(),
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| PortEntry {
+                        port: p.port,
+                        protocol: p.protocol,
+                        backend: backends.get(s.port_backend(p)).cloned(),
+                    })
+                    .collect(),
                 routes,
-                backend: backends.get(s.default_backend()).cloned(),
             });
             // Service names are unique per namespace; a fixed listener names
             // its target without one, so the first service of a name wins.
@@ -145,9 +162,7 @@ impl Snapshot {
     /// The service a client addresses as `host:port`. A service that does
     /// not list `port` does not match.
     pub fn service_by_host(&self, host: &str, port: u16) -> Option<&Arc<ServiceEntry>> {
-        self.by_host
-            .get(host)
-            .filter(|s| s.ports.iter().any(|(p, _)| *p == port))
+        self.by_host.get(host).filter(|s| s.port(port).is_some())
     }
 
     /// The service behind a virtual address.
@@ -157,11 +172,19 @@ impl Snapshot {
 }
 
 impl ServiceEntry {
+    /// The port entry of `port`.
+    pub fn port(&self, port: u16) -> Option<&PortEntry> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// The entry of `port`, or the first port when the port is unknown (a
+    /// fixed listener does not say which port it serves).
+    pub fn port_or_first(&self, port: Option<u16>) -> Option<&PortEntry> {
+        port.and_then(|p| self.port(p)).or(self.ports.first())
+    }
+
     /// The declared protocol of `port`.
     pub fn protocol(&self, port: u16) -> Protocol {
-        self.ports
-            .iter()
-            .find(|(p, _)| *p == port)
-            .map_or(Protocol::Auto, |(_, proto)| *proto)
+        self.port(port).map_or(Protocol::Auto, |p| p.protocol)
     }
 }

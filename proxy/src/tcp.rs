@@ -103,7 +103,7 @@ pub async fn join_upgrades(down: OnUpgrade, up: OnUpgrade, addr: SocketAddr) {
 fn pick(dest: &Dest) -> Option<Pick> {
     match dest {
         Dest::Direct { endpoint, .. } => Some(Pick::direct(endpoint.clone())),
-        Dest::Service(s) => s.backend.as_ref()?.balancer.pick(),
+        Dest::Service(s, port) => s.port_or_first(*port)?.backend.as_ref()?.balancer.pick(),
     }
 }
 

@@ -291,3 +291,33 @@ async fn weighted_split_over_10000_requests() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_service_port_has_its_own_backend() {
+    let vars = [
+        ("WEB", echo_server("web").await.to_string()),
+        ("ADMIN", echo_server("admin").await.to_string()),
+    ];
+    let p = proxy(
+        r#"
+listeners:
+  - { name: out, address: 127.0.0.1:0, direction: outbound, mode: explicit }
+services:
+  - name: app
+    ports:
+      - { port: 80, backend: app-web }
+      - { port: 9090, backend: app-admin }
+backends:
+  - { name: app-web, endpoints: [{ address: "{WEB}" }] }
+  - { name: app-admin, endpoints: [{ address: "{ADMIN}" }] }
+"#,
+        &vars,
+    )
+    .await;
+    let mut c = h1_client(p.listener_addr("out").unwrap()).await;
+    for (uri, want) in [("http://app/", "web"), ("http://app:9090/", "admin")] {
+        let (status, headers, _) = proxy::testutil::get(&mut c, uri, "ignored").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["x-served-by"], want, "{uri}");
+    }
+}
