@@ -27,6 +27,7 @@
 //! assert_eq!(config.services[0].name, "reviews");
 //! ```
 
+pub mod crd;
 mod model;
 mod validate;
 
