@@ -1,6 +1,10 @@
-//! The Trellis control plane (not built yet).
+//! The Trellis control plane.
 //!
-//! It will hold the synchronous mesh index fed by the Kubernetes watchers and
-//! the file source, the discovery server that streams per-proxy config over
-//! `trellis.discovery.v1` on port 15012, the CA, and the `meshctl` CLI. Until
-//! then proxies run from a static `--config` file of the `mesh-api` model.
+//! Today it holds the mesh [`index`]: Kubernetes objects (Services,
+//! EndpointSlices, Gateway API HTTPRoutes, DestinationPolicies) in, and the
+//! config each proxy needs out. The discovery server that streams that
+//! config over `trellis.discovery.v1` on port 15012, the file and
+//! Kubernetes sources that feed the index, the CA and the `meshctl` CLI come
+//! next.
+
+pub mod index;

@@ -1,0 +1,852 @@
+//! The mesh index: Kubernetes objects in, per-proxy config out.
+//!
+//! Sources (the Kubernetes watchers, the file source) feed objects with
+//! [`Index::apply`], [`Index::delete`] and [`Index::reset`], one call per
+//! kind; the discovery server reads per-client config with
+//! [`Index::service_entries`], [`Index::outbound`] and [`Index::endpoints`].
+//! The index is synchronous and knows nothing of where objects come from or
+//! how config is sent.
+//!
+//! An object that fails validation is refused with an error that names the
+//! object and the field; the index keeps the last good version of it, and
+//! remembers the error for status reporting ([`Index::errors`]).
+//!
+//! Routes follow GAMMA: an HTTPRoute whose parentRef is a Service attaches
+//! to that service. A route in the service's namespace is a producer route
+//! and applies to every client; a route in another namespace is a consumer
+//! route and applies only to clients in its own namespace, who then ignore
+//! the producer routes. Once any route applies, requests that match none of
+//! its rules get 404.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use gateway_api::apis::standard::httproutes::{
+    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use mesh_api::crd::DestinationPolicy;
+use mesh_api::{
+    BackendRef, HeaderMatch, HttpRoute as RouteModel, LoadBalancer, PathMatch, PathMatchType,
+    Protocol, QueryParamMatch, RouteMatch, RouteRule, ValidationError, ValueMatchType,
+};
+
+/// The label an EndpointSlice names its Service with.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A namespaced object's identity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// The mesh as the sources describe it.
+#[derive(Debug, Default)]
+pub struct Index {
+    services: BTreeMap<Key, Svc>,
+    slices: BTreeMap<Key, Slice>,
+    routes: BTreeMap<Key, Route>,
+    policies: BTreeMap<Key, Policy>,
+    errors: BTreeMap<(&'static str, Key), Vec<ValidationError>>,
+}
+
+/// A kind of object the index holds. One implementation per kind gives the
+/// index its `apply`/`delete`/`reset` for that kind.
+pub trait Kind: Sized {
+    /// The Kubernetes kind, for messages.
+    const KIND: &'static str;
+    /// What the index keeps of an object.
+    type Entry;
+    /// Checks and converts the object.
+    fn convert(self, key: &Key) -> Result<Self::Entry, Vec<ValidationError>>;
+    /// The object's metadata.
+    fn meta(&self) -> &ObjectMeta;
+    /// The index's table of this kind.
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, Self::Entry>;
+    /// The services whose config changes when this entry changes.
+    fn affects(entry: &Self::Entry, key: &Key) -> Vec<Key>;
+}
+
+/// The services whose config an index change may have changed. The
+/// discovery server recomputes and diffs only these.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// Affected services.
+    pub services: BTreeSet<Key>,
+}
+
+/// An object the index refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {key} refused; keeping its last good version:\n{}", list(.errors))]
+pub struct Refused {
+    /// The kind.
+    pub kind: &'static str,
+    /// The object.
+    pub key: Key,
+    /// Every problem found.
+    pub errors: Vec<ValidationError>,
+}
+
+/// The config of one service as a client in some namespace sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbound {
+    /// The service, with the routes that apply to the client and per-port
+    /// default backends.
+    pub service: mesh_api::Service,
+    /// Every backend the service's routes and ports name, without
+    /// endpoints; those come from [`Index::endpoints`].
+    pub backends: Vec<mesh_api::Backend>,
+}
+
+/// A Service as the index keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Svc {
+    addresses: Vec<IpAddr>,
+    ports: Vec<SvcPort>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct SvcPort {
+    port: u16,
+    name: Option<String>,
+    protocol: Protocol,
+}
+
+/// An EndpointSlice as the index keeps it: its ready endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    service: Key,
+    ports: Vec<(Option<String>, u16)>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct SliceEndpoint {
+    ip: IpAddr,
+    workload: Option<String>,
+}
+
+/// An HTTPRoute as the index keeps it, converted to the mesh-api model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    parents: Vec<Key>,
+    /// Rules whose backend names are backend keys (`name.namespace:port`).
+    rules: Vec<RouteRule>,
+    /// Services the rules send to.
+    backends: Vec<(Key, u16)>,
+}
+
+/// A DestinationPolicy as the index keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    target: Key,
+    load_balancer: LoadBalancer,
+}
+
+impl Index {
+    /// Adds or replaces an object. An invalid object is refused and the
+    /// previous version stays.
+    pub fn apply<K: Kind>(&mut self, obj: K) -> Result<Changed, Refused> {
+        let key = key_of(obj.meta());
+        match obj.convert(&key) {
+            Ok(entry) => {
+                self.errors.remove(&(K::KIND, key.clone()));
+                let mut changed = Changed::default();
+                changed.services.extend(K::affects(&entry, &key));
+                if let Some(old) = K::table(self).insert(key.clone(), entry) {
+                    changed.services.extend(K::affects(&old, &key));
+                }
+                Ok(changed)
+            }
+            Err(errors) => {
+                self.errors.insert((K::KIND, key.clone()), errors.clone());
+                Err(Refused {
+                    kind: K::KIND,
+                    key,
+                    errors,
+                })
+            }
+        }
+    }
+
+    /// Removes an object.
+    pub fn delete<K: Kind>(&mut self, key: &Key) -> Changed {
+        self.errors.remove(&(K::KIND, key.clone()));
+        let mut changed = Changed::default();
+        if let Some(old) = K::table(self).remove(key) {
+            changed.services.extend(K::affects(&old, key));
+        }
+        changed
+    }
+
+    /// Replaces every object of a kind, as after a watch restart or a full
+    /// re-read of a directory. Objects missing from `objs` are removed;
+    /// invalid ones keep their last good version.
+    pub fn reset<K: Kind>(&mut self, objs: Vec<K>) -> (Changed, Vec<Refused>) {
+        let keep: BTreeSet<Key> = objs.iter().map(|o| key_of(o.meta())).collect();
+        let gone: Vec<Key> = K::table(self)
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        let mut changed = Changed::default();
+        for key in gone {
+            changed.services.extend(self.delete::<K>(&key).services);
+        }
+        let mut refused = Vec::new();
+        for obj in objs {
+            match self.apply(obj) {
+                Ok(c) => changed.services.extend(c.services),
+                Err(r) => refused.push(r),
+            }
+        }
+        (changed, refused)
+    }
+
+    /// The objects currently refused, with their errors.
+    pub fn errors(&self) -> impl Iterator<Item = (&'static str, &Key, &[ValidationError])> {
+        self.errors
+            .iter()
+            .map(|((k, key), e)| (*k, key, e.as_slice()))
+    }
+
+    /// Every service in the mesh, without routes: the wildcard index that
+    /// maps names and virtual IPs to services.
+    pub fn service_entries(&self) -> Vec<mesh_api::Service> {
+        self.services
+            .iter()
+            .map(|(key, svc)| self.model_service(key, svc, Vec::new()))
+            .collect()
+    }
+
+    /// The config of `service` for a client in namespace `client_ns`.
+    pub fn outbound(&self, service: &Key, client_ns: &str) -> Option<Outbound> {
+        let svc = self.services.get(service)?;
+        let routes = self.routes_for(service, client_ns);
+        let mut backends: BTreeSet<(Key, u16)> = svc
+            .ports
+            .iter()
+            .map(|p| (service.clone(), p.port))
+            .collect();
+        let mut models = Vec::new();
+        for (key, route) in routes {
+            backends.extend(route.backends.iter().cloned());
+            models.push(RouteModel {
+                name: key.name.clone(),
+                namespace: key.namespace.clone(),
+                rules: route.rules.clone(),
+            });
+        }
+        Some(Outbound {
+            service: self.model_service(service, svc, models),
+            // A backend whose Service does not exist stays, without
+            // endpoints: its share of the traffic gets 503.
+            backends: backends
+                .into_iter()
+                .map(|(k, port)| mesh_api::Backend {
+                    name: backend_name(&k, port),
+                    endpoints: Vec::new(),
+                    load_balancer: self.load_balancer(&k),
+                    protocol: self.port_protocol(&k, port),
+                })
+                .collect(),
+        })
+    }
+
+    /// The ready endpoints of backend `service:port`.
+    pub fn endpoints(&self, service: &Key, port: u16) -> Vec<mesh_api::Endpoint> {
+        let Some(svc_port) = self
+            .services
+            .get(service)
+            .and_then(|s| s.ports.iter().find(|p| p.port == port))
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for slice in self.slices.values().filter(|s| s.service == *service) {
+            // A slice's port matches the service port by name (both unnamed
+            // for single-port services); its number is the target port.
+            let Some((_, target)) = slice.ports.iter().find(|(n, _)| *n == svc_port.name) else {
+                continue;
+            };
+            for e in &slice.endpoints {
+                out.push(mesh_api::Endpoint {
+                    address: SocketAddr::new(e.ip, *target),
+                    workload: e.workload.clone(),
+                    labels: BTreeMap::new(),
+                });
+            }
+        }
+        out.sort_by_key(|e| e.address);
+        out.dedup_by_key(|e| e.address);
+        out
+    }
+
+    /// A complete proxy config for a client in `client_ns`: every service
+    /// with the routes that apply to that client, and every backend with
+    /// its endpoints. The discovery server sends the same content in
+    /// pieces; this whole view serves static export and tests.
+    pub fn proxy_config(&self, client_ns: &str) -> mesh_api::ProxyConfig {
+        let mut config = mesh_api::ProxyConfig::default();
+        let mut backends = BTreeMap::new();
+        for key in self.services.keys() {
+            if let Some(o) = self.outbound(key, client_ns) {
+                config.services.push(o.service);
+                for b in o.backends {
+                    backends.entry(b.name.clone()).or_insert(b);
+                }
+            }
+        }
+        for (name, mut b) in backends {
+            if let Some((key, port)) = parse_backend_name(&name) {
+                b.endpoints = self.endpoints(&key, port);
+            }
+            config.backends.push(b);
+        }
+        config
+    }
+
+    fn model_service(&self, key: &Key, svc: &Svc, routes: Vec<RouteModel>) -> mesh_api::Service {
+        mesh_api::Service {
+            name: key.name.clone(),
+            namespace: key.namespace.clone(),
+            hostnames: Vec::new(),
+            addresses: svc.addresses.clone(),
+            ports: svc
+                .ports
+                .iter()
+                .map(|p| mesh_api::ServicePort {
+                    port: p.port,
+                    name: p.name.clone(),
+                    protocol: p.protocol,
+                    backend: Some(backend_name(key, p.port)),
+                })
+                .collect(),
+            routes,
+            backend: None,
+        }
+    }
+
+    /// The routes attached to `service` that apply to a client in
+    /// `client_ns`, in Gateway API order (by namespace/name here; creation
+    /// time comes with the Kubernetes source).
+    fn routes_for(&self, service: &Key, client_ns: &str) -> Vec<(&Key, &Route)> {
+        let attached = || {
+            self.routes
+                .iter()
+                .filter(move |(_, r)| r.parents.contains(service))
+        };
+        let consumer: Vec<_> = attached()
+            .filter(|(k, _)| k.namespace == client_ns && k.namespace != service.namespace)
+            .collect();
+        if !consumer.is_empty() {
+            return consumer;
+        }
+        attached()
+            .filter(|(k, _)| k.namespace == service.namespace)
+            .collect()
+    }
+
+    fn load_balancer(&self, service: &Key) -> LoadBalancer {
+        self.policies
+            .values()
+            .find(|p| p.target == *service)
+            .map(|p| p.load_balancer)
+            .unwrap_or_default()
+    }
+
+    fn port_protocol(&self, service: &Key, port: u16) -> Protocol {
+        self.services
+            .get(service)
+            .and_then(|s| s.ports.iter().find(|p| p.port == port))
+            .map_or(Protocol::Auto, |p| p.protocol)
+    }
+}
+
+/// The name of the backend for port `port` of a service:
+/// `name.namespace:port`.
+pub fn backend_name(service: &Key, port: u16) -> String {
+    format!("{}.{}:{port}", service.name, service.namespace)
+}
+
+fn parse_backend_name(name: &str) -> Option<(Key, u16)> {
+    let (svc, port) = name.rsplit_once(':')?;
+    let (name, namespace) = svc.split_once('.')?;
+    Some((
+        Key {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        },
+        port.parse().ok()?,
+    ))
+}
+
+fn key_of(meta: &ObjectMeta) -> Key {
+    Key {
+        namespace: meta
+            .namespace
+            .clone()
+            .unwrap_or_else(|| mesh_api::DEFAULT_NAMESPACE.to_owned()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+fn list(errors: &[ValidationError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  - {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Collects validation errors for one object.
+struct Check {
+    object: String,
+    errors: Vec<ValidationError>,
+}
+
+impl Check {
+    fn new(kind: &str, key: &Key) -> Self {
+        Self {
+            object: format!("{kind} \"{key}\""),
+            errors: Vec::new(),
+        }
+    }
+
+    fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ValidationError {
+            object: self.object.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<ValidationError>> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
+fn check_name(c: &mut Check, key: &Key) {
+    if key.name.is_empty() {
+        c.err("metadata.name", "must not be empty");
+    }
+}
+
+fn port_number(c: &mut Check, field: String, port: i32) -> u16 {
+    match u16::try_from(port) {
+        Ok(p) if p > 0 => p,
+        _ => {
+            c.err(field, format!("{port} is not a port number (1-65535)"));
+            0
+        }
+    }
+}
+
+/// The protocol of a service port, from `appProtocol` or, as Istio does,
+/// from the port name's prefix (`http-web`, `grpc`, `tcp-db`).
+fn protocol_of(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+    let by = |s: &str| match s.to_ascii_lowercase().as_str() {
+        "http" | "http1" => Some(Protocol::Http),
+        "http2" | "kubernetes.io/h2c" | "h2c" => Some(Protocol::Http2),
+        "grpc" => Some(Protocol::Grpc),
+        "tcp" | "mysql" | "mongo" | "redis" => Some(Protocol::Tcp),
+        _ => None,
+    };
+    app_protocol
+        .and_then(by)
+        .or_else(|| name.and_then(|n| by(n.split('-').next().unwrap_or(n))))
+        .unwrap_or(Protocol::Auto)
+}
+
+impl Kind for Service {
+    const KIND: &'static str = "Service";
+    type Entry = Svc;
+
+    fn convert(self, key: &Key) -> Result<Svc, Vec<ValidationError>> {
+        let mut c = Check::new(Self::KIND, key);
+        check_name(&mut c, key);
+        let spec = self.spec.unwrap_or_default();
+        let mut addresses = Vec::new();
+        let ips = spec.cluster_ips.unwrap_or_default();
+        let ips = if ips.is_empty() {
+            spec.cluster_ip.into_iter().collect()
+        } else {
+            ips
+        };
+        for (i, ip) in ips.iter().enumerate() {
+            if ip.is_empty() || ip == "None" {
+                continue; // headless
+            }
+            match ip.parse() {
+                Ok(a) => addresses.push(a),
+                Err(_) => c.err(
+                    format!("spec.clusterIPs[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                ),
+            }
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+            if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+                continue; // the mesh carries TCP only
+            }
+            let port = port_number(&mut c, format!("spec.ports[{i}].port"), p.port);
+            ports.push(SvcPort {
+                port,
+                protocol: protocol_of(p.app_protocol.as_deref(), p.name.as_deref()),
+                name: p.name,
+            });
+        }
+        c.finish(Svc { addresses, ports })
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, Svc> {
+        &mut index.services
+    }
+
+    fn affects(_: &Svc, key: &Key) -> Vec<Key> {
+        vec![key.clone()]
+    }
+}
+
+impl Kind for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    type Entry = Slice;
+
+    fn convert(self, key: &Key) -> Result<Slice, Vec<ValidationError>> {
+        let mut c = Check::new(Self::KIND, key);
+        check_name(&mut c, key);
+        let service = self
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .cloned()
+            .unwrap_or_else(|| {
+                c.err(
+                    format!("metadata.labels[{SERVICE_NAME_LABEL}]"),
+                    "missing: the slice must name its Service",
+                );
+                String::new()
+            });
+        let ports = self
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let port = p.port?;
+                Some((
+                    p.name,
+                    port_number(&mut c, format!("ports[{i}].port"), port),
+                ))
+            })
+            .collect();
+        let mut endpoints = Vec::new();
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            // Kubernetes: a missing `ready` means ready.
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            let workload = e.target_ref.and_then(|r| r.name);
+            for (j, a) in e.addresses.iter().enumerate() {
+                match a.parse() {
+                    Ok(ip) => endpoints.push(SliceEndpoint {
+                        ip,
+                        workload: workload.clone(),
+                    }),
+                    Err(_) => c.err(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is not an IP address"),
+                    ),
+                }
+            }
+        }
+        c.finish(Slice {
+            service: Key {
+                namespace: key.namespace.clone(),
+                name: service,
+            },
+            ports,
+            endpoints,
+        })
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, Slice> {
+        &mut index.slices
+    }
+
+    fn affects(entry: &Slice, _: &Key) -> Vec<Key> {
+        vec![entry.service.clone()]
+    }
+}
+
+impl Kind for HttpRoute {
+    const KIND: &'static str = "HTTPRoute";
+    type Entry = Route;
+
+    fn convert(self, key: &Key) -> Result<Route, Vec<ValidationError>> {
+        let mut c = Check::new(Self::KIND, key);
+        check_name(&mut c, key);
+        let mut parents = Vec::new();
+        for (i, p) in self
+            .spec
+            .parent_refs
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let is_service = p.kind.as_deref() == Some("Service")
+                && p.group.as_deref().is_none_or(str::is_empty);
+            if !is_service {
+                // Routes for Gateways are not the mesh's business.
+                continue;
+            }
+            if p.name.is_empty() {
+                c.err(format!("spec.parentRefs[{i}].name"), "must not be empty");
+            }
+            parents.push(Key {
+                namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()),
+                name: p.name,
+            });
+        }
+        let mut backends = Vec::new();
+        let rules = self
+            .spec
+            .rules
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| convert_rule(&mut c, key, &format!("spec.rules[{i}]"), r, &mut backends))
+            .collect();
+        c.finish(Route {
+            parents,
+            rules,
+            backends,
+        })
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, Route> {
+        &mut index.routes
+    }
+
+    fn affects(entry: &Route, _: &Key) -> Vec<Key> {
+        entry.parents.clone()
+    }
+}
+
+fn convert_rule(
+    c: &mut Check,
+    route: &Key,
+    at: &str,
+    rule: HttpRouteRules,
+    backends: &mut Vec<(Key, u16)>,
+) -> RouteRule {
+    let matches = rule
+        .matches
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(m, mat)| convert_match(c, &format!("{at}.matches[{m}]"), mat))
+        .collect();
+    let mut refs = Vec::new();
+    for (b, r) in rule
+        .backend_refs
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let field = format!("{at}.backendRefs[{b}]");
+        let kind_ok = r.kind.as_deref().is_none_or(|k| k == "Service")
+            && r.group.as_deref().is_none_or(str::is_empty);
+        if !kind_ok {
+            c.err(
+                format!("{field}.kind"),
+                "only Service backends are supported",
+            );
+            continue;
+        }
+        if r.namespace
+            .as_ref()
+            .is_some_and(|ns| *ns != route.namespace)
+        {
+            c.err(
+                format!("{field}.namespace"),
+                "cross-namespace backends need a ReferenceGrant, which Trellis does not support yet",
+            );
+            continue;
+        }
+        let Some(port) = r.port else {
+            c.err(format!("{field}.port"), "required for a Service backend");
+            continue;
+        };
+        let port = port_number(c, format!("{field}.port"), port);
+        let weight = match u32::try_from(r.weight.unwrap_or(1)) {
+            Ok(w) if w <= 1_000_000 => w,
+            _ => {
+                c.err(format!("{field}.weight"), "must be 0 to 1000000");
+                0
+            }
+        };
+        let service = Key {
+            namespace: route.namespace.clone(),
+            name: r.name,
+        };
+        refs.push(BackendRef {
+            name: backend_name(&service, port),
+            weight,
+        });
+        backends.push((service, port));
+    }
+    RouteRule {
+        matches,
+        backend_refs: refs,
+    }
+}
+
+fn convert_match(c: &mut Check, at: &str, m: HttpRouteRulesMatches) -> RouteMatch {
+    let regex = |c: &mut Check, field: String, pattern: &str| {
+        if let Err(e) = regex::Regex::new(pattern) {
+            c.err(field, format!("invalid regular expression: {e}"));
+        }
+    };
+    let path = m.path.map(|p| {
+        let kind = match p.r#type {
+            Some(HttpRouteRulesMatchesPathType::Exact) => PathMatchType::Exact,
+            Some(HttpRouteRulesMatchesPathType::RegularExpression) => {
+                PathMatchType::RegularExpression
+            }
+            Some(HttpRouteRulesMatchesPathType::PathPrefix) | None => PathMatchType::PathPrefix,
+        };
+        let value = p.value.unwrap_or_else(|| "/".to_owned());
+        if kind == PathMatchType::RegularExpression {
+            regex(c, format!("{at}.path.value"), &value);
+        } else if !value.starts_with('/') {
+            c.err(format!("{at}.path.value"), "must start with '/'");
+        }
+        PathMatch { kind, value }
+    });
+    let headers = m
+        .headers
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(h, hm)| {
+            let kind = match hm.r#type {
+                Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => {
+                    regex(c, format!("{at}.headers[{h}].value"), &hm.value);
+                    ValueMatchType::RegularExpression
+                }
+                _ => ValueMatchType::Exact,
+            };
+            HeaderMatch {
+                kind,
+                name: hm.name,
+                value: hm.value,
+            }
+        })
+        .collect();
+    let query_params = m
+        .query_params
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(q, qm)| {
+            let kind = match qm.r#type {
+                Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => {
+                    regex(c, format!("{at}.queryParams[{q}].value"), &qm.value);
+                    ValueMatchType::RegularExpression
+                }
+                _ => ValueMatchType::Exact,
+            };
+            QueryParamMatch {
+                kind,
+                name: qm.name,
+                value: qm.value,
+            }
+        })
+        .collect();
+    let method = m.method.map(|meth| {
+        // The enum's serde names are the HTTP methods.
+        serde_json::to_value(&meth)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    });
+    RouteMatch {
+        path,
+        headers,
+        query_params,
+        method,
+    }
+}
+
+impl Kind for DestinationPolicy {
+    const KIND: &'static str = "DestinationPolicy";
+    type Entry = Policy;
+
+    fn convert(self, key: &Key) -> Result<Policy, Vec<ValidationError>> {
+        let mut c = Check::new(Self::KIND, key);
+        check_name(&mut c, key);
+        if self.spec.target_ref.name.is_empty() {
+            c.err("spec.targetRef.name", "must name a Service");
+        }
+        c.finish(Policy {
+            target: Key {
+                namespace: key.namespace.clone(),
+                name: self.spec.target_ref.name,
+            },
+            load_balancer: LoadBalancer {
+                algorithm: self
+                    .spec
+                    .load_balancer
+                    .map(|l| l.algorithm)
+                    .unwrap_or_default(),
+            },
+        })
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, Policy> {
+        &mut index.policies
+    }
+
+    fn affects(entry: &Policy, _: &Key) -> Vec<Key> {
+        vec![entry.target.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests;

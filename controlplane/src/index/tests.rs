@@ -1,0 +1,364 @@
+use super::*;
+
+fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+    serde_yaml::from_str(yaml).unwrap()
+}
+
+fn key(ns: &str, name: &str) -> Key {
+    Key {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn service(ns: &str, name: &str, ip: &str) -> Service {
+    obj(&format!(
+        "metadata: {{ name: {name}, namespace: {ns} }}\n\
+         spec:\n  clusterIP: {ip}\n  ports: [{{ name: http, port: 9080, appProtocol: http }}]\n"
+    ))
+}
+
+fn slice(ns: &str, service: &str, port: u16, ips: &[(&str, bool)]) -> EndpointSlice {
+    let endpoints: Vec<String> = ips
+        .iter()
+        .map(|(ip, ready)| {
+            format!(
+                "  - {{ addresses: [\"{ip}\"], conditions: {{ ready: {ready} }}, targetRef: {{ kind: Pod, name: {service}-pod }} }}\n"
+            )
+        })
+        .collect();
+    obj(&format!(
+        "metadata:\n  name: {service}-abc\n  namespace: {ns}\n  labels: {{ {SERVICE_NAME_LABEL}: {service} }}\n\
+         addressType: IPv4\nports: [{{ name: http, port: {port} }}]\nendpoints:\n{}",
+        endpoints.concat()
+    ))
+}
+
+fn route(ns: &str, name: &str, parent: &str, body: &str) -> HttpRoute {
+    obj(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{ name: {name}, namespace: {ns} }}\n\
+         spec:\n  parentRefs: [{{ group: \"\", kind: Service, name: {parent}, namespace: bookinfo }}]\n{body}"
+    ))
+}
+
+/// reviews with v1, v2, v3 in namespace `bookinfo`.
+fn mesh() -> Index {
+    let mut index = Index::default();
+    for (i, name) in ["reviews", "reviews-v1", "reviews-v2", "reviews-v3"]
+        .iter()
+        .enumerate()
+    {
+        index
+            .apply(service("bookinfo", name, &format!("10.96.0.{}", 10 + i)))
+            .unwrap();
+    }
+    index
+        .apply(slice("bookinfo", "reviews-v1", 9080, &[("10.1.0.1", true)]))
+        .unwrap();
+    index
+        .apply(slice("bookinfo", "reviews-v2", 9080, &[("10.1.0.2", true)]))
+        .unwrap();
+    index
+        .apply(slice("bookinfo", "reviews-v3", 9080, &[("10.1.0.3", true)]))
+        .unwrap();
+    index
+        .apply(slice(
+            "bookinfo",
+            "reviews",
+            9080,
+            &[("10.1.0.1", true), ("10.1.0.2", true), ("10.1.0.3", true)],
+        ))
+        .unwrap();
+    index
+}
+
+const SPLIT: &str = "  rules:\n  - backendRefs:\n    - { name: reviews-v1, port: 9080, weight: 80 }\n    - { name: reviews-v2, port: 9080, weight: 10 }\n    - { name: reviews-v3, port: 9080, weight: 10 }\n";
+
+fn backends_of(o: &Outbound) -> Vec<(String, u32)> {
+    o.service.routes[0].rules[0]
+        .backend_refs
+        .iter()
+        .map(|b| (b.name.clone(), b.weight))
+        .collect()
+}
+
+#[test]
+fn service_without_route_goes_to_its_own_endpoints_per_port() {
+    let index = mesh();
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    assert!(o.service.routes.is_empty());
+    assert_eq!(
+        o.service.addresses,
+        ["10.96.0.10".parse::<IpAddr>().unwrap()]
+    );
+    assert_eq!(o.service.ports[0].protocol, Protocol::Http);
+    assert_eq!(
+        o.service.ports[0].backend.as_deref(),
+        Some("reviews.bookinfo:9080")
+    );
+    let eps = index.endpoints(&key("bookinfo", "reviews"), 9080);
+    let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+    assert_eq!(addrs, ["10.1.0.1:9080", "10.1.0.2:9080", "10.1.0.3:9080"]);
+    assert_eq!(eps[0].workload.as_deref(), Some("reviews-pod"));
+}
+
+#[test]
+fn weights_become_weighted_backend_refs() {
+    let mut index = mesh();
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    assert_eq!(
+        backends_of(&o),
+        [
+            ("reviews-v1.bookinfo:9080".to_owned(), 80),
+            ("reviews-v2.bookinfo:9080".to_owned(), 10),
+            ("reviews-v3.bookinfo:9080".to_owned(), 10),
+        ]
+    );
+    let names: Vec<&str> = o.backends.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "reviews.bookinfo:9080",
+            "reviews-v1.bookinfo:9080",
+            "reviews-v2.bookinfo:9080",
+            "reviews-v3.bookinfo:9080"
+        ]
+    );
+    // The whole config the index produces is valid for a proxy.
+    index.proxy_config("default").validate().unwrap();
+}
+
+#[test]
+fn producer_and_consumer_routes() {
+    let mut index = mesh();
+    // Producer route, in the service's namespace: every client.
+    let to_v1 = "  rules:\n  - backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "producer", "reviews", to_v1))
+        .unwrap();
+    // Consumer route, in namespace `frontend`: only frontend's clients.
+    // Its backend is a service of the consumer's own namespace.
+    index
+        .apply(service("frontend", "reviews-canary", "10.96.1.1"))
+        .unwrap();
+    let to_canary = "  rules:\n  - backendRefs: [{ name: reviews-canary, port: 9080 }]\n";
+    index
+        .apply(route("frontend", "consumer", "reviews", to_canary))
+        .unwrap();
+
+    let svc = key("bookinfo", "reviews");
+    let seen = |ns: &str| {
+        let o = index.outbound(&svc, ns).unwrap();
+        let routes: Vec<String> = o.service.routes.iter().map(|r| r.name.clone()).collect();
+        (routes, backends_of(&o)[0].0.clone())
+    };
+    assert_eq!(
+        seen("bookinfo"),
+        (vec!["producer".into()], "reviews-v1.bookinfo:9080".into())
+    );
+    assert_eq!(
+        seen("other"),
+        (vec!["producer".into()], "reviews-v1.bookinfo:9080".into())
+    );
+    assert_eq!(
+        seen("frontend"),
+        (
+            vec!["consumer".into()],
+            "reviews-canary.frontend:9080".into()
+        ),
+        "consumer routes replace producer routes for their namespace"
+    );
+}
+
+#[test]
+fn routed_service_has_no_fallback_so_unmatched_requests_get_404() {
+    let mut index = mesh();
+    let only_reviews = "  rules:\n  - matches: [{ path: { type: PathPrefix, value: /reviews } }]\n    backendRefs: [{ name: reviews-v2, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "only-reviews", "reviews", only_reviews))
+        .unwrap();
+    let config = index.proxy_config("default");
+    config.validate().unwrap();
+    let svc = config
+        .services
+        .iter()
+        .find(|s| s.name == "reviews")
+        .unwrap();
+    // The proxy answers 404 when a service has routes and none matches;
+    // tests/index_to_proxy.rs shows that through a real proxy.
+    assert_eq!(svc.routes.len(), 1);
+    assert_eq!(svc.routes[0].rules.len(), 1);
+    let m = &svc.routes[0].rules[0].matches[0];
+    assert_eq!(m.path.as_ref().unwrap().value, "/reviews");
+}
+
+#[test]
+fn deletion_reports_affected_services_and_removes_config() {
+    let mut index = mesh();
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    let svc = key("bookinfo", "reviews");
+
+    let changed = index.delete::<HttpRoute>(&key("bookinfo", "split"));
+    assert_eq!(changed.services, BTreeSet::from([svc.clone()]));
+    assert!(
+        index
+            .outbound(&svc, "default")
+            .unwrap()
+            .service
+            .routes
+            .is_empty()
+    );
+
+    let changed = index.delete::<EndpointSlice>(&key("bookinfo", "reviews-v2-abc"));
+    assert_eq!(
+        changed.services,
+        BTreeSet::from([key("bookinfo", "reviews-v2")])
+    );
+    assert!(
+        index
+            .endpoints(&key("bookinfo", "reviews-v2"), 9080)
+            .is_empty()
+    );
+
+    index.delete::<Service>(&svc);
+    assert!(index.outbound(&svc, "default").is_none());
+    assert_eq!(
+        index.delete::<Service>(&svc),
+        Changed::default(),
+        "deleting twice is a no-op"
+    );
+}
+
+#[test]
+fn not_ready_endpoints_are_left_out() {
+    let mut index = mesh();
+    index
+        .apply(slice(
+            "bookinfo",
+            "reviews-v1",
+            9080,
+            &[("10.1.0.1", true), ("10.1.0.9", false)],
+        ))
+        .unwrap();
+    let eps = index.endpoints(&key("bookinfo", "reviews-v1"), 9080);
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].address.to_string(), "10.1.0.1:9080");
+}
+
+#[test]
+fn invalid_route_is_refused_naming_the_field_and_the_last_good_version_stays() {
+    let mut index = mesh();
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    let broken = "  rules:\n  - matches: [{ path: { type: RegularExpression, value: '/r(' } }]\n    backendRefs: [{ name: reviews-v1 }]\n";
+    let err = index
+        .apply(route("bookinfo", "split", "reviews", broken))
+        .unwrap_err();
+    let messages: Vec<String> = err.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages[0].starts_with(
+            "HTTPRoute \"bookinfo/split\": spec.rules[0].matches[0].path.value: invalid regular expression"
+        ),
+        "{messages:?}"
+    );
+    assert_eq!(
+        messages[1],
+        "HTTPRoute \"bookinfo/split\": spec.rules[0].backendRefs[0].port: required for a Service backend"
+    );
+    // Still the 80/10/10 split.
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    assert_eq!(backends_of(&o).len(), 3);
+    assert_eq!(index.errors().count(), 1);
+    // A good version clears the error.
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    assert_eq!(index.errors().count(), 0);
+}
+
+#[test]
+fn invalid_service_and_slice_fields_are_named() {
+    let mut index = Index::default();
+    let bad: Service = obj(
+        "metadata: { name: s, namespace: ns }\nspec:\n  clusterIP: 10.0.0.300\n  ports: [{ port: 70000 }]\n",
+    );
+    let err = index.apply(bad).unwrap_err().to_string();
+    assert!(
+        err.contains("Service \"ns/s\": spec.clusterIPs[0]: \"10.0.0.300\" is not an IP address"),
+        "{err}"
+    );
+    assert!(
+        err.contains("spec.ports[0].port: 70000 is not a port number"),
+        "{err}"
+    );
+    let orphan: EndpointSlice =
+        obj("metadata: { name: x, namespace: ns }\naddressType: IPv4\nendpoints: []\n");
+    let err = index.apply(orphan).unwrap_err().to_string();
+    assert!(
+        err.contains("metadata.labels[kubernetes.io/service-name]: missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reset_replaces_a_kind_wholesale() {
+    let mut index = mesh();
+    let (changed, refused) = index.reset(vec![service("bookinfo", "reviews", "10.96.0.10")]);
+    assert!(refused.is_empty());
+    assert!(
+        changed.services.contains(&key("bookinfo", "reviews-v1")),
+        "removed services are affected"
+    );
+    let names: Vec<String> = index
+        .service_entries()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["reviews"]);
+}
+
+#[test]
+fn destination_policy_sets_the_load_balancer() {
+    let mut index = mesh();
+    let policy: DestinationPolicy = obj(
+        "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\nmetadata: { name: rr, namespace: bookinfo }\n\
+         spec: { targetRef: { name: reviews }, loadBalancer: { algorithm: roundRobin } }\n",
+    );
+    let changed = index.apply(policy).unwrap();
+    assert_eq!(
+        changed.services,
+        BTreeSet::from([key("bookinfo", "reviews")])
+    );
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    assert_eq!(
+        o.backends[0].load_balancer.algorithm,
+        mesh_api::LoadBalancerAlgorithm::RoundRobin
+    );
+}
+
+#[test]
+fn protocols_come_from_app_protocol_or_port_name() {
+    assert_eq!(
+        protocol_of(Some("kubernetes.io/h2c"), None),
+        Protocol::Http2
+    );
+    assert_eq!(protocol_of(None, Some("grpc-api")), Protocol::Grpc);
+    assert_eq!(protocol_of(None, Some("tcp-db")), Protocol::Tcp);
+    assert_eq!(protocol_of(None, Some("web")), Protocol::Auto);
+}
