@@ -28,6 +28,7 @@
 //! ```
 
 pub mod crd;
+pub mod k8s;
 mod model;
 mod validate;
 

@@ -361,7 +361,9 @@ impl Service {
 
     /// The name of the backend for `port` when no route is attached.
     pub fn port_backend<'a>(&'a self, port: &'a ServicePort) -> &'a str {
-        port.backend.as_deref().unwrap_or_else(|| self.default_backend())
+        port.backend
+            .as_deref()
+            .unwrap_or_else(|| self.default_backend())
     }
 
     /// Every host name that addresses this service: the implicit Kubernetes

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod codegen;
 mod demo;
 
 #[derive(Parser)]
@@ -17,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run bookinfo locally with a proxy beside each service.
     Demo(demo::Args),
+    /// Regenerate the checked-in generated files (the CRDs in deploy/crds).
+    Codegen,
     /// Benchmark the proxy against the direct path and peer proxies.
     Bench(bench::Args),
     /// Internal: the upstream HTTP server the benchmark measures against.
@@ -27,6 +30,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
+        Command::Codegen => codegen::run(),
         Command::Bench(args) => bench::run(args),
         Command::BenchServer(args) => bench::serve(args),
     }

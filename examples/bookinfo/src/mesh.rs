@@ -294,6 +294,7 @@ fn service(name: &str, port: u16) -> Service {
             port,
             name: Some("http".to_owned()),
             protocol: mesh_api::Protocol::Auto,
+            backend: None,
         }],
         routes: Vec::new(),
         backend: None,

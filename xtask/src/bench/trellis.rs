@@ -107,6 +107,7 @@ fn config(
                 port: SERVICE_PORT,
                 name: None,
                 protocol: Protocol::Http,
+                backend: None,
             }],
             routes: Vec::new(),
             backend: None,

@@ -1,0 +1,319 @@
+//! Checks of the custom resources that their schemas cannot express.
+//!
+//! Like the proxy config's validation, it collects every problem, and each
+//! error names the object (`AuthorizationPolicy "ns/name"`) and the field
+//! path inside it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Resource;
+
+use super::{
+    AuthorizationAction, AuthorizationPolicy, DestinationPolicy, Operation, PeerAuthentication,
+    Source, WorkloadSelector,
+};
+use crate::ValidationError;
+
+impl DestinationPolicy {
+    /// Checks the policy and returns every broken rule; empty when valid.
+    pub fn validate(&self) -> Vec<ValidationError> {
+        let mut v = Errors::new(self);
+        let spec = &self.spec;
+        let target = &spec.target_ref.name;
+        if target.is_empty() {
+            v.err(
+                "spec.targetRef.name",
+                "must name a Service in the policy's namespace",
+            );
+        } else if !is_dns_label(target) {
+            v.err(
+                "spec.targetRef.name",
+                format!(
+                    "{target:?} is not a Service name: lower-case letters, digits and '-', at most 63"
+                ),
+            );
+        }
+        if let Some(pool) = &spec.connection_pool {
+            for (field, value) in [
+                ("maxConnections", pool.max_connections),
+                ("maxPendingRequests", pool.max_pending_requests),
+            ] {
+                if value == Some(0) {
+                    v.err(
+                        format!("spec.connectionPool.{field}"),
+                        "must be at least 1; leave it out for no limit",
+                    );
+                }
+            }
+        }
+        v.errors
+    }
+}
+
+impl PeerAuthentication {
+    /// Checks the policy and returns every broken rule; empty when valid.
+    pub fn validate(&self) -> Vec<ValidationError> {
+        let mut v = Errors::new(self);
+        if let Some(selector) = &self.spec.selector {
+            v.selector(selector);
+        }
+        v.errors
+    }
+}
+
+impl AuthorizationPolicy {
+    /// Checks the policy and returns every broken rule; empty when valid.
+    pub fn validate(&self) -> Vec<ValidationError> {
+        let mut v = Errors::new(self);
+        let spec = &self.spec;
+        if let Some(selector) = &spec.selector {
+            v.selector(selector);
+        }
+        if spec.action == AuthorizationAction::Deny && spec.rules.is_empty() {
+            v.err(
+                "spec.rules",
+                "a DENY policy without rules matches no request and denies nothing; \
+                 add rules (`rules: [{}]` denies every request)",
+            );
+        }
+        for (r, rule) in spec.rules.iter().enumerate() {
+            for (i, source) in rule.from.iter().enumerate() {
+                v.source(&format!("spec.rules[{r}].from[{i}]"), source);
+            }
+            for (i, op) in rule.to.iter().enumerate() {
+                v.operation(&format!("spec.rules[{r}].to[{i}]"), op);
+            }
+        }
+        v.errors
+    }
+}
+
+/// The errors found in one object.
+struct Errors {
+    object: String,
+    errors: Vec<ValidationError>,
+}
+
+impl Errors {
+    /// Names the object and checks its metadata.
+    fn new<K: Resource<DynamicType = ()>>(obj: &K) -> Self {
+        let kind = K::kind(&());
+        let meta: &ObjectMeta = obj.meta();
+        let name = meta.name.as_deref().unwrap_or_default();
+        let object = match meta.namespace.as_deref() {
+            Some(ns) => format!("{kind} \"{ns}/{name}\""),
+            None => format!("{kind} {name:?}"),
+        };
+        let mut v = Self {
+            object,
+            errors: Vec::new(),
+        };
+        if name.is_empty() {
+            v.err("metadata.name", "must be set");
+        } else if !is_dns_subdomain(name) {
+            v.err(
+                "metadata.name",
+                "must be lower-case letters, digits, '-' and '.', at most 253",
+            );
+        }
+        if let Some(ns) = meta.namespace.as_deref()
+            && !is_dns_label(ns)
+        {
+            v.err(
+                "metadata.namespace",
+                "must be lower-case letters, digits and '-', at most 63",
+            );
+        }
+        v
+    }
+
+    fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ValidationError {
+            object: self.object.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn selector(&mut self, selector: &WorkloadSelector) {
+        if selector.match_labels.is_empty() {
+            self.err(
+                "spec.selector.matchLabels",
+                "an empty selector would pick every workload; \
+                 list labels, or remove `selector` to cover the whole namespace",
+            );
+        }
+        for (key, value) in &selector.match_labels {
+            let field = format!("spec.selector.matchLabels[{key}]");
+            if !is_label_key(key) {
+                self.err(
+                    &field,
+                    format!(
+                        "{key:?} is not a label key: an optional DNS prefix and '/', \
+                         then at most 63 letters, digits, '-', '_' or '.'"
+                    ),
+                );
+            }
+            if !value.is_empty() && !is_label_name(value) {
+                self.err(
+                    field,
+                    format!(
+                        "{value:?} is not a label value: at most 63 letters, digits, '-', '_' or '.', \
+                         starting and ending with a letter or digit"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn source(&mut self, at: &str, source: &Source) {
+        if source.principals.is_empty() && source.namespaces.is_empty() {
+            self.err(
+                at,
+                "set principals or namespaces; to match every caller leave `from` out",
+            );
+        }
+        for (i, p) in source.principals.iter().enumerate() {
+            let field = format!("{at}.principals[{i}]");
+            if p.starts_with("spiffe://") {
+                self.err(
+                    field,
+                    format!(
+                        "{p:?}: write the identity without `spiffe://`, \
+                         as in `cluster.local/ns/<namespace>/sa/<service-account>`"
+                    ),
+                );
+            } else if let Err(reason) = wildcard(p, |c| c.is_ascii_graphic() && c != '*') {
+                self.err(field, reason);
+            }
+        }
+        for (i, ns) in source.namespaces.iter().enumerate() {
+            let field = format!("{at}.namespaces[{i}]");
+            let label_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+            match wildcard(ns, label_char) {
+                Err(reason) => self.err(field, reason),
+                Ok(exact) if exact && !is_dns_label(ns) => {
+                    self.err(field, format!("{ns:?} is not a namespace name"))
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn operation(&mut self, at: &str, op: &Operation) {
+        if op.paths.is_empty() && op.methods.is_empty() && op.ports.is_empty() {
+            self.err(
+                at,
+                "set paths, methods or ports; to match every request leave `to` out",
+            );
+        }
+        for (i, path) in op.paths.iter().enumerate() {
+            if let Err(reason) = path_pattern(path) {
+                self.err(format!("{at}.paths[{i}]"), format!("{path:?}: {reason}"));
+            }
+        }
+        for (i, method) in op.methods.iter().enumerate() {
+            if !is_method(method) {
+                self.err(
+                    format!("{at}.methods[{i}]"),
+                    format!(
+                        "{method:?} is not an upper-case HTTP method such as GET; \
+                         leave `methods` out to match any"
+                    ),
+                );
+            }
+        }
+        for (i, port) in op.ports.iter().enumerate() {
+            if *port == 0 {
+                self.err(format!("{at}.ports[{i}]"), "must be 1-65535");
+            }
+        }
+    }
+}
+
+/// Checks Istio's string-match syntax: `*` (any), `*suffix`, `prefix*` or an
+/// exact value whose characters pass `allowed`. Returns whether the value is
+/// exact (has no `*`).
+fn wildcard(value: &str, allowed: impl Fn(char) -> bool) -> Result<bool, String> {
+    if value == "*" {
+        return Ok(false);
+    }
+    let literal = value
+        .strip_prefix('*')
+        .or_else(|| value.strip_suffix('*'))
+        .unwrap_or(value);
+    if literal.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if literal.contains('*') {
+        return Err(format!(
+            "{value:?}: `*` may appear once, as the first or the last character \
+             (a suffix or prefix match)"
+        ));
+    }
+    if let Some(c) = literal.chars().find(|c| !allowed(*c)) {
+        return Err(format!("{value:?}: {c:?} is not allowed here"));
+    }
+    Ok(literal.len() == value.len())
+}
+
+/// A path pattern is `*`, `/exact` or `/prefix*`.
+fn path_pattern(path: &str) -> Result<(), &'static str> {
+    if path == "*" {
+        return Ok(());
+    }
+    if !path.starts_with('/') {
+        return Err("must start with '/' or be `*`");
+    }
+    let literal = path.strip_suffix('*').unwrap_or(path);
+    if literal.contains('*') {
+        return Err("`*` may only be the last character (a prefix match)");
+    }
+    if literal.contains(['?', '#']) {
+        return Err("paths match without the query string or fragment; remove '?' or '#'");
+    }
+    if literal.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain white space");
+    }
+    Ok(())
+}
+
+/// An RFC 9110 token in upper case, `*` excluded: it would read as a
+/// wildcard, which methods do not have.
+fn is_method(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'+-.^_`|~".contains(&b))
+}
+
+/// RFC 1123 label: what Kubernetes requires of namespace and Service names.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// RFC 1123 subdomain: what Kubernetes requires of most object names.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain.
+fn is_label_key(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    }
+}
+
+/// The name part of a label key, and a non-empty label value.
+fn is_label_name(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.len() <= 63
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
