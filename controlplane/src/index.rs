@@ -815,11 +815,11 @@ impl Kind for DestinationPolicy {
     type Entry = Policy;
 
     fn convert(self, key: &Key) -> Result<Policy, Vec<ValidationError>> {
-        let mut c = Check::new(Self::KIND, key);
-        check_name(&mut c, key);
-        if self.spec.target_ref.name.is_empty() {
-            c.err("spec.targetRef.name", "must name a Service");
-        }
+        // The CRD's own validation names every field.
+        let c = Check {
+            object: String::new(),
+            errors: self.validate(),
+        };
         c.finish(Policy {
             target: Key {
                 namespace: key.namespace.clone(),
