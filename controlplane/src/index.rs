@@ -84,7 +84,7 @@ pub struct Changed {
 
 /// An object the index refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} {key} refused; keeping its last good version:\n{}", list(.errors))]
+#[error("{kind} {key} refused; keeping its last good version:\n{}", ValidationError::list(.errors))]
 pub struct Refused {
     /// The kind.
     pub kind: &'static str,
@@ -402,14 +402,6 @@ impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
     }
-}
-
-fn list(errors: &[ValidationError]) -> String {
-    errors
-        .iter()
-        .map(|e| format!("  - {e}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Collects validation errors for one object.

@@ -17,7 +17,7 @@ pub enum ConfigError {
     #[error("config is not valid YAML of the proxy config model: {0}")]
     Yaml(#[from] serde_yaml::Error),
     /// The config parsed but breaks one or more rules.
-    #[error("config is invalid:\n{}", list(.0))]
+    #[error("config is invalid:\n{}", ValidationError::list(.0))]
     Invalid(Vec<ValidationError>),
 }
 
@@ -40,12 +40,16 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
-fn list(errors: &[ValidationError]) -> String {
-    errors
-        .iter()
-        .map(|e| format!("  - {e}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+impl ValidationError {
+    /// Formats errors one per line, indented, for a message that lists them
+    /// under a heading.
+    pub fn list(errors: &[ValidationError]) -> String {
+        errors
+            .iter()
+            .map(|e| format!("  - {e}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 impl ProxyConfig {
@@ -329,7 +333,8 @@ impl Validator {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// RFC 1123 label: what Kubernetes requires of namespace and Service names.
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -4,6 +4,7 @@
 //! error names the object (`AuthorizationPolicy "ns/name"`) and the field
 //! path inside it.
 
+use crate::validate::is_dns_label;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
@@ -283,16 +284,6 @@ fn is_method(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b"!#$%&'+-.^_`|~".contains(&b))
-}
-
-/// RFC 1123 label: what Kubernetes requires of namespace and Service names.
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 /// RFC 1123 subdomain: what Kubernetes requires of most object names.
