@@ -4,12 +4,16 @@
 //!   index, per-service outbound config, endpoints and the workload's
 //!   inbound config, with ACK/NACK by nonce.
 //! - [`identity::v1`]: the CA's CSR-signing call.
+//! - [`convert`]: conversions between the discovery resources and the
+//!   `mesh-api` config model, resource names and versions.
 //!
 //! The generated code in `src/gen/` is checked in, so building needs no
 //! `protoc`; `tests/codegen.rs` regenerates it with `protox` (a pure-Rust
 //! protobuf compiler) and fails when it has drifted from the `.proto`
 //! files. Run `cargo test -p mesh-proto` after editing a `.proto` file and
 //! commit what it writes.
+
+pub mod convert;
 
 /// `trellis.discovery.v1`.
 pub mod discovery {

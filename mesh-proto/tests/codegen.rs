@@ -21,6 +21,10 @@ fn generated_code_matches_the_proto_files() {
         .build_client(true)
         .build_server(true)
         .build_transport(false)
+        // BTreeMap, not HashMap, for map fields: encoding is then
+        // deterministic, so a resource's version (a hash of its bytes) only
+        // changes when its content does.
+        .btree_map(".")
         .emit_rerun_if_changed(false)
         .out_dir(&out)
         .compile_fds(fds)

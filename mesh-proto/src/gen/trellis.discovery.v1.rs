@@ -13,8 +13,8 @@ pub struct Node {
     #[prost(string, tag = "4")]
     pub service_account: ::prost::alloc::string::String,
     /// The pod's labels, used by policy selectors.
-    #[prost(map = "string, string", tag = "5")]
-    pub labels: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub labels: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -35,8 +35,8 @@ pub struct DiscoveryRequest {
     pub unsubscribe: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     /// Resource name to version, of what the proxy already holds (on a new
     /// stream after a reconnect).
-    #[prost(map = "string, string", tag = "5")]
-    pub initial_versions: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub initial_versions: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -112,6 +112,11 @@ pub struct ServicePort {
     pub name: ::prost::alloc::string::String,
     #[prost(enumeration = "Protocol", tag = "3")]
     pub protocol: i32,
+    /// In OutboundService only: the backend for this port when no route is
+    /// attached, overriding default_backend (Kubernetes sends each port to its
+    /// own target port). Empty in the service index and in InboundConfig.
+    #[prost(string, tag = "4")]
+    pub backend: ::prost::alloc::string::String,
 }
 /// type.trellis.dev/trellis.discovery.v1.OutboundService: what a client
 /// proxy needs to send to one service, named "namespace/name". Routes are
@@ -128,13 +133,20 @@ pub struct OutboundService {
     /// When any route is present, unmatched requests get 404.
     #[prost(message, repeated, tag = "4")]
     pub routes: ::prost::alloc::vec::Vec<HttpRoute>,
-    /// Backend for traffic when no route is attached, and for TCP.
+    /// Backend for traffic when no route is attached, and for TCP, unless the
+    /// port names its own. Empty means the backend named like the service.
     #[prost(string, tag = "5")]
     pub default_backend: ::prost::alloc::string::String,
     /// Every backend the routes and default_backend name. Their endpoints
     /// are separate Endpoints resources, named by Backend.endpoints.
     #[prost(message, repeated, tag = "6")]
     pub backends: ::prost::alloc::vec::Vec<Backend>,
+    /// The same as in the service's ServiceIndexEntry, so that one
+    /// OutboundService is a complete service for the proxy's config.
+    #[prost(string, repeated, tag = "7")]
+    pub hostnames: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "8")]
+    pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct HttpRoute {
@@ -228,8 +240,8 @@ pub struct Endpoint {
     pub address: ::prost::alloc::string::String,
     #[prost(string, tag = "2")]
     pub workload: ::prost::alloc::string::String,
-    #[prost(map = "string, string", tag = "3")]
-    pub labels: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub labels: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
