@@ -390,6 +390,11 @@ fn prepare_request<B>(req: &mut Request<B>, h2: bool, upgrade: bool) -> Result<(
 /// (RFC 9110 section 7.6.1), keeping `Upgrade` on upgrade requests and
 /// `TE: trailers`, which gRPC needs end to end.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the names with
+    // pre-parsed constants is much cheaper than a lookup per name.
+    if !keep_upgrade && !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -401,13 +406,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in listed {
         headers.remove(name);
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "transfer-encoding",
-    ] {
+    for name in &HOP_BY_HOP[3..] {
         headers.remove(name);
     }
     if keep_upgrade {
@@ -428,6 +427,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
+
+/// Headers that only ever describe one hop. The first three need care
+/// (`Connection` lists more, `Upgrade` survives upgrades, `TE: trailers`
+/// survives for gRPC); the rest are always removed.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    header::TE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TRANSFER_ENCODING,
+];
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11

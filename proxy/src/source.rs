@@ -65,10 +65,21 @@ pub async fn watch(path: PathBuf, proxy: Arc<Proxy>, mut applied: String) {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let name = path.file_name().map(ToOwned::to_owned);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reading the file raises access events; reacting to those would
-        // re-read it forever.
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+        // Only changes to our file count: reading it raises access events,
+        // which would make it re-read forever, and other files in the
+        // directory are none of our business. Kubernetes updates a mounted
+        // ConfigMap by swapping a `..data` symlink, so those count too.
+        let ours = |e: &notify::Event| {
+            !e.kind.is_access()
+                && e.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|f| {
+                        Some(f) == name.as_deref() || f.as_encoded_bytes().starts_with(b"..")
+                    })
+                })
+        };
+        if event.is_ok_and(|e| ours(&e)) {
             // A full channel already holds a wake-up; one is enough.
             let _ = tx.try_send(());
         }
