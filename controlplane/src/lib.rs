@@ -9,4 +9,6 @@
 
 pub mod discovery;
 pub mod index;
+pub mod run;
+pub mod settings;
 pub mod source;

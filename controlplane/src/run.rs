@@ -1,0 +1,226 @@
+//! The control plane process as a library call: the file source watching
+//! its directory, the discovery server, and the metrics and debug server.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use notify::Watcher;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::discovery::{self, Server};
+use crate::index::Index;
+use crate::settings::Settings;
+use crate::source::DirSource;
+
+/// How long after a change event the directory is read, so a burst of
+/// writes is read once.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How often the directory is read regardless of events.
+const POLL: Duration = Duration::from_secs(2);
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// The discovery server.
+    pub server: Server,
+    /// Where the discovery server listens.
+    pub discovery_addr: SocketAddr,
+    /// Where the metrics and debug server listens.
+    pub admin_addr: SocketAddr,
+}
+
+/// The control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A port could not be bound.
+    #[error("cannot listen on {addr} for {what}: {source}; is another control plane running?")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config directory is unusable.
+    #[error("config directory {0}: not a directory")]
+    NotADirectory(String),
+}
+
+/// Binds the servers, reads the config directory once, and serves until
+/// the process ends.
+pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
+    if !settings.config_dir.is_dir() {
+        return Err(StartError::NotADirectory(
+            settings.config_dir.display().to_string(),
+        ));
+    }
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let discovery_listener = bind("discovery", settings.discovery_addr).await?;
+    let admin_listener = bind("metrics and debug", settings.admin_addr).await?;
+    let discovery_addr = discovery_listener
+        .local_addr()
+        .unwrap_or(settings.discovery_addr);
+    let admin_addr = admin_listener.local_addr().unwrap_or(settings.admin_addr);
+
+    let recorder = recorder();
+    let config = discovery::Config {
+        push_interval: settings.push_interval,
+        ..Default::default()
+    };
+    let server = Server::new(Index::default(), config);
+    let mut source = DirSource::new(&settings.config_dir);
+    report(&server.update(|index| source.scan(index)));
+
+    tokio::spawn(watch(source, server.clone()));
+    let serving = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = serving
+            .serve(discovery_listener, std::future::pending())
+            .await
+        {
+            warn!(error = %e, "discovery server stopped");
+        }
+    });
+    tokio::spawn(admin(admin_listener, server.clone(), recorder));
+    info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(), "control plane serving");
+    Ok(ControlPlane {
+        server,
+        discovery_addr,
+        admin_addr,
+    })
+}
+
+fn recorder() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                warn!("another metrics recorder is installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Logs what a scan found wrong.
+fn report(scan: &crate::source::Scan) {
+    for e in &scan.file_errors {
+        warn!("{e}; keeping what the file held before");
+    }
+    for r in &scan.refused {
+        warn!("{r}");
+    }
+}
+
+/// Re-reads the directory when it changes (and every few seconds, in case
+/// an event is lost), applying it to the index through the server.
+async fn watch(mut source: DirSource, server: Server) {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads raise access events; reacting would re-read forever.
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.try_send(());
+        }
+    })
+    .and_then(|mut w| {
+        w.watch(source.dir(), notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let _watcher = watcher
+        .map_err(|e| warn!(dir = %source.dir().display(), error = %e, "cannot watch; polling only"))
+        .ok();
+    loop {
+        tokio::select! {
+            _ = rx.recv() => tokio::time::sleep(DEBOUNCE).await,
+            () = tokio::time::sleep(POLL) => {}
+        }
+        let _ = rx.try_recv();
+        let scan = server.update(|index| source.scan(index));
+        if !scan.changed.services.is_empty() || !scan.file_errors.is_empty() {
+            report(&scan);
+        }
+    }
+}
+
+async fn admin(listener: TcpListener, server: Server, recorder: PrometheusHandle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let (server, recorder) = (server.clone(), recorder.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                std::future::ready(Ok::<_, Infallible>(route(&server, &recorder, &req)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(
+    server: &Server,
+    recorder: &PrometheusHandle,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let json = |v: serde_json::Result<String>| match v {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    };
+    match req.uri().path() {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            recorder.render(),
+        ),
+        "/debug/proxies" => json(serde_json::to_string_pretty(&server.debug_proxies())),
+        "/debug/errors" => json(serde_json::to_string_pretty(&server.read(|index| {
+            index
+                .errors()
+                .map(|(kind, key, errors)| {
+                    serde_json::json!({
+                        "kind": kind,
+                        "object": key.to_string(),
+                        "errors": errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    })
+                })
+                .collect::<Vec<_>>()
+        }))),
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}

@@ -1,0 +1,184 @@
+//! The `trellis-controlplane` binary end to end: it serves the objects of
+//! its config directory over the discovery protocol, follows edits of the
+//! directory, keeps the last good state when a file breaks, and reports
+//! the broken file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;
+use mesh_proto::discovery::v1::{
+    DiscoveryRequest, DiscoveryResponse, Node, TYPE_SERVICE_INDEX, WILDCARD,
+};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: bookinfo }}\n\
+         spec: {{ clusterIP: {ip}, ports: [{{ name: http, port: 9080 }}] }}\n"
+    )
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    // Write then rename, as editors and ConfigMap updates do.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// The next response, ACKed.
+async fn next(
+    responses: &mut tonic::Streaming<DiscoveryResponse>,
+    tx: &mpsc::Sender<DiscoveryRequest>,
+) -> DiscoveryResponse {
+    let r = tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("no response in time")
+        .unwrap()
+        .unwrap();
+    tx.send(DiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r
+}
+
+#[tokio::test]
+async fn serves_the_directory_and_follows_its_edits() {
+    let dir = std::env::temp_dir().join(format!("trellis-cp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    write(&dir, "mesh.yaml", &service("reviews", "10.96.0.10"));
+    let (discovery, admin) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-controlplane"))
+        .args(["--config-dir", dir.to_str().unwrap()])
+        .args([
+            "--discovery-addr",
+            &discovery.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _child = Kill(child);
+    let (log_tx, mut log) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut lines =
+            tokio::io::BufReader::new(tokio::process::ChildStderr::from_std(stderr).unwrap())
+                .lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = log_tx.send(line);
+        }
+    });
+
+    let mut client = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let endpoint =
+                tonic::transport::Endpoint::from_shared(format!("http://{discovery}")).unwrap();
+            match endpoint.connect().await {
+                Ok(channel) => break DiscoveryClient::new(channel),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("control plane never listened");
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: "test-proxy".into(),
+            workload: "productpage".into(),
+            namespace: "bookinfo".into(),
+            ..Default::default()
+        }),
+        type_url: TYPE_SERVICE_INDEX.into(),
+        subscribe: vec![WILDCARD.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let names = |r: &DiscoveryResponse| {
+        r.resources
+            .iter()
+            .map(|x| x.name.clone())
+            .collect::<Vec<_>>()
+    };
+
+    let first = next(&mut responses, &tx).await;
+    assert_eq!(names(&first), ["bookinfo/reviews"]);
+
+    // A new file adds a service; only the change is sent.
+    write(&dir, "ratings.yaml", &service("ratings", "10.96.0.11"));
+    let update = next(&mut responses, &tx).await;
+    assert_eq!(names(&update), ["bookinfo/ratings"]);
+    assert!(update.removed.is_empty());
+
+    // A broken file is reported with its name and line, and what it held
+    // before stays: nothing is removed.
+    write(
+        &dir,
+        "ratings.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [broken\n",
+    );
+    let reported = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = log.recv().await {
+            if line.contains("ratings.yaml:") && line.contains("keeping what the file held before")
+            {
+                return line;
+            }
+        }
+        panic!("control plane exited");
+    })
+    .await
+    .expect("broken file not reported");
+    assert!(
+        reported.contains("ratings.yaml:4: did not find expected ',' or ']'"),
+        "{reported}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), responses.message())
+            .await
+            .is_err(),
+        "a broken file must not change what proxies have"
+    );
+
+    // Deleting the file removes its service.
+    std::fs::remove_file(dir.join("ratings.yaml")).unwrap();
+    let removal = next(&mut responses, &tx).await;
+    assert_eq!(removal.removed, ["bookinfo/ratings"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
