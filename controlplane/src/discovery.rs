@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use mesh_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
 use mesh_proto::discovery::v1::{DiscoveryRequest, DiscoveryResponse};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -112,7 +112,7 @@ pub trait Changes {
 
 /// A snapshot of one connected proxy, for `/debug/proxies` and
 /// `meshctl proxy-status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStatus {
     /// The node id (unique per proxy, for example the pod name).
@@ -132,7 +132,7 @@ pub struct ProxyStatus {
 }
 
 /// One resource type of one proxy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TypeStatus {
     /// Subscribed to every resource of the type.
@@ -154,7 +154,7 @@ pub struct TypeStatus {
 }
 
 /// What the proxy was sent of one resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResourceStatus {
     /// The version sent; `None` when the proxy was told the resource does
@@ -168,7 +168,7 @@ pub struct ResourceStatus {
 }
 
 /// Whether a proxy applied a resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Applied {
     /// Sent, not yet ACKed.
@@ -180,7 +180,7 @@ pub enum Applied {
 }
 
 /// Where a proxy stands with the last response of a type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SyncState {
     /// Nothing sent yet.
@@ -194,7 +194,7 @@ pub enum SyncState {
 }
 
 /// A NACK.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NackStatus {
     /// The nonce of the rejected response.

@@ -9,6 +9,7 @@
 
 pub mod discovery;
 pub mod index;
+pub mod meshctl;
 pub mod run;
 pub mod settings;
 pub mod source;

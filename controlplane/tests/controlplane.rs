@@ -141,6 +141,36 @@ async fn serves_the_directory_and_follows_its_edits() {
     let first = next(&mut responses, &tx).await;
     assert_eq!(names(&first), ["bookinfo/reviews"]);
 
+    // meshctl shows the proxy, in sync once its ACK has arrived.
+    let status = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+                .args(["proxy-status", "--controlplane", &admin.to_string()])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let table = String::from_utf8(out.stdout).unwrap();
+            let state = table
+                .lines()
+                .nth(1)
+                .and_then(|row| row.split_whitespace().nth(2));
+            if state == Some("SYNCED") {
+                break table;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("proxy never shown as synced");
+    let row = status.lines().nth(1).unwrap();
+    assert!(row.starts_with("test-proxy"), "{status}");
+    assert!(row.contains("bookinfo/productpage"), "{status}");
+    assert!(row.contains("1/1"), "{status}");
+
     // A new file adds a service; only the change is sent.
     write(&dir, "ratings.yaml", &service("ratings", "10.96.0.11"));
     let update = next(&mut responses, &tx).await;
