@@ -63,7 +63,7 @@ pub trait Kind: Sized {
     /// The Kubernetes kind, for messages.
     const KIND: &'static str;
     /// What the index keeps of an object.
-    type Entry;
+    type Entry: PartialEq;
     /// Checks and converts the object.
     fn convert(self, key: &Key) -> Result<Self::Entry, Vec<ValidationError>>;
     /// The object's metadata.
@@ -159,6 +159,11 @@ impl Index {
             Ok(entry) => {
                 self.errors.remove(&(K::KIND, key.clone()));
                 let mut changed = Changed::default();
+                // Sources re-apply unchanged objects all the time (a watch
+                // resync, every directory scan); they change nothing.
+                if K::table(self).get(&key) == Some(&entry) {
+                    return Ok(changed);
+                }
                 changed.services.extend(K::affects(&entry, &key));
                 if let Some(old) = K::table(self).insert(key.clone(), entry) {
                     changed.services.extend(K::affects(&old, &key));

@@ -362,3 +362,29 @@ fn protocols_come_from_app_protocol_or_port_name() {
     assert_eq!(protocol_of(None, Some("tcp-db")), Protocol::Tcp);
     assert_eq!(protocol_of(None, Some("web")), Protocol::Auto);
 }
+
+#[test]
+fn reapplying_unchanged_objects_changes_nothing() {
+    let mut index = mesh();
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    assert_eq!(
+        index
+            .apply(route("bookinfo", "split", "reviews", SPLIT))
+            .unwrap(),
+        Changed::default()
+    );
+    let (changed, refused) = index.reset(vec![
+        service("bookinfo", "reviews", "10.96.0.10"),
+        service("bookinfo", "reviews-v1", "10.96.0.11"),
+        service("bookinfo", "reviews-v2", "10.96.0.12"),
+        service("bookinfo", "reviews-v3", "10.96.0.13"),
+    ]);
+    assert!(refused.is_empty());
+    assert_eq!(
+        changed,
+        Changed::default(),
+        "a rescan of the same objects is quiet"
+    );
+}
