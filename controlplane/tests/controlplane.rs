@@ -5,49 +5,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
+use common::{ControlPlane, DEADLINE, temp_dir, write};
 use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;
 use mesh_proto::discovery::v1::{
     DiscoveryRequest, DiscoveryResponse, Node, TYPE_SERVICE_INDEX, WILDCARD,
 };
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-const DEADLINE: Duration = Duration::from_secs(20);
 
 fn service(name: &str, ip: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: bookinfo }}\n\
          spec: {{ clusterIP: {ip}, ports: [{{ name: http, port: 9080 }}] }}\n"
     )
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) {
-    // Write then rename, as editors and ConfigMap updates do.
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(tmp, dir.join(name)).unwrap();
 }
 
 /// The next response, ACKed.
@@ -72,33 +47,10 @@ async fn next(
 
 #[tokio::test]
 async fn serves_the_directory_and_follows_its_edits() {
-    let dir = std::env::temp_dir().join(format!("trellis-cp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("cp");
     write(&dir, "mesh.yaml", &service("reviews", "10.96.0.10"));
-    let (discovery, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-controlplane"))
-        .args(["--config-dir", dir.to_str().unwrap()])
-        .args([
-            "--discovery-addr",
-            &discovery.to_string(),
-            "--admin-addr",
-            &admin.to_string(),
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _child = Kill(child);
-    let (log_tx, mut log) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut lines =
-            tokio::io::BufReader::new(tokio::process::ChildStderr::from_std(stderr).unwrap())
-                .lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let _ = log_tx.send(line);
-        }
-    });
+    let mut cp = ControlPlane::start(&dir);
+    let (discovery, admin) = (cp.discovery, cp.admin);
 
     let mut client = tokio::time::timeout(DEADLINE, async {
         loop {
@@ -184,17 +136,9 @@ async fn serves_the_directory_and_follows_its_edits() {
         "ratings.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: [broken\n",
     );
-    let reported = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = log.recv().await {
-            if line.contains("ratings.yaml:") && line.contains("keeping what the file held before")
-            {
-                return line;
-            }
-        }
-        panic!("control plane exited");
-    })
-    .await
-    .expect("broken file not reported");
+    let reported = cp
+        .log_line(&["ratings.yaml:", "keeping what the file held before"])
+        .await;
     assert!(
         reported.contains("ratings.yaml:4: did not find expected ',' or ']'"),
         "{reported}"

@@ -62,7 +62,18 @@ impl ProxyConfig {
 
     /// Checks every rule of the model and returns all violations.
     pub fn validate(&self) -> Result<(), Vec<ValidationError>> {
-        let mut v = Validator::default();
+        self.validate_pending(&HashSet::new())
+    }
+
+    /// [`validate`](Self::validate) for a config where the services named
+    /// in `pending` (`namespace/name`) are known by name, address and port
+    /// only, their routes and backends not loaded yet (a proxy fed by the
+    /// control plane loads services on first use). They need no backend.
+    pub fn validate_pending(&self, pending: &HashSet<String>) -> Result<(), Vec<ValidationError>> {
+        let mut v = Validator {
+            errors: Vec::new(),
+            pending,
+        };
         v.config(self);
         if v.errors.is_empty() {
             Ok(())
@@ -72,12 +83,12 @@ impl ProxyConfig {
     }
 }
 
-#[derive(Default)]
-struct Validator {
+struct Validator<'a> {
     errors: Vec<ValidationError>,
+    pending: &'a HashSet<String>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn err(&mut self, object: &str, field: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ValidationError {
             object: object.to_owned(),
@@ -219,7 +230,11 @@ impl Validator {
                 );
             }
         }
-        if s.routes.is_empty() {
+        let pending = || {
+            self.pending
+                .contains(&format!("{}/{}", s.namespace, s.name))
+        };
+        if s.routes.is_empty() && !pending() {
             for (i, p) in s.ports.iter().enumerate() {
                 let backend = s.port_backend(p);
                 if backends.contains(backend) {

@@ -4,7 +4,7 @@
 //!   with its version), `GET /logging` and `POST /logging?level=FILTER`;
 //! - metrics: `GET /metrics` in Prometheus text format;
 //! - health: `GET /healthz/live` and `GET /healthz/ready` (503 while
-//!   draining).
+//!   draining, or before the first config from the control plane).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -93,8 +93,10 @@ impl Servers {
         tokio::spawn(serve(health, move |req| {
             std::future::ready(match req.uri().path() {
                 "/healthz/live" => text(StatusCode::OK, "live"),
-                "/healthz/ready" if proxy.is_ready() => text(StatusCode::OK, "ready"),
-                "/healthz/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "draining"),
+                "/healthz/ready" => match proxy.readiness() {
+                    Ok(()) => text(StatusCode::OK, "ready"),
+                    Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+                },
                 _ => not_found(),
             })
         }));

@@ -58,6 +58,34 @@ pub enum DestError {
     /// A transparent connection that was not redirected.
     #[error("no original destination: the connection was not redirected to this listener")]
     NoOriginalDst,
+    /// A service known from the control plane's index whose config did not
+    /// arrive in time.
+    #[error(
+        "the config of service {service} did not arrive from the control plane within {}",
+        humantime::format_duration(*.waited)
+    )]
+    NotLoaded {
+        /// `namespace/name`.
+        service: String,
+        /// How long the request waited.
+        waited: std::time::Duration,
+    },
+    /// A pending service that the control plane removed while a request
+    /// waited for it.
+    #[error("service {0} was removed from the mesh while the request waited for its config")]
+    Removed(String),
+}
+
+impl DestError {
+    /// The status a request gets for this error.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            DestError::NotLoaded { .. } | DestError::Removed(_) => {
+                http::StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => http::StatusCode::BAD_GATEWAY,
+        }
+    }
 }
 
 impl Conn {
@@ -129,16 +157,17 @@ impl Conn {
         match l.mode {
             ListenerMode::Fixed => {
                 let target = l.target.as_deref().unwrap_or_default();
-                snap.service(target)
-                    .map(|s| Dest::Service(s.clone(), None))
-                    .ok_or_else(|| DestError::UnknownTarget(target.to_owned()))
+                let s = snap
+                    .service(target)
+                    .ok_or_else(|| DestError::UnknownTarget(target.to_owned()))?;
+                Ok(Dest::Service(self.loaded(s).await?, None))
             }
             ListenerMode::Explicit => {
                 let authority = authority.ok_or(DestError::NoAuthority)?;
                 let (host, port) = crate::http::parse_authority(authority, 80)
                     .ok_or_else(|| DestError::BadAuthority(authority.to_owned()))?;
                 if let Some(s) = snap.service_by_host(&host, port) {
-                    return Ok(Dest::Service(s.clone(), Some(port)));
+                    return Ok(Dest::Service(self.loaded(s).await?, Some(port)));
                 }
                 let addr = match host.parse::<IpAddr>() {
                     Ok(ip) => SocketAddr::new(ip, port),
@@ -154,7 +183,7 @@ impl Conn {
                 let dst = self.orig_dst.ok_or(DestError::NoOriginalDst)?;
                 match l.direction {
                     Direction::Outbound => match snap.service_by_vip(dst) {
-                        Some(s) => Ok(Dest::Service(s.clone(), Some(dst.port()))),
+                        Some(s) => Ok(Dest::Service(self.loaded(s).await?, Some(dst.port()))),
                         None => Ok(self.direct(Arc::from(dst.ip().to_string()), dst)),
                     },
                     // Inbound traffic goes to the app on the same port of
@@ -165,6 +194,16 @@ impl Conn {
                     }
                 }
             }
+        }
+    }
+
+    /// `svc` with its config loaded: itself, or for a pending service the
+    /// entry that arrives from the control plane.
+    async fn loaded(&self, svc: &Arc<ServiceEntry>) -> Result<Arc<ServiceEntry>, DestError> {
+        if svc.pending {
+            self.shared.load(svc).await
+        } else {
+            Ok(svc.clone())
         }
     }
 

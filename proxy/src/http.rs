@@ -150,7 +150,7 @@ async fn route(
     let dest = conn
         .destination(snap, authority(req))
         .await
-        .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+        .map_err(|e| (e.status(), e.to_string()))?;
     dims.destination_service = dest.name();
     // Inbound, the listener's target is the local app; the service the
     // client addressed names the destination better, when it is known.

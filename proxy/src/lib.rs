@@ -14,13 +14,14 @@
 //! [`start`] is the whole proxy as a library call, used by `main` and by
 //! tests.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use mesh_api::ProxyConfig;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -30,6 +31,7 @@ pub mod balance;
 pub mod body;
 pub mod conn;
 pub mod detect;
+pub mod discovery;
 pub mod http;
 pub mod listener;
 pub mod pool;
@@ -45,7 +47,7 @@ pub mod testutil;
 use balance::Endpoint;
 use listener::Listeners;
 use settings::Settings;
-use snapshot::Snapshot;
+use snapshot::{ServiceEntry, Snapshot};
 
 /// Limits applied to every connection.
 #[derive(Debug, Clone)]
@@ -56,6 +58,9 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// Largest request head accepted; larger ones get 431.
     pub max_header_bytes: usize,
+    /// How long a request to a service whose config is not loaded yet
+    /// waits for it before getting 503.
+    pub on_demand_timeout: Duration,
 }
 
 /// State shared by all listeners and connections of one proxy.
@@ -72,12 +77,46 @@ pub struct Shared {
     /// Every listener and connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     passthrough: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    /// Where requests ask for pending services, once a config source that
+    /// loads them on demand is attached ([`Proxy::on_demand`]).
+    demand: OnceLock<mpsc::UnboundedSender<String>>,
 }
 
 impl Shared {
     /// The current config snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.borrow().clone()
+    }
+
+    /// The loaded entry of the pending service `svc`: asks the config
+    /// source for it (once per entry) and waits, at most the on-demand
+    /// timeout, for a snapshot where it is loaded.
+    pub async fn load(&self, svc: &ServiceEntry) -> Result<Arc<ServiceEntry>, conn::DestError> {
+        let key = svc.key();
+        if svc.first_demand()
+            && let Some(tx) = self.demand.get()
+        {
+            // The receiver lives as long as the discovery client.
+            let _ = tx.send(key.clone());
+        }
+        let mut rx = self.snapshot.subscribe();
+        let ready = |s: &Arc<Snapshot>| {
+            s.service_in(&svc.namespace, &svc.name)
+                .is_none_or(|e| !e.pending)
+        };
+        let waited = self.limits.on_demand_timeout;
+        let not_loaded = || conn::DestError::NotLoaded {
+            service: key.clone(),
+            waited,
+        };
+        let snap = match tokio::time::timeout(waited, rx.wait_for(ready)).await {
+            Ok(Ok(snap)) => snap.clone(),
+            // The sender lives in `self`; it cannot be gone.
+            Ok(Err(_)) | Err(_) => return Err(not_loaded()),
+        };
+        snap.service_in(&svc.namespace, &svc.name)
+            .cloned()
+            .ok_or_else(|| conn::DestError::Removed(key.clone()))
     }
 
     /// A pooled endpoint for an address outside any backend.
@@ -97,6 +136,7 @@ pub struct Proxy {
     drain_timeout: Duration,
     /// Serializes updates so versions and listener changes apply in order.
     updating: tokio::sync::Mutex<()>,
+    config_ready: AtomicBool,
 }
 
 /// The proxy could not start or apply a config.
@@ -130,7 +170,7 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         .validate()
         .map_err(|e| Error::Config(mesh_api::ConfigError::Invalid(e)))?;
     let recorder = telemetry::recorder();
-    let snapshot = Arc::new(Snapshot::build(config, None, 1)?);
+    let snapshot = Arc::new(Snapshot::build(config, &HashSet::new(), None, 1)?);
     let shared = Arc::new(Shared {
         snapshot: watch::channel(snapshot.clone()).0,
         limits: settings.limits(),
@@ -139,6 +179,7 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
         passthrough: Mutex::default(),
+        demand: OnceLock::new(),
     });
     let listeners = Listeners::default();
     listeners
@@ -151,6 +192,7 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         admin,
         drain_timeout: settings.drain_timeout,
         updating: Default::default(),
+        config_ready: AtomicBool::new(true),
     });
     proxy.admin.spawn(proxy.clone(), recorder.clone());
     tokio::spawn(telemetry::upkeep(recorder));
@@ -164,8 +206,20 @@ impl Proxy {
     /// config they started with; new requests see the new one. An invalid
     /// config is refused and the current one stays.
     pub async fn update(&self, config: ProxyConfig) -> Result<u64, Error> {
+        self.update_with_pending(config, &HashSet::new()).await
+    }
+
+    /// [`update`](Self::update) for a source that loads services on
+    /// demand: the services named in `pending` (`namespace/name`) are known
+    /// by address and port only, and a request to one of them waits for
+    /// the source to load it.
+    pub async fn update_with_pending(
+        &self,
+        config: ProxyConfig,
+        pending: &HashSet<String>,
+    ) -> Result<u64, Error> {
         let _serial = self.updating.lock().await;
-        let result = self.apply(config).await;
+        let result = self.apply(config, pending).await;
         let label = if result.is_ok() { "ok" } else { "refused" };
         metrics::counter!(telemetry::CONFIG_UPDATES, "result" => label).increment(1);
         match &result {
@@ -175,18 +229,26 @@ impl Proxy {
         result
     }
 
-    async fn apply(&self, config: ProxyConfig) -> Result<u64, Error> {
+    async fn apply(&self, config: ProxyConfig, pending: &HashSet<String>) -> Result<u64, Error> {
         config
-            .validate()
+            .validate_pending(pending)
             .map_err(|e| Error::Config(mesh_api::ConfigError::Invalid(e)))?;
         let current = self.shared.snapshot();
         let version = current.version + 1;
-        let next = Snapshot::build(config, Some(&current), version)?;
+        let next = Snapshot::build(config, pending, Some(&current), version)?;
         self.listeners
             .reconcile(&self.shared, &next.config.listeners)
             .await?;
         self.shared.snapshot.send_replace(Arc::new(next));
         Ok(version)
+    }
+
+    /// Attaches a source that loads services on demand: returns the
+    /// channel on which requests name (`namespace/name`) the pending
+    /// services they wait for. `None` if one is attached already.
+    pub fn on_demand(&self) -> Option<mpsc::UnboundedReceiver<String>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.demand.set(tx).ok().map(|()| rx)
     }
 
     /// The current snapshot.
@@ -214,9 +276,27 @@ impl Proxy {
         self.admin.health_addr
     }
 
-    /// True until the proxy starts draining.
+    /// True while the proxy has its config and is not draining.
     pub fn is_ready(&self) -> bool {
-        !self.shared.drain.is_cancelled()
+        self.readiness().is_ok()
+    }
+
+    /// Ready, or why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.shared.drain.is_cancelled() {
+            Err("draining")
+        } else if !self.config_ready.load(Ordering::Relaxed) {
+            Err("waiting for the first config from the control plane")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Marks whether the proxy has the config it needs to serve: a
+    /// discovery source clears this at start and sets it on the first
+    /// service index, so that the pod is not sent traffic before then.
+    pub fn set_config_ready(&self, ready: bool) {
+        self.config_ready.store(ready, Ordering::Relaxed);
     }
 
     /// Drains: stops accepting, lets in-flight requests finish (HTTP/1

@@ -54,14 +54,30 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let (config, text) = proxy::source::load(&settings.config)?;
     info!(?settings, "starting");
-    let proxy = proxy::start(settings.clone(), config).await?;
-    tokio::spawn(proxy::source::watch(
-        settings.config.clone(),
-        proxy.clone(),
-        text,
-    ));
+    let proxy = match &settings.discovery {
+        Some(addr) => {
+            let bootstrap = match &settings.config {
+                Some(path) => proxy::source::load(path)?.0,
+                None => proxy::discovery::default_bootstrap(&settings),
+            };
+            let node = proxy::discovery::node(&settings, &bootstrap);
+            let proxy = proxy::start(settings.clone(), bootstrap.clone()).await?;
+            let client = proxy::discovery::Client::new(addr, node, bootstrap, proxy.clone())?;
+            tokio::spawn(client.run());
+            proxy
+        }
+        None => {
+            let path = settings
+                .config
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("give --config FILE or --discovery ADDR"))?;
+            let (config, text) = proxy::source::load(&path)?;
+            let proxy = proxy::start(settings.clone(), config).await?;
+            tokio::spawn(proxy::source::watch(path, proxy.clone(), text));
+            proxy
+        }
+    };
     shutdown_signal().await?;
     proxy.shutdown().await;
     Ok(())

@@ -26,14 +26,53 @@ pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "60s";
 /// Default largest request head, like Envoy's 60 KiB.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Default wait of a request for a service's config to arrive from the
+/// control plane.
+pub const DEFAULT_ON_DEMAND_TIMEOUT: &str = "5s";
+/// Default outbound capture address in discovery mode without `--config`.
+pub const DEFAULT_OUTBOUND_ADDR: &str = "0.0.0.0:15001";
+/// Default inbound capture address in discovery mode without `--config`.
+pub const DEFAULT_INBOUND_ADDR: &str = "0.0.0.0:15006";
 
 /// Settings of a proxy process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
-    /// YAML file of the proxy config model (mesh-api `ProxyConfig`). It is
-    /// watched and re-applied when it changes.
-    #[arg(long, env = "TRELLIS_CONFIG")]
-    pub config: PathBuf,
+    /// YAML file of the proxy config model (mesh-api `ProxyConfig`). Alone,
+    /// it is the whole config, watched and re-applied when it changes
+    /// (static mode, for gateways and tests). With `--discovery` it is the
+    /// bootstrap, read once: the listeners, the workload, and local
+    /// services such as the app behind a fixed inbound listener.
+    #[arg(long, env = "TRELLIS_CONFIG", required_unless_present = "discovery")]
+    pub config: Option<PathBuf>,
+    /// The control plane's discovery address (`host:port`): services,
+    /// routes and endpoints come from there, each service loaded when the
+    /// proxy first talks to it.
+    #[arg(long, env = "TRELLIS_DISCOVERY_ADDR")]
+    pub discovery: Option<String>,
+    /// This proxy's id at the control plane, unique per proxy (the pod
+    /// name). Defaults to `<workload>.<namespace>` plus the process id.
+    #[arg(long, env = "POD_NAME")]
+    pub node_id: Option<String>,
+    /// The outbound capture listener, in discovery mode without `--config`.
+    #[arg(long, env = "TRELLIS_OUTBOUND_ADDR", default_value = DEFAULT_OUTBOUND_ADDR)]
+    pub outbound_addr: SocketAddr,
+    /// The inbound capture listener, in discovery mode without `--config`.
+    #[arg(long, env = "TRELLIS_INBOUND_ADDR", default_value = DEFAULT_INBOUND_ADDR)]
+    pub inbound_addr: SocketAddr,
+    /// The workload this proxy runs beside, when `--config` does not say.
+    #[arg(long, env = "TRELLIS_WORKLOAD", default_value = "unknown")]
+    pub workload: String,
+    /// The workload's namespace, when `--config` does not say.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The workload's service account.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// How long a request to a service whose config has not arrived yet
+    /// waits for it before getting 503.
+    #[arg(long, env = "TRELLIS_ON_DEMAND_TIMEOUT", default_value = DEFAULT_ON_DEMAND_TIMEOUT,
+          value_parser = humantime::parse_duration)]
+    pub on_demand_timeout: Duration,
     /// Admin server: config dump and log level.
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
@@ -77,7 +116,15 @@ impl Settings {
     pub fn for_tests() -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
-            config: PathBuf::new(),
+            config: None,
+            discovery: None,
+            node_id: None,
+            outbound_addr: any,
+            inbound_addr: any,
+            workload: "unknown".into(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            on_demand_timeout: Duration::from_secs(3),
             admin_addr: any,
             metrics_addr: any,
             health_addr: any,
@@ -98,6 +145,7 @@ impl Settings {
             header_read_timeout: self.header_read_timeout,
             // hyper refuses buffers smaller than 8 KiB.
             max_header_bytes: self.max_header_bytes.max(8192),
+            on_demand_timeout: self.on_demand_timeout,
         }
     }
 }

@@ -6,10 +6,17 @@
 //! Endpoint state (latency averages, connection pools) is carried from the
 //! previous snapshot for every address that is still present, so a swap
 //! neither drops pooled connections nor resets the balancer.
+//!
+//! Fed by the discovery client, a snapshot also holds *pending* services:
+//! known from the control plane's service index (names, addresses, ports)
+//! but with routes and backends not loaded yet. A request to one asks for
+//! it through [`Shared::demand`](crate::Shared::demand) and waits for a
+//! snapshot where it is loaded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mesh_api::{Protocol, ProxyConfig};
 
@@ -27,7 +34,10 @@ pub struct Snapshot {
     pub workload: Arc<str>,
     /// This proxy's namespace.
     pub namespace: Arc<str>,
+    /// Services known from the index whose config is not loaded yet.
+    pub pending: usize,
     by_name: HashMap<String, Arc<ServiceEntry>>,
+    by_key: HashMap<String, Arc<ServiceEntry>>,
     by_host: HashMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<SocketAddr, Arc<ServiceEntry>>,
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
@@ -45,6 +55,11 @@ pub struct ServiceEntry {
     /// Attached routes; empty means every request goes to the port's
     /// backend.
     pub routes: RouteTable<Arc<BackendEntry>>,
+    /// Known from the service index only: routes and backends are not
+    /// loaded yet.
+    pub pending: bool,
+    /// Whether a request already asked for this pending service.
+    demanded: AtomicBool,
 }
 
 /// A port of a service.
@@ -70,9 +85,11 @@ pub struct BackendEntry {
 }
 
 impl Snapshot {
-    /// Compiles `config`, reusing endpoint state from `previous`.
+    /// Compiles `config`, reusing endpoint state from `previous`. The
+    /// services named in `pending` (as `namespace/name`) are marked pending.
     pub fn build(
         config: ProxyConfig,
+        pending: &HashSet<String>,
         previous: Option<&Snapshot>,
         version: u64,
     ) -> Result<Self, RouteError> {
@@ -109,6 +126,7 @@ impl Snapshot {
         }
 
         let mut by_name = HashMap::new();
+        let mut by_key = HashMap::new();
         let mut by_host = HashMap::new();
         let mut by_vip = HashMap::new();
         for s in &config.services {
@@ -126,7 +144,10 @@ impl Snapshot {
                     })
                     .collect(),
                 routes,
+                pending: pending.contains(&key(&s.namespace, &s.name)),
+                demanded: AtomicBool::new(false),
             });
+            by_key.insert(key(&s.namespace, &s.name), entry.clone());
             // Service names are unique per namespace; a fixed listener names
             // its target without one, so the first service of a name wins.
             by_name
@@ -147,7 +168,9 @@ impl Snapshot {
             namespace: Arc::from(config.workload.namespace.as_str()),
             config: Arc::new(config),
             version,
+            pending: by_key.values().filter(|s| s.pending).count(),
             by_name,
+            by_key,
             by_host,
             by_vip,
             endpoints,
@@ -157,6 +180,11 @@ impl Snapshot {
     /// The service named `name`.
     pub fn service(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
         self.by_name.get(name)
+    }
+
+    /// The service `name` in `namespace`.
+    pub fn service_in(&self, namespace: &str, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.by_key.get(&key(namespace, name))
     }
 
     /// The service a client addresses as `host:port`. A service that does
@@ -171,7 +199,23 @@ impl Snapshot {
     }
 }
 
+/// `namespace/name`, how pending services are named.
+pub fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
 impl ServiceEntry {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        key(&self.namespace, &self.name)
+    }
+
+    /// True the first time it is called on this entry: whether a request
+    /// should ask for this pending service (later ones just wait).
+    pub fn first_demand(&self) -> bool {
+        !self.demanded.swap(true, Ordering::Relaxed)
+    }
+
     /// The port entry of `port`.
     pub fn port(&self, port: u16) -> Option<&PortEntry> {
         self.ports.iter().find(|p| p.port == port)

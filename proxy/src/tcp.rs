@@ -53,7 +53,7 @@ pub async fn connect_tunnel(
     let authority = req.uri().authority().map(|a| a.as_str().to_owned());
     let dest = match conn.destination(snap, authority.as_deref()).await {
         Ok(d) => d,
-        Err(e) => return crate::http::local(StatusCode::BAD_GATEWAY, &e.to_string(), record),
+        Err(e) => return crate::http::local(e.status(), &e.to_string(), record),
     };
     let Some(pick) = pick(&dest) else {
         let msg = format!("service {} has no endpoints", dest.name());

@@ -181,3 +181,29 @@ pub fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// A proxy fed by the control plane at `discovery` (its discovery client
+/// running), for `workload` in `namespace`, with one explicit-mode
+/// outbound listener `out` on a free port.
+pub async fn discovered_proxy(
+    discovery: SocketAddr,
+    workload: &str,
+    namespace: &str,
+) -> Arc<Proxy> {
+    let bootstrap = mesh_api::ProxyConfig::from_yaml(&format!(
+        "workload: {{ name: {workload}, namespace: {namespace} }}\n\
+         listeners:\n  - {{ name: out, address: 127.0.0.1:0, direction: outbound, mode: explicit }}\n"
+    ))
+    .unwrap();
+    let settings = Settings {
+        discovery: Some(discovery.to_string()),
+        ..Settings::for_tests()
+    };
+    let node = crate::discovery::node(&settings, &bootstrap);
+    let proxy = crate::start(settings, bootstrap.clone()).await.unwrap();
+    let client =
+        crate::discovery::Client::new(&discovery.to_string(), node, bootstrap, proxy.clone())
+            .unwrap();
+    tokio::spawn(client.run());
+    proxy
+}

@@ -1,0 +1,153 @@
+//! The `trellis-controlplane` binary as a child process, over a config
+//! directory of its own.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use controlplane::discovery::ProxyStatus;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+/// Bounds every wait, so that a hang fails the test; nothing asserts on
+/// how fast anything is.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A free loopback port.
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Writes `text` to `dir/name` by write-then-rename, as editors and
+/// ConfigMap updates do.
+pub fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// A fresh, empty directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("trellis-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running control plane; killed when dropped.
+pub struct ControlPlane {
+    child: Option<Child>,
+    /// The config directory.
+    pub dir: PathBuf,
+    /// The discovery (gRPC) address.
+    pub discovery: SocketAddr,
+    /// The admin (metrics, debug) address.
+    pub admin: SocketAddr,
+    /// Its log lines (stderr).
+    pub log: mpsc::UnboundedReceiver<String>,
+}
+
+impl ControlPlane {
+    /// Starts the binary on `dir`, on free ports.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port(), free_port())
+    }
+
+    /// Starts the binary on `dir` and the given addresses.
+    pub fn start_on(dir: &Path, discovery: SocketAddr, admin: SocketAddr) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-controlplane"))
+            .args(["--config-dir", dir.to_str().unwrap()])
+            .args(["--discovery-addr", &discovery.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let stderr = tokio::process::ChildStderr::from_std(stderr).unwrap();
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child: Some(child),
+            dir: dir.to_owned(),
+            discovery,
+            admin,
+            log,
+        }
+    }
+
+    /// Kills the process (SIGKILL: no goodbye to the proxies).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    pub async fn log_line(&mut self, needles: &[&str]) -> String {
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(line) = self.log.recv().await {
+                if needles.iter().all(|n| line.contains(n)) {
+                    return line;
+                }
+            }
+            panic!("the control plane exited before logging {needles:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no log line with {needles:?}"))
+    }
+
+    /// GETs `path` from the admin server, retrying until it listens.
+    pub async fn admin_get(&self, path: &str) -> String {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                match http_get(self.admin, path).await {
+                    Some(body) => return body,
+                    None => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} from the control plane never answered"))
+    }
+
+    /// Its `/debug/proxies`.
+    pub async fn proxies(&self) -> Vec<ProxyStatus> {
+        serde_json::from_str(&self.admin_get("/debug/proxies").await).unwrap()
+    }
+}
+
+/// The body of `GET path` from `addr`; `None` when it cannot connect.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some(String::from_utf8_lossy(&body).into_owned())
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
