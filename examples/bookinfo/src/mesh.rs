@@ -1,6 +1,14 @@
 //! The local mesh: every bookinfo workload on loopback with a Trellis proxy
-//! beside it in explicit mode. `cargo xtask demo` and `tests/mesh.rs` both
-//! wire it from [`local_configs`], so the demo and its test cannot drift.
+//! beside it in explicit mode, in two forms:
+//!
+//! - fed by the control plane (`meshctl demo`): [`mesh_objects`] are the
+//!   Kubernetes objects of the mesh for `trellis-controlplane --config-dir`,
+//!   and [`bootstrap`] is each proxy's own part (listeners, the local app);
+//! - static (`tests/mesh.rs`): [`local_configs`] are complete proxy
+//!   configs, for proxies run without a control plane.
+//!
+//! Both come from the same workload table and routes, so they cannot
+//! drift.
 //!
 //! ```text
 //! app ──HTTP_PROXY──► outbound ──► peer's inbound ──► peer app
@@ -52,6 +60,10 @@ pub const REVIEWS_SPLIT: [(&str, u32); 3] =
 
 /// The services other workloads call, in the order they appear in configs.
 const MESH_SERVICES: [&str; 3] = ["details", "ratings", "reviews"];
+
+/// The file of [`mesh_objects`] that holds the `reviews` route: edit its
+/// weights and the control plane pushes them to the proxies.
+pub const ROUTE_FILE: &str = "reviews-route.yaml";
 
 /// One deployable unit of bookinfo: a service in one version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +179,93 @@ pub fn proxy_config(sidecar: &Sidecar, mesh: &[Sidecar]) -> ProxyConfig {
         services,
         backends,
     }
+}
+
+/// The bootstrap config of `sidecar`'s proxy when the control plane feeds
+/// it: its listeners and the local app behind the inbound listener. The
+/// mesh services come from the control plane.
+pub fn bootstrap(sidecar: &Sidecar) -> ProxyConfig {
+    let mut config = proxy_config(sidecar, &[]);
+    let local = sidecar.workload.local_service();
+    config.services.retain(|s| s.name == local);
+    config.backends.retain(|b| b.name == local);
+    config
+}
+
+/// The mesh as Kubernetes objects for the control plane's file source, by
+/// file name: the Services (one per mesh service and one per `reviews`
+/// version), an EndpointSlice per workload pointing at its proxy's inbound
+/// listener, and in [`ROUTE_FILE`] the HTTPRoute splitting `reviews` as
+/// [`REVIEWS_SPLIT`] says.
+pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
+    let mut services = Vec::new();
+    let mut names: Vec<&str> = MESH_SERVICES.to_vec();
+    names.extend(REVIEWS_SPLIT.iter().map(|(name, _)| *name));
+    for name in names {
+        services.push(format!(
+            "apiVersion: v1\nkind: Service\n\
+             metadata: {{ name: {name}, namespace: {NAMESPACE} }}\n\
+             spec:\n  ports: [{{ name: http, port: {MESH_PORT} }}]\n"
+        ));
+    }
+
+    let mut slices = Vec::new();
+    for peer in sidecars {
+        let w = peer.workload;
+        if !MESH_SERVICES.contains(&w.service) {
+            continue;
+        }
+        let mut owners = vec![w.service];
+        if w.name != w.service {
+            owners.push(w.name);
+        }
+        for owner in owners {
+            slices.push(format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata:\n  name: {owner}-{workload}\n  namespace: {NAMESPACE}\n  \
+                 labels: {{ kubernetes.io/service-name: {owner} }}\n\
+                 addressType: IPv4\n\
+                 ports: [{{ name: http, port: {port} }}]\n\
+                 endpoints:\n- addresses: [\"{ip}\"]\n  \
+                 targetRef: {{ kind: Pod, name: {workload}, namespace: {NAMESPACE} }}\n",
+                workload = w.name,
+                port = peer.inbound.port(),
+                ip = peer.inbound.ip(),
+            ));
+        }
+    }
+    let services = format!(
+        "# The bookinfo services of the local mesh. Each version of reviews has a\n\
+         # Service of its own, for the route in {ROUTE_FILE} to name.\n{}",
+        services.join("---\n")
+    );
+    let slices = format!(
+        "# Where each workload is: its proxy's inbound listener on 127.0.0.1.\n{}",
+        slices.join("---\n")
+    );
+    vec![
+        ("services.yaml", services),
+        ("endpoints.yaml", slices),
+        (ROUTE_FILE, reviews_route_yaml(&REVIEWS_SPLIT)),
+    ]
+}
+
+/// The HTTPRoute that splits `reviews` by `weights` (backend, weight).
+pub fn reviews_route_yaml(weights: &[(&str, u32)]) -> String {
+    let refs: String = weights
+        .iter()
+        .map(|(name, weight)| {
+            format!("    - {{ name: {name}, port: {MESH_PORT}, weight: {weight} }}\n")
+        })
+        .collect();
+    format!(
+        "# How reviews traffic splits over its versions. Change the weights and\n\
+         # save: the control plane sends the new split to the proxies at once.\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{ name: {REVIEWS_ROUTE}, namespace: {NAMESPACE} }}\n\
+         spec:\n  parentRefs: [{{ group: \"\", kind: Service, name: reviews, port: {MESH_PORT} }}]\n  \
+         rules:\n  - backendRefs:\n{refs}"
+    )
 }
 
 /// What is wrong with a product page fetched through the mesh.
@@ -405,6 +504,53 @@ mod tests {
             .backend_refs
             .iter()
             .map(|r| r.weight)
+            .collect();
+        assert_eq!(weights, [80, 10, 10]);
+    }
+
+    #[test]
+    fn bootstraps_hold_the_listeners_and_the_local_app_only() {
+        let mesh = sidecars();
+        let config = bootstrap(&mesh[3]);
+        config.validate().unwrap();
+        assert_eq!(config.listeners.len(), 2);
+        let names: Vec<_> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["reviews-v1-local"]);
+        assert_eq!(config.backends[0].endpoints[0].address, mesh[3].app);
+    }
+
+    #[test]
+    fn mesh_objects_point_every_service_at_its_workloads_inbound_listeners() {
+        let mesh = sidecars();
+        let files = mesh_objects(&mesh);
+        let names: Vec<_> = files.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, ["services.yaml", "endpoints.yaml", ROUTE_FILE]);
+        let docs = |text: &str| -> Vec<serde_yaml::Value> {
+            text.split("---\n")
+                .map(|d| serde_yaml::from_str(d).unwrap())
+                .collect()
+        };
+        let services = docs(&files[0].1);
+        assert_eq!(services.len(), 6);
+        let slices = docs(&files[1].1);
+        // details, ratings, and each reviews version twice (reviews and
+        // reviews-vN).
+        assert_eq!(slices.len(), 2 + 2 * 3);
+        let v2 = slices
+            .iter()
+            .find(|s| s["metadata"]["name"] == "reviews-v2-reviews-v2")
+            .unwrap();
+        assert_eq!(
+            v2["ports"][0]["port"].as_u64(),
+            Some(u64::from(mesh[4].inbound.port()))
+        );
+        assert_eq!(v2["endpoints"][0]["targetRef"]["name"], "reviews-v2");
+        let route = docs(&files[2].1).remove(0);
+        let weights: Vec<_> = route["spec"]["rules"][0]["backendRefs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|r| r["weight"].as_u64().unwrap())
             .collect();
         assert_eq!(weights, [80, 10, 10]);
     }

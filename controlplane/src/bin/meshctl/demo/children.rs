@@ -125,7 +125,7 @@ impl Children {
             .map(|pid| pid.to_string())
             .collect();
         if !pids.is_empty() {
-            // `kill(1)` keeps xtask free of libc and unsafe code.
+            // `kill(1)` keeps meshctl free of libc and unsafe code.
             let sent = std::process::Command::new("kill")
                 .arg("-TERM")
                 .args(&pids)

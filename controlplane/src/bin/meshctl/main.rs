@@ -1,5 +1,7 @@
 //! `meshctl`: the Trellis command line.
 
+mod demo;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the local mesh: the control plane, bookinfo, and a proxy beside
+    /// each workload, on 127.0.0.1. Ctrl-C stops everything.
+    Demo(demo::Args),
     /// The proxies connected to the control plane and their sync state.
     ProxyStatus {
         /// The control plane's metrics and debug address.
@@ -29,22 +34,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let Command::ProxyStatus { controlplane } = Cli::parse().command;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("meshctl: cannot start: {e}");
-            return ExitCode::FAILURE;
-        }
+    let result = match Cli::parse().command {
+        Command::Demo(args) => demo::run(args),
+        Command::ProxyStatus { controlplane } => runtime().and_then(|rt| {
+            let proxies = rt.block_on(fetch_proxies(&controlplane))?;
+            print!("{}", controlplane::meshctl::proxy_status_table(&proxies));
+            Ok(())
+        }),
     };
-    match runtime.block_on(proxy_status(&controlplane)) {
-        Ok(table) => {
-            print!("{table}");
-            ExitCode::SUCCESS
-        }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             ExitCode::FAILURE
@@ -52,7 +51,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn proxy_status(controlplane: &str) -> anyhow::Result<String> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))
+}
+
+/// The control plane's `/debug/proxies` at `controlplane` (its metrics and
+/// debug address).
+async fn fetch_proxies(controlplane: &str) -> anyhow::Result<Vec<ProxyStatus>> {
     let uri: hyper::Uri = format!("http://{controlplane}/debug/proxies").parse()?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let resp = client.get(uri).await.map_err(|e| {
@@ -61,6 +69,7 @@ async fn proxy_status(controlplane: &str) -> anyhow::Result<String> {
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(status.is_success(), "control plane answered {status}");
-    let proxies: Vec<ProxyStatus> = serde_json::from_slice(&body)?;
-    Ok(controlplane::meshctl::proxy_status_table(&proxies))
+    serde_json::from_slice(&body).map_err(|e| {
+        anyhow::anyhow!("the control plane's /debug/proxies is not what meshctl reads: {e}")
+    })
 }
