@@ -21,6 +21,11 @@
 //! only costs latency when a burst is under way, and then coalescing is
 //! what we want. What a proxy subscribes to is answered at once.
 //!
+//! Streams share what they compute: each resource is computed and encoded
+//! once per index change, however many streams send it (`cache`), and the
+//! wildcard ServiceIndex, the same for every proxy, is held once, not per
+//! stream.
+//!
 //! Versions are hashes of the encoded resource, so a change that leaves a
 //! proxy's view unchanged (a consumer route in another namespace) sends it
 //! nothing, and a proxy that reconnects with `initial_versions` is sent
@@ -29,6 +34,8 @@
 //! them is sent even if it lands on the same version. [`Server::debug_proxies`]
 //! shows each stream's subscriptions, versions and ACK/NACK state.
 
+mod cache;
+mod grpc;
 mod resources;
 mod stream;
 #[cfg(test)]
@@ -40,16 +47,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-use mesh_proto::discovery::v1::discovery_server::{Discovery, DiscoveryServer};
+pub use self::grpc::DiscoveryService;
+use mesh_proto::discovery::v1::discovery_server::Discovery;
 use mesh_proto::discovery::v1::{DiscoveryRequest, DiscoveryResponse};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use self::cache::Cache;
 use crate::index::{Changed, Index, Key, Refused};
 use crate::source::Scan;
 
@@ -60,6 +69,8 @@ pub const DEFAULT_PUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Responses a stream may have queued for tonic before it stops computing
 /// new ones and waits for the proxy to read.
 pub const DEFAULT_STREAM_BUFFER: usize = 2;
+/// Wildcard streams that may be sent the whole service index at once.
+pub const DEFAULT_SYNC_CONCURRENCY: usize = 16;
 /// Index generations remembered for streams that are behind; a stream
 /// further behind than this recomputes everything it subscribed to.
 const CHANGE_LOG: usize = 64;
@@ -72,6 +83,12 @@ pub struct Config {
     pub push_interval: Duration,
     /// Responses queued per stream for tonic (at least 1).
     pub stream_buffer: usize,
+    /// Wildcard streams that may be sent the whole service index at once
+    /// (new proxies, proxies too far behind), at least 1; the others wait
+    /// until a proxy answers its response. With thousands of services
+    /// such a response is megabytes, so this bounds the memory a thousand
+    /// proxies reconnecting at once take.
+    pub sync_concurrency: usize,
 }
 
 /// The discovery server: the index, the streams, and the tonic service.
@@ -210,6 +227,8 @@ struct Shared {
     generation: watch::Sender<u64>,
     proxies: Mutex<BTreeMap<u64, Arc<Mutex<stream::Proxy>>>>,
     next_stream: AtomicU64,
+    /// Slots for whole-table responses ([`Config::sync_concurrency`]).
+    syncs: Arc<Semaphore>,
     config: Config,
 }
 
@@ -219,6 +238,10 @@ struct State {
     index: Index,
     generation: u64,
     log: VecDeque<Generation>,
+    /// Resources computed from `index`, shared by the streams: they fill
+    /// it under the read lock, and `Server::update` invalidates it under
+    /// the write lock.
+    cache: Mutex<Cache>,
 }
 
 struct Generation {
@@ -251,10 +274,12 @@ impl Server {
                     index,
                     generation: 0,
                     log: VecDeque::new(),
+                    cache: Mutex::new(Cache::default()),
                 }),
                 generation,
                 proxies: Mutex::new(BTreeMap::new()),
                 next_stream: AtomicU64::new(1),
+                syncs: Arc::new(Semaphore::new(config.sync_concurrency.max(1))),
                 config,
             }),
         }
@@ -274,6 +299,12 @@ impl Server {
             if services.is_empty() {
                 return result;
             }
+            let state = &mut *state;
+            state
+                .cache
+                .get_mut()
+                .unwrap_or_else(PoisonError::into_inner)
+                .invalidate(&services, &state.index);
             state.generation += 1;
             let generation = state.generation;
             if state.log.len() == CHANGE_LOG {
@@ -300,9 +331,12 @@ impl Server {
         self.shared.read().generation
     }
 
-    /// The tonic service, to add to a `tonic::transport::Server`.
-    pub fn service(&self) -> DiscoveryServer<Server> {
-        DiscoveryServer::new(self.clone())
+    /// The tonic service, to add to a `tonic::transport::Server`. It
+    /// serves the same streams as the generated `DiscoveryServer` over
+    /// this server (which works too), framing each response in a buffer
+    /// of its own (see [`DiscoveryService`]).
+    pub fn service(&self) -> DiscoveryService {
+        DiscoveryService::new(self.clone())
     }
 
     /// Serves on `listener` until `shutdown` completes.
@@ -373,6 +407,7 @@ impl Default for Config {
         Self {
             push_interval: DEFAULT_PUSH_INTERVAL,
             stream_buffer: DEFAULT_STREAM_BUFFER,
+            sync_concurrency: DEFAULT_SYNC_CONCURRENCY,
         }
     }
 }

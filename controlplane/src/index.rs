@@ -17,6 +17,11 @@
 //! route and applies only to clients in its own namespace, who then ignore
 //! the producer routes. Once any route applies, requests that match none of
 //! its rules get 404.
+//!
+//! Reads are per service, and a mesh has thousands: besides its table per
+//! kind, the index keeps the reverse of [`Kind::affects`] (for each service,
+//! the slices, routes and policies that name it), so that reading one
+//! service's config looks up what it needs instead of scanning whole tables.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -34,6 +39,10 @@ use mesh_api::{
     BackendRef, HeaderMatch, HttpRoute as RouteModel, LoadBalancer, PathMatch, PathMatchType,
     Protocol, QueryParamMatch, RouteMatch, RouteRule, ValidationError, ValueMatchType,
 };
+
+mod workloads;
+
+pub use workloads::{DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE, inbound_key, trust_bundle_key};
 
 /// The label an EndpointSlice names its Service with.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -54,7 +63,14 @@ pub struct Index {
     slices: BTreeMap<Key, Slice>,
     routes: BTreeMap<Key, Route>,
     policies: BTreeMap<Key, Policy>,
+    /// Per kind, per service: the objects of that kind that affect the
+    /// service (its slices, the routes attached to it, the policies that
+    /// target it), in key order. Kept in step with the tables by `apply`
+    /// and `delete`.
+    refs: BTreeMap<&'static str, BTreeMap<Key, BTreeSet<Key>>>,
     errors: BTreeMap<(&'static str, Key), Vec<ValidationError>>,
+    /// Pods, inbound policies and the trust bundle.
+    workloads: workloads::Workloads,
 }
 
 /// A kind of object the index holds. One implementation per kind gives the
@@ -72,6 +88,15 @@ pub trait Kind: Sized {
     fn table(index: &mut Index) -> &mut BTreeMap<Key, Self::Entry>;
     /// The services whose config changes when this entry changes.
     fn affects(entry: &Self::Entry, key: &Key) -> Vec<Key>;
+    /// Services affected beyond [`Kind::affects`] that only the index can
+    /// find (the services whose slices name a Pod).
+    fn related(_index: &Index, _key: &Key) -> Vec<Key> {
+        Vec::new()
+    }
+    /// Whether the index keeps the reverse of [`Kind::affects`] for the
+    /// kind, to find its objects by service. Not needed for Services,
+    /// which affect only themselves.
+    const REFS: bool = true;
 }
 
 /// The services whose config an index change may have changed. The
@@ -164,9 +189,20 @@ impl Index {
                 if K::table(self).get(&key) == Some(&entry) {
                     return Ok(changed);
                 }
-                changed.services.extend(K::affects(&entry, &key));
+                let affects = K::affects(&entry, &key);
+                self.link::<K>(&key, &affects);
+                changed.services.extend(affects);
+                changed.services.extend(K::related(self, &key));
                 if let Some(old) = K::table(self).insert(key.clone(), entry) {
-                    changed.services.extend(K::affects(&old, &key));
+                    let old_affects = K::affects(&old, &key);
+                    let still: BTreeSet<&Key> = changed.services.iter().collect();
+                    let gone: Vec<Key> = old_affects
+                        .iter()
+                        .filter(|k| !still.contains(k))
+                        .cloned()
+                        .collect();
+                    self.unlink::<K>(&key, &gone);
+                    changed.services.extend(old_affects);
                 }
                 Ok(changed)
             }
@@ -186,9 +222,48 @@ impl Index {
         self.errors.remove(&(K::KIND, key.clone()));
         let mut changed = Changed::default();
         if let Some(old) = K::table(self).remove(key) {
-            changed.services.extend(K::affects(&old, key));
+            let affects = K::affects(&old, key);
+            self.unlink::<K>(key, &affects);
+            changed.services.extend(affects);
+            changed.services.extend(K::related(self, key));
         }
         changed
+    }
+
+    /// Records that object `key` of kind `K` affects `services`.
+    fn link<K: Kind>(&mut self, key: &Key, services: &[Key]) {
+        if !K::REFS {
+            return;
+        }
+        let refs = self.refs.entry(K::KIND).or_default();
+        for service in services {
+            refs.entry(service.clone()).or_default().insert(key.clone());
+        }
+    }
+
+    /// Forgets that object `key` of kind `K` affects `services`.
+    fn unlink<K: Kind>(&mut self, key: &Key, services: &[Key]) {
+        let Some(refs) = self.refs.get_mut(K::KIND) else {
+            return;
+        };
+        for service in services {
+            if let Some(objects) = refs.get_mut(service) {
+                objects.remove(key);
+                if objects.is_empty() {
+                    refs.remove(service);
+                }
+            }
+        }
+    }
+
+    /// The keys of the objects of kind `K` that affect `service`, in key
+    /// order.
+    fn refs<K: Kind>(&self, service: &Key) -> impl Iterator<Item = &Key> {
+        self.refs
+            .get(K::KIND)
+            .and_then(|refs| refs.get(service))
+            .into_iter()
+            .flatten()
     }
 
     /// Replaces every object of a kind, as after a watch restart or a full
@@ -229,6 +304,28 @@ impl Index {
             .iter()
             .map(|(key, svc)| self.model_service(key, svc, Vec::new()))
             .collect()
+    }
+
+    /// One service's entry of [`Index::service_entries`]; `None` when the
+    /// service does not exist.
+    pub fn service_entry(&self, service: &Key) -> Option<mesh_api::Service> {
+        let svc = self.services.get(service)?;
+        Some(self.model_service(service, svc, Vec::new()))
+    }
+
+    /// Every service in the mesh, by key, in key order.
+    pub fn service_keys(&self) -> impl Iterator<Item = &Key> {
+        self.services.keys()
+    }
+
+    /// Whether a client in `client_ns` sees consumer routes of its own
+    /// namespace on `service` (and so ignores its producer routes). When
+    /// not, [`Index::outbound`] gives every such client the same config.
+    pub fn consumer_routes(&self, service: &Key, client_ns: &str) -> bool {
+        client_ns != service.namespace
+            && self
+                .refs::<HttpRoute>(service)
+                .any(|route| route.namespace == client_ns)
     }
 
     /// The config of `service` for a client in namespace `client_ns`.
@@ -275,7 +372,10 @@ impl Index {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for slice in self.slices.values().filter(|s| s.service == *service) {
+        let slices = self
+            .refs::<EndpointSlice>(service)
+            .filter_map(|k| self.slices.get(k));
+        for slice in slices {
             // A slice's port matches the service port by name (both unnamed
             // for single-port services); its number is the target port.
             let Some((_, target)) = slice.ports.iter().find(|(n, _)| *n == svc_port.name) else {
@@ -286,6 +386,10 @@ impl Index {
                     address: SocketAddr::new(e.ip, *target),
                     workload: e.workload.clone(),
                     labels: BTreeMap::new(),
+                    identity: e
+                        .workload
+                        .as_deref()
+                        .and_then(|pod| self.identity_of(&service.namespace, pod)),
                 });
             }
         }
@@ -344,9 +448,8 @@ impl Index {
     /// time comes with the Kubernetes source).
     fn routes_for(&self, service: &Key, client_ns: &str) -> Vec<(&Key, &Route)> {
         let attached = || {
-            self.routes
-                .iter()
-                .filter(move |(_, r)| r.parents.contains(service))
+            self.refs::<HttpRoute>(service)
+                .filter_map(|k| self.routes.get_key_value(k))
         };
         let consumer: Vec<_> = attached()
             .filter(|(k, _)| k.namespace == client_ns && k.namespace != service.namespace)
@@ -360,9 +463,8 @@ impl Index {
     }
 
     fn load_balancer(&self, service: &Key) -> LoadBalancer {
-        self.policies
-            .values()
-            .find(|p| p.target == *service)
+        self.refs::<DestinationPolicy>(service)
+            .find_map(|k| self.policies.get(k))
             .map(|p| p.load_balancer)
             .unwrap_or_default()
     }
@@ -393,7 +495,9 @@ fn parse_backend_name(name: &str) -> Option<(Key, u16)> {
     ))
 }
 
-fn key_of(meta: &ObjectMeta) -> Key {
+/// The key of an object: its namespace (the default one when unset) and
+/// name.
+pub(crate) fn key_of(meta: &ObjectMeta) -> Key {
     Key {
         namespace: meta
             .namespace
@@ -525,6 +629,8 @@ impl Kind for Service {
     fn affects(_: &Svc, key: &Key) -> Vec<Key> {
         vec![key.clone()]
     }
+
+    const REFS: bool = false;
 }
 
 impl Kind for EndpointSlice {

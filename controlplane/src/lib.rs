@@ -7,7 +7,9 @@
 //! deltas of it over `trellis.discovery.v1` (port 15012). The Kubernetes
 //! source, the CA and the `meshctl` CLI come next.
 
+pub mod ca;
 pub mod discovery;
+pub mod identity;
 pub mod index;
 pub mod meshctl;
 pub mod run;

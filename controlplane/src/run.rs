@@ -1,8 +1,10 @@
 //! The control plane process as a library call: the file source watching
-//! its directory, the discovery server, and the metrics and debug server.
+//! its directory, the gRPC server (discovery and the CA's identity service
+//! on one port), and the metrics and debug server.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,9 +17,14 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use crate::ca::{
+    Authenticator, BootstrapTokens, Ca, CaError, FileKeyStore, KeyStore, MemoryKeyStore,
+    NoAuthenticator, TokensError,
+};
 use crate::discovery::{self, Server};
+use crate::identity::IdentityService;
 use crate::index::Index;
-use crate::settings::Settings;
+use crate::settings::{Settings, SettingsError};
 use crate::source::DirSource;
 
 /// How long after a change event the directory is read, so a burst of
@@ -30,7 +37,9 @@ const POLL: Duration = Duration::from_secs(2);
 pub struct ControlPlane {
     /// The discovery server.
     pub server: Server,
-    /// Where the discovery server listens.
+    /// The certificate authority behind the identity service.
+    pub ca: Arc<Ca>,
+    /// Where the gRPC server (discovery and identity) listens.
     pub discovery_addr: SocketAddr,
     /// Where the metrics and debug server listens.
     pub admin_addr: SocketAddr,
@@ -52,16 +61,27 @@ pub enum StartError {
     /// The config directory is unusable.
     #[error("config directory {0}: not a directory")]
     NotADirectory(String),
+    /// A setting is invalid.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The CA could not load or make its root.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The bootstrap tokens file is unusable.
+    #[error(transparent)]
+    Tokens(#[from] TokensError),
 }
 
-/// Binds the servers, reads the config directory once, and serves until
-/// the process ends.
+/// Opens the CA, binds the servers, reads the config directory once, and
+/// serves until the process ends.
 pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     if !settings.config_dir.is_dir() {
         return Err(StartError::NotADirectory(
             settings.config_dir.display().to_string(),
         ));
     }
+    let ca = Arc::new(open_ca(settings)?);
+    let authenticator = authenticator(settings)?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -79,27 +99,71 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
         push_interval: settings.push_interval,
         ..Default::default()
     };
-    let server = Server::new(Index::default(), config);
+    let mut index = Index::default();
+    index.set_trust_domain(ca.trust_domain());
+    let _ = index.set_trust_bundle(ca.trust_bundle_pem());
+    let server = Server::new(index, config);
     let mut source = DirSource::new(&settings.config_dir);
     report(&server.update(|index| source.scan(index)));
 
     tokio::spawn(watch(source, server.clone()));
-    let serving = server.clone();
+    // Discovery and identity share the port: a proxy dials one address.
+    let grpc = tonic::transport::Server::builder()
+        .add_service(server.service())
+        .add_service(IdentityService::new(ca.clone(), authenticator).service());
     tokio::spawn(async move {
-        if let Err(e) = serving
-            .serve(discovery_listener, std::future::pending())
+        if let Err(e) = grpc
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(discovery_listener),
+                std::future::pending(),
+            )
             .await
         {
-            warn!(error = %e, "discovery server stopped");
+            warn!(error = %e, "gRPC server (discovery, identity) stopped");
         }
     });
-    tokio::spawn(admin(admin_listener, server.clone(), recorder));
-    info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(), "control plane serving");
+    tokio::spawn(admin(admin_listener, server.clone(), recorder, ca.clone()));
+    tokio::spawn(refresh_trust_bundle(server.clone(), ca.clone()));
+    info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(),
+          trust_domain = %ca.trust_domain(), "control plane serving");
     Ok(ControlPlane {
         server,
+        ca,
         discovery_addr,
         admin_addr,
     })
+}
+
+/// The CA on the key store the settings choose.
+fn open_ca(settings: &Settings) -> Result<Ca, StartError> {
+    let config = settings.ca_config()?;
+    let store: Box<dyn KeyStore> = if settings.ca_in_memory {
+        Box::new(MemoryKeyStore::default())
+    } else {
+        Box::new(FileKeyStore::new(settings.ca_dir()?))
+    };
+    info!(
+        trust_domain = %config.trust_domain,
+        store = %store.describe(),
+        cert_ttl = %humantime::format_duration(config.default_ttl),
+        cert_max_ttl = %humantime::format_duration(config.max_ttl),
+        "opening the CA"
+    );
+    Ok(Ca::open(config, store)?)
+}
+
+/// The bootstrap tokens, or without them an authenticator that refuses
+/// everyone.
+fn authenticator(settings: &Settings) -> Result<Arc<dyn Authenticator>, StartError> {
+    let Some(path) = &settings.bootstrap_tokens else {
+        warn!(
+            "no --bootstrap-tokens: the CA refuses every Sign call; pass a tokens file to let proxies get certificates"
+        );
+        return Ok(Arc::new(NoAuthenticator));
+    };
+    let tokens = BootstrapTokens::from_file(path)?;
+    info!(file = %path.display(), tokens = tokens.len(), "bootstrap tokens loaded");
+    Ok(Arc::new(tokens))
 }
 
 fn recorder() -> PrometheusHandle {
@@ -156,16 +220,81 @@ async fn watch(mut source: DirSource, server: Server) {
     }
 }
 
-async fn admin(listener: TcpListener, server: Server, recorder: PrometheusHandle) {
+/// How often the trust bundle is recomputed, so that a root whose
+/// rotation overlap ended leaves the proxies' bundles.
+const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
+
+/// Keeps the index's trust bundle equal to the CA's (an unchanged bundle
+/// pushes nothing).
+async fn refresh_trust_bundle(server: Server, ca: Arc<Ca>) {
+    loop {
+        tokio::time::sleep(BUNDLE_REFRESH).await;
+        server.update(|index| index.set_trust_bundle(ca.trust_bundle_pem()));
+    }
+}
+
+/// `POST /ca/rotate?overlap=DURATION`: a new root signs from now on; the
+/// old one stays in every proxy's trust bundle for the overlap (default
+/// twice the longest certificate lifetime, so every certificate it signed
+/// has been renewed by then).
+fn rotate(server: &Server, ca: &Ca, query: Option<&str>) -> Response<Full<Bytes>> {
+    let overlap = match form_overlap(query) {
+        Ok(Some(d)) => d,
+        Ok(None) => ca.config().max_ttl * 2,
+        Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+    };
+    match ca.rotate(overlap) {
+        Ok(()) => {
+            server.update(|index| index.set_trust_bundle(ca.trust_bundle_pem()));
+            let root = ca.root();
+            info!(serial = %root.serial, ?overlap, "CA root rotated");
+            reply(
+                StatusCode::OK,
+                "text/plain",
+                format!(
+                    "rotated: new root {} ({}); the old root stays trusted for {}\n",
+                    root.subject,
+                    root.serial,
+                    humantime::format_duration(overlap)
+                ),
+            )
+        }
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("rotation failed: {e}\n"),
+        ),
+    }
+}
+
+fn form_overlap(query: Option<&str>) -> Result<Option<Duration>, String> {
+    let Some(query) = query else { return Ok(None) };
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("overlap=") {
+            return humantime::parse_duration(v)
+                .map(Some)
+                .map_err(|e| format!("overlap={v:?} is not a duration (like 48h): {e}"));
+        }
+    }
+    Ok(None)
+}
+
+async fn admin(listener: TcpListener, server: Server, recorder: PrometheusHandle, ca: Arc<Ca>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (server, recorder) = (server.clone(), recorder.clone());
+        let (server, recorder, ca) = (server.clone(), recorder.clone(), ca.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                std::future::ready(Ok::<_, Infallible>(route(&server, &recorder, &req)))
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let resp =
+                    if req.method() == hyper::Method::POST && req.uri().path() == "/ca/rotate" {
+                        rotate(&server, &ca, req.uri().query())
+                    } else {
+                        route(&server, &recorder, &req)
+                    };
+                std::future::ready(Ok::<_, Infallible>(resp))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

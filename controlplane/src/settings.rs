@@ -10,6 +10,13 @@ pub const DEFAULT_DISCOVERY_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
 /// Default push interval during bursts of changes.
 pub const DEFAULT_PUSH_INTERVAL: &str = "100ms";
+/// Default trust domain of workload identities.
+pub const DEFAULT_TRUST_DOMAIN: &str = crate::ca::DEFAULT_TRUST_DOMAIN;
+/// Default lifetime of a workload certificate.
+pub const DEFAULT_CERT_TTL: &str = "24h";
+/// What is appended to the config directory's name to make the default
+/// CA directory beside it.
+pub const DEFAULT_CA_DIR_SUFFIX: &str = "-ca";
 
 /// Settings of a control plane process.
 #[derive(Debug, Clone, clap::Args)]
@@ -33,6 +40,39 @@ pub struct Settings {
     /// Log filter, for example `info` or `controlplane=debug`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
+    /// Trust domain of the workload identities the CA signs:
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Directory of the CA's root: `root-cert.pem`, `root-key.pem` (mode
+    /// 0600) and `previous-roots.yaml`. Made, with a new root, on first
+    /// start; put a `root-cert.pem` and `root-key.pem` of your own there to
+    /// sign with your root. Default: beside the config directory, named
+    /// after it with `-ca` appended (`mesh/` -> `mesh-ca/`). Not inside it,
+    /// because that directory is read as Kubernetes YAML, is often a
+    /// read-only ConfigMap or checked into git, and must not hold a
+    /// private key; beside it, so that each mesh keeps its own root across
+    /// restarts.
+    #[arg(long, env = "TRELLIS_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Lifetime of a workload certificate when the proxy asks for none.
+    #[arg(long, env = "TRELLIS_CERT_TTL", default_value = DEFAULT_CERT_TTL,
+          value_parser = humantime::parse_duration)]
+    pub cert_ttl: Duration,
+    /// The longest certificate lifetime a proxy may ask for; longer
+    /// requests are shortened. Default: `--cert-ttl`, so a proxy may ask
+    /// for a shorter certificate but never a longer one.
+    #[arg(long, env = "TRELLIS_CERT_MAX_TTL", value_parser = humantime::parse_duration)]
+    pub cert_max_ttl: Option<Duration>,
+    /// YAML file of bootstrap tokens for local mode, each proving a
+    /// workload identity: `tokens: [{token: ..., namespace: default,
+    /// serviceAccount: productpage}]`. Without it the CA signs nothing:
+    /// every Sign call is refused as unauthenticated.
+    #[arg(long, env = "TRELLIS_BOOTSTRAP_TOKENS")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Keep the CA root in memory only, made anew at each start (tests).
+    #[arg(skip)]
+    pub ca_in_memory: bool,
 }
 
 impl Settings {
@@ -45,6 +85,156 @@ impl Settings {
             admin_addr: any,
             push_interval: Duration::from_millis(100),
             log: "info".into(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            ca_dir: None,
+            cert_ttl: crate::ca::DEFAULT_CERT_TTL,
+            cert_max_ttl: None,
+            bootstrap_tokens: None,
+            ca_in_memory: true,
         }
+    }
+
+    /// The CA directory: `--ca-dir`, or the config directory's sibling
+    /// named after it with [`DEFAULT_CA_DIR_SUFFIX`] appended.
+    pub fn ca_dir(&self) -> Result<PathBuf, SettingsError> {
+        if let Some(dir) = &self.ca_dir {
+            return Ok(dir.clone());
+        }
+        // `.` and `..` have no name of their own: name the real directory.
+        let config_dir = match self.config_dir.file_name() {
+            Some(_) => self.config_dir.clone(),
+            None => self
+                .config_dir
+                .canonicalize()
+                .unwrap_or_else(|_| self.config_dir.clone()),
+        };
+        match config_dir.file_name() {
+            Some(name) => {
+                let mut name = name.to_os_string();
+                name.push(DEFAULT_CA_DIR_SUFFIX);
+                Ok(config_dir.with_file_name(name))
+            }
+            None => Err(SettingsError::NoDefaultCaDir(
+                self.config_dir.display().to_string(),
+            )),
+        }
+    }
+
+    /// The CA's settings: trust domain and certificate lifetimes.
+    pub fn ca_config(&self) -> Result<crate::ca::CaConfig, SettingsError> {
+        crate::ca::check_trust_domain(&self.trust_domain)
+            .map_err(|e| SettingsError::Invalid("--trust-domain", e.to_string()))?;
+        if self.cert_ttl.is_zero() {
+            return Err(SettingsError::Invalid(
+                "--cert-ttl",
+                "a certificate lifetime must be longer than zero".into(),
+            ));
+        }
+        let max_ttl = self.cert_max_ttl.unwrap_or(self.cert_ttl);
+        if max_ttl < self.cert_ttl {
+            return Err(SettingsError::Invalid(
+                "--cert-max-ttl",
+                format!(
+                    "{} is shorter than --cert-ttl {}",
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(self.cert_ttl)
+                ),
+            ));
+        }
+        Ok(crate::ca::CaConfig {
+            trust_domain: self.trust_domain.clone(),
+            default_ttl: self.cert_ttl,
+            max_ttl,
+        })
+    }
+}
+
+/// A setting is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A value is out of range or malformed.
+    #[error("{0}: {1}")]
+    Invalid(&'static str, String),
+    /// The config directory has no name to derive the CA directory from.
+    #[error("cannot derive a CA directory from --config-dir {0}; pass --ca-dir")]
+    NoDefaultCaDir(String),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Settings {
+        let args = ["trellis-controlplane", "--config-dir", "/srv/mesh"]
+            .iter()
+            .chain(args);
+        <Cli as clap::Parser>::try_parse_from(args)
+            .unwrap()
+            .settings
+    }
+
+    #[test]
+    fn ca_defaults() {
+        let settings = parse(&[]);
+        assert_eq!(settings.ca_dir().unwrap(), PathBuf::from("/srv/mesh-ca"));
+        let config = settings.ca_config().unwrap();
+        assert_eq!(config.trust_domain, "cluster.local");
+        assert_eq!(config.default_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(config.max_ttl, config.default_ttl);
+        assert!(settings.bootstrap_tokens.is_none());
+        assert!(!settings.ca_in_memory);
+
+        let trailing = Settings {
+            config_dir: "/srv/mesh/".into(),
+            ..settings.clone()
+        };
+        assert_eq!(trailing.ca_dir().unwrap(), PathBuf::from("/srv/mesh-ca"));
+        let root = Settings {
+            config_dir: "/".into(),
+            ..settings
+        };
+        assert!(root.ca_dir().unwrap_err().to_string().contains("--ca-dir"));
+    }
+
+    #[test]
+    fn ca_settings_are_checked() {
+        let settings = parse(&[
+            "--ca-dir",
+            "/var/lib/trellis/ca",
+            "--cert-ttl",
+            "1h",
+            "--cert-max-ttl",
+            "2h",
+            "--trust-domain",
+            "mesh.example",
+        ]);
+        assert_eq!(
+            settings.ca_dir().unwrap(),
+            PathBuf::from("/var/lib/trellis/ca")
+        );
+        let config = settings.ca_config().unwrap();
+        assert_eq!(config.max_ttl, Duration::from_secs(7200));
+        assert_eq!(config.trust_domain, "mesh.example");
+
+        let err = |args: &[&str]| parse(args).ca_config().unwrap_err().to_string();
+        let shorter = err(&["--cert-ttl", "2h", "--cert-max-ttl", "1h"]);
+        assert!(
+            shorter.starts_with("--cert-max-ttl: 1h is shorter"),
+            "{shorter}"
+        );
+        let domain = err(&["--trust-domain", "Mesh"]);
+        assert!(
+            domain.starts_with("--trust-domain: trust domain \"Mesh\""),
+            "{domain}"
+        );
+        assert!(err(&["--cert-ttl", "0s"]).starts_with("--cert-ttl:"));
     }
 }

@@ -5,22 +5,78 @@
 //! Each `*.yaml` / `*.yml` file is parsed on its own. A file with any
 //! broken document is reported with its path, line and reason, and the
 //! objects it held at its last good read stay in force, so a half-saved
-//! edit never takes routes away. After each scan the index gets every kind
-//! wholesale through [`Index::reset`].
+//! edit never takes routes away.
+//!
+//! A scan reads only the files that changed since the last one (by size,
+//! modification and change time, and inode, through symlinks, so that a
+//! ConfigMap volume's swap counts), and gives the index only the objects
+//! those files added, changed or dropped: a mesh of thousands of objects
+//! is parsed once, not on every edit and every poll. When several files
+//! define the same object, the last file in path order wins, as in a full
+//! read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_api::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
 use mesh_api::k8s::{Object, parse_documents};
 
-use crate::index::{Changed, Index, Refused};
+use crate::index::{Changed, Index, Key, Kind, Refused, key_of};
+
+/// A file modified this recently before it was read may change again
+/// within the same timestamp tick without its stamp changing, so it is
+/// read again at the next scan. Filesystems that keep sub-second times
+/// stamp them from the kernel's coarse clock, a tick of at most 10 ms;
+/// those that keep whole seconds (or two, on FAT) get the long window.
+const RACY_FINE: Duration = Duration::from_millis(20);
+const RACY_COARSE: Duration = Duration::from_secs(2);
 
 /// A directory source and the last good objects of each file.
 #[derive(Debug)]
 pub struct DirSource {
     dir: PathBuf,
-    files: BTreeMap<PathBuf, Vec<Object>>,
+    files: BTreeMap<PathBuf, File>,
+    /// Which files define each indexed object; the last one wins.
+    owners: BTreeMap<ObjectId, BTreeSet<PathBuf>>,
+}
+
+/// One file as last read.
+#[derive(Debug)]
+struct File {
+    /// The file's stamp when it was last read.
+    stamp: Stamp,
+    /// When it was last read.
+    read_at: SystemTime,
+    /// The indexed objects of its last good read, by identity; a later
+    /// document defining the same object wins.
+    objects: BTreeMap<ObjectId, Object>,
+    /// Why the last read failed, if it did.
+    error: Option<FileError>,
+}
+
+/// What tells a changed file from an unchanged one without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// An indexed object's identity: kind, namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ObjectId {
+    /// In the order the index is fed: Services first, so that routes and
+    /// slices find them.
+    rank: u8,
+    key: Key,
 }
 
 /// A file that could not be used; its previous objects stay in force.
@@ -63,6 +119,7 @@ impl DirSource {
         Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            owners: BTreeMap::new(),
         }
     }
 
@@ -71,7 +128,8 @@ impl DirSource {
         &self.dir
     }
 
-    /// Reads the directory again and brings `index` in line with it.
+    /// Reads what changed in the directory and brings `index` in line with
+    /// it. Every broken file is reported, changed or not.
     pub fn scan(&mut self, index: &mut Index) -> Scan {
         let mut scan = Scan::default();
         let paths = match yaml_files(&self.dir) {
@@ -86,49 +144,228 @@ impl DirSource {
                 return scan;
             }
         };
-        self.files.retain(|p, _| paths.contains(p));
-        for path in paths {
-            match read_file(&path) {
-                Ok(objects) => {
-                    self.files.insert(path, objects);
-                }
-                Err(e) => scan.file_errors.push(e),
+        // The objects whose winning definition may have changed.
+        let mut touched = BTreeSet::new();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !paths.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(file) = self.files.remove(&path) {
+                self.disown(&path, &file, &mut touched);
             }
         }
-        self.sync(index, &mut scan);
+        for path in paths {
+            self.refresh(path, &mut touched);
+        }
+        for file in self.files.values() {
+            scan.file_errors.extend(file.error.clone());
+        }
+        self.sync(index, touched, &mut scan);
         scan
     }
 
-    fn sync(&self, index: &mut Index, scan: &mut Scan) {
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        let mut routes = Vec::new();
-        let mut policies = Vec::new();
-        for obj in self.files.values().flatten().cloned() {
-            match obj {
-                Object::Service(o) => services.push(o),
-                Object::EndpointSlice(o) => slices.push(o),
-                Object::HttpRoute(o) => routes.push(o),
-                Object::DestinationPolicy(o) => policies.push(o),
-                // Read and validated, but not indexed yet: identity and
-                // policy kinds arrive with the identity issue, GRPCRoute
-                // with the resilience work.
-                Object::Pod(_)
-                | Object::ServiceAccount(_)
-                | Object::GrpcRoute(_)
-                | Object::PeerAuthentication(_)
-                | Object::AuthorizationPolicy(_) => {}
+    /// Reads `path` again if it changed since the last read.
+    fn refresh(&mut self, path: PathBuf, touched: &mut BTreeSet<ObjectId>) {
+        let stamp = match Stamp::of(&path) {
+            Ok(stamp) => stamp,
+            Err(e) => {
+                // Gone between the listing and now, or unreadable: like a
+                // broken file, it keeps what it held.
+                let error = FileError {
+                    path: path.clone(),
+                    line: 0,
+                    reason: format!("cannot read: {e}"),
+                };
+                if let Some(file) = self.files.get_mut(&path) {
+                    file.error = Some(error);
+                } else {
+                    self.files.insert(path, File::broken(error));
+                }
+                return;
+            }
+        };
+        if self.files.get(&path).is_some_and(|f| f.is_current(stamp)) {
+            return;
+        }
+        let read_at = SystemTime::now();
+        match read_file(&path) {
+            Ok(objects) => {
+                let objects: BTreeMap<ObjectId, Object> = objects
+                    .into_iter()
+                    .filter_map(|o| Some((ObjectId::of(&o)?, o)))
+                    .collect();
+                if let Some(old) = self.files.remove(&path) {
+                    self.disown(&path, &old, touched);
+                }
+                for id in objects.keys() {
+                    self.owners
+                        .entry(id.clone())
+                        .or_default()
+                        .insert(path.clone());
+                    touched.insert(id.clone());
+                }
+                let file = File {
+                    stamp,
+                    read_at,
+                    objects,
+                    error: None,
+                };
+                self.files.insert(path, file);
+            }
+            Err(error) => {
+                let file = self
+                    .files
+                    .entry(path)
+                    .or_insert_with(|| File::broken(error.clone()));
+                file.stamp = stamp;
+                file.read_at = read_at;
+                file.error = Some(error);
             }
         }
-        let mut merge = |(changed, refused): (Changed, Vec<Refused>)| {
-            scan.changed.services.extend(changed.services);
-            scan.refused.extend(refused);
+    }
+
+    /// Forgets that `file`, at `path`, defines its objects.
+    fn disown(&mut self, path: &Path, file: &File, touched: &mut BTreeSet<ObjectId>) {
+        for id in file.objects.keys() {
+            if let Some(paths) = self.owners.get_mut(id) {
+                paths.remove(path);
+                if paths.is_empty() {
+                    self.owners.remove(id);
+                }
+            }
+            touched.insert(id.clone());
+        }
+    }
+
+    /// Gives the index the winning definition of each touched object, or
+    /// deletes it when no file defines it any more.
+    fn sync(&self, index: &mut Index, touched: BTreeSet<ObjectId>, scan: &mut Scan) {
+        for id in touched {
+            let winner = self
+                .owners
+                .get(&id)
+                .and_then(|paths| paths.last())
+                .and_then(|path| self.files.get(path))
+                .and_then(|file| file.objects.get(&id));
+            let result = match winner {
+                Some(object) => apply(index, object.clone()),
+                None => Ok(id.delete(index)),
+            };
+            match result {
+                Ok(changed) => scan.changed.services.extend(changed.services),
+                Err(refused) => scan.refused.push(refused),
+            }
+        }
+    }
+}
+
+/// Applies an indexed object.
+fn apply(index: &mut Index, object: Object) -> Result<Changed, Refused> {
+    match object {
+        Object::Service(o) => index.apply(o),
+        Object::EndpointSlice(o) => index.apply(o),
+        Object::HttpRoute(o) => index.apply(o),
+        Object::DestinationPolicy(o) => index.apply(o),
+        Object::Pod(o) => index.apply(o),
+        Object::PeerAuthentication(o) => index.apply(o),
+        Object::AuthorizationPolicy(o) => index.apply(o),
+        Object::RateLimitPolicy(o) => index.apply(o),
+        // `ObjectId::of` lets only the kinds above in.
+        Object::ServiceAccount(_) | Object::GrpcRoute(_) => Ok(Changed::default()),
+    }
+}
+
+impl ObjectId {
+    /// The identity of an object the index holds; `None` for the kinds
+    /// that are read and validated but not indexed (ServiceAccounts:
+    /// identities come from the Pods' service account names; GRPCRoute
+    /// arrives with the resilience work).
+    fn of(object: &Object) -> Option<ObjectId> {
+        let rank = match object {
+            Object::Service(_) => 0,
+            Object::EndpointSlice(_) => 1,
+            Object::HttpRoute(_) => 2,
+            Object::DestinationPolicy(_) => 3,
+            Object::Pod(_) => 4,
+            Object::PeerAuthentication(_) => 5,
+            Object::AuthorizationPolicy(_) => 6,
+            Object::RateLimitPolicy(_) => 7,
+            Object::ServiceAccount(_) | Object::GrpcRoute(_) => return None,
         };
-        // Services first, so that routes and slices find them.
-        merge(index.reset(services));
-        merge(index.reset(slices));
-        merge(index.reset(routes));
-        merge(index.reset(policies));
+        Some(ObjectId {
+            rank,
+            key: key_of(object.meta()),
+        })
+    }
+
+    fn delete(&self, index: &mut Index) -> Changed {
+        fn delete<K: Kind>(index: &mut Index, key: &Key) -> Changed {
+            index.delete::<K>(key)
+        }
+        match self.rank {
+            0 => delete::<Service>(index, &self.key),
+            1 => delete::<EndpointSlice>(index, &self.key),
+            2 => delete::<HttpRoute>(index, &self.key),
+            3 => delete::<DestinationPolicy>(index, &self.key),
+            4 => delete::<Pod>(index, &self.key),
+            5 => delete::<PeerAuthentication>(index, &self.key),
+            6 => delete::<AuthorizationPolicy>(index, &self.key),
+            _ => delete::<RateLimitPolicy>(index, &self.key),
+        }
+    }
+}
+
+impl File {
+    fn broken(error: FileError) -> File {
+        File {
+            // Never equal to a real stamp: read again at the next scan.
+            stamp: Stamp {
+                dev: u64::MAX,
+                ino: u64::MAX,
+                len: u64::MAX,
+                mtime: (i64::MIN, 0),
+                ctime: (i64::MIN, 0),
+            },
+            read_at: SystemTime::UNIX_EPOCH,
+            objects: BTreeMap::new(),
+            error: Some(error),
+        }
+    }
+
+    /// Whether the last read saw what the file holds now: the stamp is
+    /// unchanged, and the file was not modified so shortly before the read
+    /// that a later write could have kept the stamp.
+    fn is_current(&self, stamp: Stamp) -> bool {
+        let modified = SystemTime::UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(stamp.mtime.0).unwrap_or(0),
+                u32::try_from(stamp.mtime.1).unwrap_or(0),
+            );
+        // A whole-second time on a fine filesystem is rare (1 in 10^9) and
+        // only costs a read.
+        let racy = if stamp.mtime.1 == 0 {
+            RACY_COARSE
+        } else {
+            RACY_FINE
+        };
+        self.stamp == stamp && modified + racy < self.read_at
+    }
+}
+
+impl Stamp {
+    /// The stamp of the file `path` names, through symlinks.
+    fn of(path: &Path) -> std::io::Result<Stamp> {
+        let m = std::fs::metadata(path)?;
+        Ok(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::LoadBalancerAlgorithm;
 
-mod validate;
+pub(crate) mod validate;
 
 /// The API group of Trellis's custom resources.
 pub const GROUP: &str = "trellis.dev";
@@ -240,6 +240,95 @@ pub struct Operation {
     pub ports: Vec<u16>,
 }
 
+/// Limits the rate of requests that each proxy of the selected workloads
+/// accepts, with a token bucket per proxy: `limit.requests` every
+/// `limit.per`, and bursts of up to `burst` requests at once.
+///
+/// The limit is local: every replica enforces it on its own, so a workload
+/// with three replicas accepts up to three times the limit in total. With
+/// `targetRef` the limit counts only the requests that the named HTTPRoute
+/// matches; without it every request to the workload. A request must pass
+/// every limit that applies to it, and one that is refused gets 429 with a
+/// `Retry-After` header.
+// Two print columns of type string read to clippy as a repeated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "rlp",
+    category = "trellis",
+    doc = "Limits the rate of requests each proxy of the selected workloads accepts (a local token bucket), for the whole workload or for the requests one HTTPRoute matches.",
+    printcolumn(
+        name = "Requests",
+        type_ = "integer",
+        json_path = ".spec.limit.requests"
+    ),
+    printcolumn(name = "Per", type_ = "string", json_path = ".spec.limit.per"),
+    printcolumn(name = "Route", type_ = "string", json_path = ".spec.targetRef.name")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    /// The workloads the policy applies to. Without it the policy applies to
+    /// every workload in its namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<WorkloadSelector>,
+    /// The HTTPRoute, in the policy's namespace, whose requests the limit
+    /// counts. Without it the limit counts every request to the workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<RouteRef>,
+    /// How many requests each proxy accepts per period, on average.
+    pub limit: RequestLimit,
+    /// Most requests accepted at once after a quiet period: the size of the
+    /// token bucket. Defaults to `limit.requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+}
+
+/// A rate: `requests` every `per`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestLimit {
+    /// Requests accepted per period.
+    #[schemars(range(min = 1))]
+    pub requests: u32,
+    /// The period, a Gateway API duration: one to four numbers, each
+    /// followed by a unit of `h`, `m`, `s` or `ms`, for example `1s`, `1m`
+    /// or `1m30s`. At most 24h.
+    #[schemars(pattern(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub per: String,
+}
+
+/// A reference to a route in the policy's namespace, as Gateway API
+/// policies attach to their targets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRef {
+    /// API group of the route: `gateway.networking.k8s.io` (the default).
+    #[serde(default = "gateway_api_group")]
+    pub group: String,
+    /// Kind of the route: `HTTPRoute` (the default).
+    #[serde(default = "http_route_kind")]
+    pub kind: String,
+    /// Name of the route.
+    pub name: String,
+}
+
+/// The API group of the Gateway API's routes.
+pub const GATEWAY_API_GROUP: &str = "gateway.networking.k8s.io";
+
+fn gateway_api_group() -> String {
+    GATEWAY_API_GROUP.to_owned()
+}
+
+fn http_route_kind() -> String {
+    "HTTPRoute".to_owned()
+}
+
 /// Selects the workloads (pods) in the policy's namespace whose labels
 /// include all of `matchLabels`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -279,12 +368,20 @@ impl AuthorizationPolicySpec {
     }
 }
 
+impl RateLimitPolicySpec {
+    /// Whether the policy applies to a pod in its namespace with these labels.
+    pub fn applies_to(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_none_or(|s| s.matches(labels))
+    }
+}
+
 /// The CustomResourceDefinitions of every Trellis resource.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         DestinationPolicy::crd(),
         PeerAuthentication::crd(),
         AuthorizationPolicy::crd(),
+        RateLimitPolicy::crd(),
     ]
 }
 

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::de::DeserializeOwned;
 
-use crate::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication};
+use crate::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
 
 /// One Kubernetes object of a kind the mesh reads.
 // Pods are far larger than the other variants, but objects are parsed once
@@ -41,6 +41,8 @@ pub enum Object {
     PeerAuthentication(PeerAuthentication),
     /// `trellis.dev/v1alpha1` `AuthorizationPolicy`.
     AuthorizationPolicy(AuthorizationPolicy),
+    /// `trellis.dev/v1alpha1` `RateLimitPolicy`.
+    RateLimitPolicy(RateLimitPolicy),
 }
 
 /// A YAML document that is not an object of a kind the mesh reads.
@@ -59,7 +61,7 @@ pub struct ParseError {
 }
 
 /// The `(apiVersion, kind)` pairs that [`parse_documents`] reads.
-pub const KINDS: [(&str, &str); 9] = [
+pub const KINDS: [(&str, &str); 10] = [
     ("v1", "Service"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("v1", "ServiceAccount"),
@@ -69,6 +71,7 @@ pub const KINDS: [(&str, &str); 9] = [
     ("trellis.dev/v1alpha1", "DestinationPolicy"),
     ("trellis.dev/v1alpha1", "PeerAuthentication"),
     ("trellis.dev/v1alpha1", "AuthorizationPolicy"),
+    ("trellis.dev/v1alpha1", "RateLimitPolicy"),
 ];
 
 /// Parses every document of a multi-document YAML text, in order. Empty
@@ -94,6 +97,7 @@ impl Object {
             Object::DestinationPolicy(_) => "DestinationPolicy",
             Object::PeerAuthentication(_) => "PeerAuthentication",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Object::RateLimitPolicy(_) => "RateLimitPolicy",
         }
     }
 
@@ -109,6 +113,7 @@ impl Object {
             Object::DestinationPolicy(o) => o.meta(),
             Object::PeerAuthentication(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
+            Object::RateLimitPolicy(o) => o.meta(),
         }
     }
 }
@@ -237,6 +242,9 @@ impl Document<'_> {
             }
             ("trellis.dev/v1alpha1", "PeerAuthentication") => {
                 Object::PeerAuthentication(self.typed(document, start)?)
+            }
+            ("trellis.dev/v1alpha1", "RateLimitPolicy") => {
+                Object::RateLimitPolicy(self.typed(document, start)?)
             }
             ("trellis.dev/v1alpha1", "AuthorizationPolicy") => {
                 Object::AuthorizationPolicy(self.typed(document, start)?)

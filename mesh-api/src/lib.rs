@@ -30,7 +30,9 @@
 pub mod crd;
 pub mod k8s;
 mod model;
+pub mod policy;
 mod validate;
 
 pub use model::*;
+pub use policy::InboundPolicy;
 pub use validate::{ConfigError, ValidationError};

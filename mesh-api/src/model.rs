@@ -32,6 +32,10 @@ pub struct ProxyConfig {
     /// Named sets of endpoints that routes send traffic to.
     #[serde(default)]
     pub backends: Vec<Backend>,
+    /// What the workload's inbound side enforces: mutual TLS mode,
+    /// authorization policies and rate limits.
+    #[serde(default)]
+    pub inbound: crate::InboundPolicy,
 }
 
 /// The identity of the workload a proxy serves.
@@ -319,6 +323,11 @@ pub struct Endpoint {
     /// Labels of the endpoint's pod, for example `version: v2`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The SPIFFE ID the endpoint must prove over mutual TLS, for example
+    /// `spiffe://cluster.local/ns/default/sa/reviews`. Without one the
+    /// proxy connects in plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Load-balancer settings of a backend.

@@ -98,6 +98,9 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, c: &ProxyConfig) {
+        if let Err(errors) = c.inbound.validate() {
+            self.errors.extend(errors);
+        }
         let backends: HashSet<&str> = c.backends.iter().map(|b| b.name.as_str()).collect();
         let services: HashSet<&str> = c.services.iter().map(|s| s.name.as_str()).collect();
 

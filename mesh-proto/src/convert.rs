@@ -156,8 +156,7 @@ pub fn endpoints(backend: &str, endpoints: &[m::Endpoint]) -> w::Endpoints {
                 address: e.address.to_string(),
                 workload: e.workload.clone().unwrap_or_default(),
                 labels: e.labels.clone(),
-                // The model does not carry workload identities yet.
-                identity: String::new(),
+                identity: e.identity.clone().unwrap_or_default(),
             })
             .collect(),
     }
@@ -237,7 +236,127 @@ fn backend_to_wire(b: &m::Backend) -> w::Backend {
     }
 }
 
+/// The inbound config of workload `name` in `namespace`: what its proxy
+/// enforces on the traffic it receives.
+pub fn inbound_config(namespace: &str, name: &str, policy: &m::InboundPolicy) -> w::InboundConfig {
+    w::InboundConfig {
+        workload: name.to_owned(),
+        namespace: namespace.to_owned(),
+        ports: Vec::new(),
+        mtls: w::MtlsMode::from(policy.mtls).into(),
+        authorization: policy
+            .authorization
+            .iter()
+            .map(|a| w::AuthorizationPolicy {
+                name: a.name.clone(),
+                namespace: a.namespace.clone(),
+                action: w::AuthorizationAction::from(a.action).into(),
+                rules: a
+                    .rules
+                    .iter()
+                    .map(|r| w::AuthorizationRule {
+                        from: r
+                            .from
+                            .iter()
+                            .map(|f| w::AuthorizationSource {
+                                principals: f.principals.clone(),
+                                namespaces: f.namespaces.clone(),
+                            })
+                            .collect(),
+                        to: r
+                            .to
+                            .iter()
+                            .map(|t| w::AuthorizationOperation {
+                                paths: t.paths.clone(),
+                                methods: t.methods.clone(),
+                                ports: t.ports.iter().map(|&p| u32::from(p)).collect(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        rate_limits: policy
+            .rate_limits
+            .iter()
+            .map(|r| w::RateLimit {
+                name: r.name.clone(),
+                namespace: r.namespace.clone(),
+                requests: r.requests,
+                per_millis: u64::try_from(r.per.as_millis()).unwrap_or(u64::MAX),
+                burst: r.burst.unwrap_or(0),
+                route: r.route.clone().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
 // Wire to model.
+
+/// The inbound policy of an inbound config resource.
+pub fn inbound_from_wire(msg: &w::InboundConfig) -> Result<m::InboundPolicy, ConvertError> {
+    let convert = || {
+        Ok(m::InboundPolicy {
+            mtls: enum_from_wire::<w::MtlsMode, _>("mtls", "MtlsMode", msg.mtls)?,
+            authorization: each("authorization", &msg.authorization, |a| {
+                Ok(m::policy::AuthorizationPolicy {
+                    name: a.name.clone(),
+                    namespace: a.namespace.clone(),
+                    action: enum_from_wire::<w::AuthorizationAction, _>(
+                        "action",
+                        "AuthorizationAction",
+                        a.action,
+                    )?,
+                    rules: each("rules", &a.rules, |r| {
+                        Ok(m::policy::Rule {
+                            from: r
+                                .from
+                                .iter()
+                                .map(|f| m::policy::Source {
+                                    principals: f.principals.clone(),
+                                    namespaces: f.namespaces.clone(),
+                                })
+                                .collect(),
+                            to: each("to", &r.to, |t| {
+                                Ok(m::policy::Operation {
+                                    paths: t.paths.clone(),
+                                    methods: t.methods.clone(),
+                                    ports: t
+                                        .ports
+                                        .iter()
+                                        .map(|&p| {
+                                            u16::try_from(p).ok().filter(|&n| n != 0).ok_or_else(
+                                                || Fault::new("ports", Problem::BadPort(p)),
+                                            )
+                                        })
+                                        .collect::<Result<_, _>>()?,
+                                })
+                            })?,
+                        })
+                    })?,
+                })
+            })?,
+            rate_limits: msg
+                .rate_limits
+                .iter()
+                .map(|r| m::policy::RateLimit {
+                    name: r.name.clone(),
+                    namespace: r.namespace.clone(),
+                    requests: r.requests,
+                    per: std::time::Duration::from_millis(r.per_millis),
+                    burst: (r.burst != 0).then_some(r.burst),
+                    route: non_empty(&r.route),
+                })
+                .collect(),
+        })
+    };
+    convert().map_err(|f: Fault| {
+        f.into_error(
+            "InboundConfig",
+            resource_name(&msg.namespace, &msg.workload),
+        )
+    })
+}
 
 /// The service of an index entry, without routes or backends.
 pub fn service_from_index_entry(entry: &w::ServiceIndexEntry) -> Result<m::Service, ConvertError> {
@@ -457,6 +576,7 @@ fn endpoint_from_wire(e: &w::Endpoint) -> Result<m::Endpoint, Fault> {
         address,
         workload: non_empty(&e.workload),
         labels: e.labels.clone(),
+        identity: non_empty(&e.identity),
     })
 }
 
@@ -539,6 +659,42 @@ impl From<w::LoadBalancerAlgorithm> for m::LoadBalancerAlgorithm {
         match a {
             w::LoadBalancerAlgorithm::PeakEwma => Self::PeakEwma,
             w::LoadBalancerAlgorithm::RoundRobin => Self::RoundRobin,
+        }
+    }
+}
+
+impl From<m::policy::MtlsMode> for w::MtlsMode {
+    fn from(m: m::policy::MtlsMode) -> Self {
+        match m {
+            m::policy::MtlsMode::Strict => Self::Strict,
+            m::policy::MtlsMode::Permissive => Self::Permissive,
+        }
+    }
+}
+
+impl From<w::MtlsMode> for m::policy::MtlsMode {
+    fn from(m: w::MtlsMode) -> Self {
+        match m {
+            w::MtlsMode::Strict => Self::Strict,
+            w::MtlsMode::Permissive => Self::Permissive,
+        }
+    }
+}
+
+impl From<m::policy::AuthorizationAction> for w::AuthorizationAction {
+    fn from(a: m::policy::AuthorizationAction) -> Self {
+        match a {
+            m::policy::AuthorizationAction::Allow => Self::Allow,
+            m::policy::AuthorizationAction::Deny => Self::Deny,
+        }
+    }
+}
+
+impl From<w::AuthorizationAction> for m::policy::AuthorizationAction {
+    fn from(a: w::AuthorizationAction) -> Self {
+        match a {
+            w::AuthorizationAction::Allow => Self::Allow,
+            w::AuthorizationAction::Deny => Self::Deny,
         }
     }
 }

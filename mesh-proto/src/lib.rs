@@ -31,6 +31,11 @@ pub mod discovery {
         pub const TYPE_ENDPOINTS: &str = "type.trellis.dev/trellis.discovery.v1.Endpoints";
         /// Type URL of the [`InboundConfig`] resource.
         pub const TYPE_INBOUND_CONFIG: &str = "type.trellis.dev/trellis.discovery.v1.InboundConfig";
+        /// Type URL of the [`TrustBundle`] resource, subscribed by the name
+        /// [`TRUST_BUNDLE`].
+        pub const TYPE_TRUST_BUNDLE: &str = "type.trellis.dev/trellis.discovery.v1.TrustBundle";
+        /// The name of the one [`TrustBundle`] resource.
+        pub const TRUST_BUNDLE: &str = "roots";
         /// The subscription name meaning "every resource of this type".
         pub const WILDCARD: &str = "*";
     }

@@ -33,6 +33,9 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// The workload behind the endpoint (a metric label).
     pub workload: Arc<str>,
+    /// The SPIFFE ID the endpoint must prove; connections to it use mutual
+    /// TLS when set and the proxy has an identity of its own.
+    pub identity: Option<Arc<str>>,
     /// Upstream connections to this endpoint.
     pub pool: Pool,
     pending: AtomicUsize,
@@ -65,11 +68,18 @@ pub struct Pick {
 }
 
 impl Endpoint {
+    /// The endpoint with the identity it must prove.
+    pub fn with_identity(mut self, identity: Option<Arc<str>>) -> Self {
+        self.identity = identity;
+        self
+    }
+
     /// A fresh endpoint with no history.
     pub fn new(addr: SocketAddr, workload: Arc<str>) -> Self {
         Self {
             addr,
             workload,
+            identity: None,
             pool: Pool::default(),
             pending: AtomicUsize::new(0),
             rtt: Mutex::new(Ewma {

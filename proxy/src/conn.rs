@@ -24,6 +24,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// Where the client was really going, for transparent listeners.
     pub orig_dst: Option<SocketAddr>,
+    /// The client's SPIFFE ID, proven over mutual TLS; `None` for
+    /// plaintext.
+    pub peer_identity: Option<Arc<str>>,
 }
 
 /// Where a request or connection goes.
@@ -89,21 +92,90 @@ impl DestError {
 }
 
 impl Conn {
-    /// Runs the connection to its end.
-    pub async fn run(self: Arc<Self>, mut stream: TcpStream) {
-        let declared = self.declared_protocol();
-        let detected = match declared {
-            Protocol::Http => (Detected::Http1, Default::default()),
-            Protocol::Http2 | Protocol::Grpc => (Detected::Http2, Default::default()),
-            Protocol::Tcp => (Detected::Tcp, Default::default()),
-            Protocol::Auto => match detect::detect(&mut stream, self.listener.detect_timeout).await
-            {
-                Ok(d) => d,
-                Err(e) => {
-                    debug!(peer = %self.peer, error = %e, "connection failed during protocol detection");
-                    return;
+    /// Runs the connection to its end. On an inbound listener of a proxy
+    /// with an identity, a connection that opens with a TLS record is
+    /// mutual TLS; plaintext is refused unless the workload's
+    /// PeerAuthentication is PERMISSIVE.
+    pub async fn run(self: Arc<Self>, stream: TcpStream) {
+        let tls = &self.shared.tls;
+        if self.listener.direction == Direction::Inbound && tls.is_ready() {
+            if starts_with_tls(&stream, self.listener.detect_timeout).await {
+                match tls.accept(stream, self.peer).await {
+                    Ok((stream, identity)) => {
+                        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                        let conn = Arc::new(Conn {
+                            shared: self.shared.clone(),
+                            listener: self.listener.clone(),
+                            peer: self.peer,
+                            orig_dst: self.orig_dst,
+                            peer_identity: Some(identity),
+                        });
+                        let declared = match alpn.as_deref() {
+                            Some(crate::tls::ALPN_H2) => Some(Detected::Http2),
+                            Some(crate::tls::ALPN_HTTP1) => Some(Detected::Http1),
+                            _ => None,
+                        };
+                        conn.serve(stream, declared).await;
+                    }
+                    Err(e) => {
+                        debug!(peer = %self.peer, error = %e, "inbound mTLS handshake failed")
+                    }
                 }
-            },
+                return;
+            }
+            if !self.plaintext_allowed() {
+                metrics::counter!(
+                    PLAINTEXT_REFUSED,
+                    "listener" => self.listener.name.to_string()
+                )
+                .increment(1);
+                debug!(peer = %self.peer, "refusing a plaintext connection: mTLS is STRICT");
+                return;
+            }
+        }
+        self.serve(stream, None).await;
+    }
+
+    /// Whether an inbound plaintext connection is accepted: the workload's
+    /// PeerAuthentication mode is PERMISSIVE.
+    fn plaintext_allowed(&self) -> bool {
+        self.shared.snapshot().config.inbound.mtls == mesh_api::policy::MtlsMode::Permissive
+    }
+
+    /// The port an inbound connection was addressed to, for authorization
+    /// policies: the original destination's, else the target service's
+    /// (a fixed listener in front of the app).
+    pub fn inbound_port(&self, snap: &Snapshot) -> u16 {
+        self.orig_dst.map(|d| d.port()).unwrap_or_else(|| {
+            self.listener
+                .target
+                .as_deref()
+                .and_then(|t| snap.service(t))
+                .and_then(|s| s.ports.first())
+                .map_or(0, |p| p.port)
+        })
+    }
+
+    /// Detects the protocol (unless `declared`, or the config declares
+    /// it) and serves the connection.
+    async fn serve<I>(self: Arc<Self>, mut io: I, declared: Option<Detected>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let detected = match (declared, self.declared_protocol()) {
+            (Some(d), _) => (d, Default::default()),
+            (None, Protocol::Http) => (Detected::Http1, Default::default()),
+            (None, Protocol::Http2 | Protocol::Grpc) => (Detected::Http2, Default::default()),
+            (None, Protocol::Tcp) => (Detected::Tcp, Default::default()),
+            (None, Protocol::Auto) => {
+                match detect::detect(&mut io, self.listener.detect_timeout).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        debug!(peer = %self.peer, error = %e, "connection failed during protocol detection");
+                        return;
+                    }
+                }
+            }
         };
         let (protocol, prefix) = detected;
         metrics::counter!(
@@ -116,7 +188,7 @@ impl Conn {
             }
         )
         .increment(1);
-        let io = Rewind::new(prefix, stream);
+        let io = Rewind::new(prefix, io);
         match protocol {
             Detected::Http1 => crate::http::serve_h1(self, io).await,
             Detected::Http2 => crate::http::serve_h2(self, io).await,
@@ -223,6 +295,20 @@ impl Dest {
             Dest::Direct { name, .. } => name.clone(),
         }
     }
+}
+
+/// Counter: inbound plaintext connections refused because mTLS is STRICT.
+pub const PLAINTEXT_REFUSED: &str = "trellis_inbound_plaintext_refused_total";
+
+/// Whether the client's first byte is a TLS handshake record (0x16), read
+/// without consuming it. A client that sends nothing within `timeout`
+/// (a server-speaks-first protocol) is not TLS.
+async fn starts_with_tls(stream: &TcpStream, timeout: std::time::Duration) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut first)).await,
+        Ok(Ok(1))
+    ) && first[0] == 0x16
 }
 
 /// Reads `SO_ORIGINAL_DST`: where a connection redirected by iptables was

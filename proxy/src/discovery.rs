@@ -28,7 +28,8 @@ use std::time::Duration;
 use std::net::SocketAddr;
 
 use mesh_api::{
-    Backend, Direction, Endpoint, Listener, ListenerMode, Protocol, ProxyConfig, Service, Workload,
+    Backend, Direction, Endpoint, InboundPolicy, Listener, ListenerMode, Protocol, ProxyConfig,
+    Service, Workload,
 };
 use mesh_proto::convert;
 use mesh_proto::discovery::v1 as pb;
@@ -96,6 +97,13 @@ pub struct State {
     endpoints: BTreeMap<String, Held<Vec<Endpoint>>>,
     /// Endpoints resources subscribed on the current stream.
     endpoints_subscribed: BTreeSet<String>,
+    /// This proxy's InboundConfig resource name, `namespace/node-id`.
+    inbound_name: String,
+    /// The workload's inbound policy; `None` until it arrives or when the
+    /// control plane has none (the bootstrap's then applies).
+    inbound: Option<Held<InboundPolicy>>,
+    /// The trust bundle (root PEMs), once it arrived.
+    roots: Option<Held<Vec<String>>>,
 }
 
 /// A service's outbound config: the service with its routes, and the
@@ -129,6 +137,7 @@ pub fn default_bootstrap(settings: &Settings) -> ProxyConfig {
         detect_timeout_ms: mesh_api::DEFAULT_DETECT_TIMEOUT_MS,
     };
     ProxyConfig {
+        inbound: Default::default(),
         workload: Workload {
             name: settings.workload.clone(),
             namespace: settings.namespace.clone(),
@@ -162,6 +171,25 @@ pub fn node(settings: &Settings, bootstrap: &ProxyConfig) -> pb::Node {
     }
 }
 
+/// The tonic endpoint of the control plane at `addr` (`host:port` or a
+/// URL): the discovery stream and the CA share it.
+pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, AddrError> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| AddrError {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE))
+}
+
 impl Client {
     /// A client for the control plane at `addr` (`host:port`), feeding
     /// `proxy`. `bootstrap` is the proxy's own config (listeners, local
@@ -172,20 +200,7 @@ impl Client {
         bootstrap: ProxyConfig,
         proxy: Arc<Proxy>,
     ) -> Result<Self, AddrError> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| AddrError {
-                addr: addr.to_owned(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE);
+        let endpoint = endpoint(addr)?;
         let demand = proxy.on_demand().ok_or_else(|| AddrError {
             addr: addr.to_owned(),
             reason: "the proxy already has an on-demand config source".into(),
@@ -195,9 +210,9 @@ impl Client {
         Ok(Self {
             proxy,
             endpoint,
+            state: State::new(bootstrap, &node),
             node,
             demand,
-            state: State::new(bootstrap),
         })
     }
 
@@ -279,6 +294,16 @@ impl Client {
         let short = type_url.rsplit('.').next().unwrap_or_default().to_owned();
         let mut next = self.state.clone();
         let result = match next.merge(response) {
+            Ok(()) if type_url == pb::TYPE_TRUST_BUNDLE => match &next.roots {
+                Some(roots) => self
+                    .proxy
+                    .tls()
+                    .set_roots(&roots.value)
+                    .map(|()| 0)
+                    .map_err(|e| e.to_string()),
+                // Keep the roots in use: a bundle never goes away on purpose.
+                None => Ok(0),
+            },
             Ok(()) => {
                 let (config, pending) = next.config();
                 self.proxy
@@ -330,10 +355,11 @@ impl Client {
 }
 
 impl State {
-    /// Nothing from the control plane yet.
-    pub fn new(bootstrap: ProxyConfig) -> Self {
+    /// Nothing from the control plane yet, for the proxy `node`.
+    pub fn new(bootstrap: ProxyConfig, node: &pb::Node) -> Self {
         Self {
             bootstrap,
+            inbound_name: convert::resource_name(&node.namespace, &node.id),
             ..Default::default()
         }
     }
@@ -355,6 +381,11 @@ impl State {
     /// The first requests of a stream: the node, every subscription, and
     /// the versions already held, so that only what changed is sent.
     fn initial_requests(&mut self, node: pb::Node) -> Vec<pb::DiscoveryRequest> {
+        fn held<T>(name: &str, h: &Option<Held<T>>) -> BTreeMap<String, String> {
+            h.iter()
+                .map(|h| (name.to_owned(), h.version.clone()))
+                .collect()
+        }
         fn versions<T>(held: &BTreeMap<String, Held<T>>) -> BTreeMap<String, String> {
             held.iter()
                 .filter(|(_, h)| !h.version.is_empty())
@@ -385,6 +416,18 @@ impl State {
                 ..Default::default()
             });
         }
+        requests.push(pb::DiscoveryRequest {
+            type_url: pb::TYPE_INBOUND_CONFIG.into(),
+            subscribe: vec![self.inbound_name.clone()],
+            initial_versions: held(&self.inbound_name, &self.inbound),
+            ..Default::default()
+        });
+        requests.push(pb::DiscoveryRequest {
+            type_url: pb::TYPE_TRUST_BUNDLE.into(),
+            subscribe: vec![pb::TRUST_BUNDLE.into()],
+            initial_versions: held(pb::TRUST_BUNDLE, &self.roots),
+            ..Default::default()
+        });
         requests
     }
 
@@ -468,8 +511,37 @@ impl State {
                     );
                 }
             }
-            // Nothing in InboundConfig is used yet; accept it.
-            pb::TYPE_INBOUND_CONFIG => {}
+            pb::TYPE_INBOUND_CONFIG => {
+                for r in resources {
+                    let msg = decode::<pb::InboundConfig>(&r)?;
+                    let policy = convert::inbound_from_wire(&msg).map_err(|e| e.to_string())?;
+                    if r.name != self.inbound_name {
+                        return Err(format!(
+                            "InboundConfig {:?} is not this proxy's ({:?})",
+                            r.name, self.inbound_name
+                        ));
+                    }
+                    self.inbound = Some(Held {
+                        version: r.version,
+                        value: policy,
+                    });
+                }
+                if removed.contains(&self.inbound_name) {
+                    self.inbound = None;
+                }
+            }
+            pb::TYPE_TRUST_BUNDLE => {
+                for r in resources {
+                    let msg = decode::<pb::TrustBundle>(&r)?;
+                    if msg.roots_pem.is_empty() {
+                        return Err(format!("TrustBundle {:?} holds no root", r.name));
+                    }
+                    self.roots = Some(Held {
+                        version: r.version,
+                        value: msg.roots_pem,
+                    });
+                }
+            }
             other => return Err(format!("unknown resource type {other:?}")),
         }
         Ok(())
@@ -509,6 +581,9 @@ impl State {
     /// or pending, and the names (`namespace/name`) of the pending ones.
     pub fn config(&self) -> (ProxyConfig, HashSet<String>) {
         let mut config = self.bootstrap.clone();
+        if let Some(inbound) = &self.inbound {
+            config.inbound = inbound.value.clone();
+        }
         let mut pending = HashSet::new();
         let mut backends = BTreeMap::new();
         for (name, held) in &self.index {

@@ -109,22 +109,51 @@ async fn handle(
             version: req.version(),
         })
     });
-    let mut dims = Dims {
-        direction: conn.listener.direction_label(),
-        source_workload: if conn.listener.is_outbound() {
-            snap.workload.clone()
-        } else {
-            telemetry::unknown()
+    let outbound = conn.listener.is_outbound();
+    let dims = match (&conn.peer_identity, outbound) {
+        (_, true) => Dims {
+            direction: conn.listener.direction_label(),
+            source_workload: snap.workload.clone(),
+            source_namespace: snap.namespace.clone(),
+            destination_service: telemetry::unknown(),
+            route: telemetry::empty(),
+            tls: false,
+            source_principal: conn
+                .shared
+                .tls
+                .credentials()
+                .map_or_else(telemetry::unknown, |c| Arc::from(c.spiffe_id.as_str())),
         },
-        source_namespace: if conn.listener.is_outbound() {
-            snap.namespace.clone()
-        } else {
-            telemetry::unknown()
+        (Some(peer), false) => Dims {
+            direction: conn.listener.direction_label(),
+            source_workload: telemetry::unknown(),
+            source_namespace: crate::tls::namespace_of(peer)
+                .map_or_else(telemetry::unknown, Arc::from),
+            destination_service: telemetry::unknown(),
+            route: telemetry::empty(),
+            tls: true,
+            source_principal: peer.clone(),
         },
-        destination_service: telemetry::unknown(),
-        route: telemetry::empty(),
-        tls: false,
+        (None, false) => Dims {
+            direction: conn.listener.direction_label(),
+            source_workload: telemetry::unknown(),
+            source_namespace: telemetry::unknown(),
+            destination_service: telemetry::unknown(),
+            route: telemetry::empty(),
+            tls: false,
+            source_principal: telemetry::unknown(),
+        },
     };
+    let mut dims = dims;
+
+    if !outbound && let Err(refusal) = admit(&conn, &snap, &req) {
+        let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
+        let mut resp = local(refusal.status, &refusal.message, record);
+        if let Some(secs) = refusal.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, secs.into());
+        }
+        return Ok(resp);
+    }
 
     if req.method() == Method::CONNECT {
         let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
@@ -136,6 +165,71 @@ async fn handle(
         Ok((pick, protocol)) => forward(&conn, req, pick, protocol, record).await,
         Err((status, msg)) => local(status, &msg, record),
     })
+}
+
+/// Why the inbound side refuses a request.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    /// Seconds, for `Retry-After`.
+    retry_after: Option<u64>,
+}
+
+/// The workload's inbound policy for one request: authorization (DENY
+/// first, then ALLOW), then rate limits. Refusals are counted by policy.
+fn admit(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Result<(), Refusal> {
+    if !snap.authorizer.is_empty() {
+        let request = crate::authz::Request::http(
+            conn.peer_identity.as_deref(),
+            req.method().as_str(),
+            req.uri().path(),
+            conn.inbound_port(snap),
+        );
+        if let crate::authz::Decision::Deny { policy, reason } = snap.authorizer.check(&request) {
+            debug!(peer = %conn.peer, principal = ?conn.peer_identity, %policy, "request denied");
+            metrics::counter!(crate::authz::DENIED_TOTAL, crate::authz::POLICY_LABEL => policy)
+                .increment(1);
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                message: format!("RBAC: {reason}"),
+                retry_after: None,
+            });
+        }
+    }
+    if !snap.rate_limits.is_empty() {
+        let route = inbound_route(snap, req);
+        if let Err(limited) = snap
+            .rate_limits
+            .check(route.as_deref(), tokio::time::Instant::now())
+        {
+            metrics::counter!(
+                crate::ratelimit::RATE_LIMITED_TOTAL,
+                crate::ratelimit::POLICY_LABEL => limited.policy.to_owned()
+            )
+            .increment(1);
+            let secs = limited.retry_after.header_seconds();
+            return Err(Refusal {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: format!("rate limit {} exceeded; retry in {secs}s", limited.policy),
+                retry_after: Some(secs),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The route an inbound request matches among the routes of the service
+/// it addressed (by `Host`), for per-route rate limits.
+fn inbound_route(snap: &Snapshot, req: &Request<Incoming>) -> Option<Arc<str>> {
+    let (host, port) = authority(req).and_then(|a| parse_authority(a, 80))?;
+    let svc = snap.service_by_host(&host, port)?;
+    let parts = RequestParts {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    svc.routes.find(&parts).map(|rule| rule.route.clone())
 }
 
 /// Finds the request's destination, matches its route and picks a backend
@@ -205,7 +299,14 @@ async fn forward(
     let addr = pick.endpoint.addr;
     record.destination_workload = pick.endpoint.workload.clone();
     record.upstream = Some(addr);
-    let timeout = conn.shared.limits.connect_timeout;
+    let dial = pool::Dial::to(
+        &pick.endpoint,
+        conn.shared.limits.connect_timeout,
+        &conn.shared.tls,
+    );
+    if dial.is_tls() {
+        record.set_tls(true);
+    }
     let upgrade = is_upgrade(&req);
     let h2 = match protocol {
         Protocol::Http2 | Protocol::Grpc => true,
@@ -221,9 +322,9 @@ async fn forward(
     let req = Request::from_parts(parts, RequestBody::new(body, record.request_bytes.clone()));
 
     let sent = if h2 {
-        send_h2(&pick, req, timeout).await.map(|r| (r, None))
+        send_h2(&pick, req, &dial).await.map(|r| (r, None))
     } else if upgrade {
-        match pool::connect_h1(addr, timeout, true).await {
+        match pool::connect_h1(&dial, true).await {
             Ok(mut c) => c
                 .send_request(req)
                 .await
@@ -232,9 +333,7 @@ async fn forward(
             Err(e) => Err(e.into()),
         }
     } else {
-        send_h1(&pick, req, timeout)
-            .await
-            .map(|(r, c)| (r, Some(c)))
+        send_h1(&pick, req, &dial).await.map(|(r, c)| (r, Some(c)))
     };
     let (mut resp, h1_conn) = match sent {
         Ok(r) => r,
@@ -293,7 +392,7 @@ const STALE_RETRIES: usize = 3;
 async fn send_h1(
     pick: &Pick,
     mut req: Request<RequestBody>,
-    timeout: std::time::Duration,
+    dial: &pool::Dial,
 ) -> Result<
     (
         Response<Incoming>,
@@ -316,7 +415,7 @@ async fn send_h1(
             },
         }
     }
-    let mut c = pool::connect_h1(pick.endpoint.addr, timeout, false).await?;
+    let mut c = pool::connect_h1(dial, false).await?;
     let resp = c.send_request(req).await?;
     Ok((resp, c))
 }
@@ -324,13 +423,13 @@ async fn send_h1(
 async fn send_h2(
     pick: &Pick,
     req: Request<RequestBody>,
-    timeout: std::time::Duration,
+    dial: &pool::Dial,
 ) -> Result<Response<Incoming>, ForwardError> {
     let pool = &pick.endpoint.pool;
     let mut c = match pool.h2() {
         Some(c) => c,
         None => {
-            let c = pool::connect_h2(pick.endpoint.addr, timeout).await?;
+            let c = pool::connect_h2(dial).await?;
             pool.set_h2(c.clone());
             c
         }

@@ -27,14 +27,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 pub mod admin;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod conn;
 pub mod detect;
 pub mod discovery;
 pub mod http;
+pub mod identity;
 pub mod listener;
 pub mod pool;
+pub mod ratelimit;
 pub mod route;
 pub mod settings;
 pub mod snapshot;
@@ -43,6 +46,7 @@ pub mod tcp;
 pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testutil;
+pub mod tls;
 
 use balance::Endpoint;
 use listener::Listeners;
@@ -76,6 +80,9 @@ pub struct Shared {
     pub drain: CancellationToken,
     /// Every listener and connection task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// The workload identity for mutual TLS; without a certificate the
+    /// proxy speaks plaintext.
+    pub tls: Arc<tls::Tls>,
     passthrough: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
     /// Where requests ask for pending services, once a config source that
     /// loads them on demand is attached ([`Proxy::on_demand`]).
@@ -137,6 +144,7 @@ pub struct Proxy {
     /// Serializes updates so versions and listener changes apply in order.
     updating: tokio::sync::Mutex<()>,
     config_ready: AtomicBool,
+    identity_required: AtomicBool,
 }
 
 /// The proxy could not start or apply a config.
@@ -151,6 +159,9 @@ pub enum Error {
     /// A listener could not bind.
     #[error(transparent)]
     Bind(#[from] listener::BindError),
+    /// The control plane address is not usable.
+    #[error(transparent)]
+    Discovery(#[from] discovery::AddrError),
     /// An admin, metrics or health port could not bind.
     #[error("cannot listen on {addr} for the {what} server: {source}")]
     AdminBind {
@@ -178,6 +189,7 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         metrics: Default::default(),
         drain: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        tls: tls::Tls::new(),
         passthrough: Mutex::default(),
         demand: OnceLock::new(),
     });
@@ -193,11 +205,43 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         drain_timeout: settings.drain_timeout,
         updating: Default::default(),
         config_ready: AtomicBool::new(true),
+        identity_required: AtomicBool::new(false),
     });
     proxy.admin.spawn(proxy.clone(), recorder.clone());
     tokio::spawn(telemetry::upkeep(recorder));
     metrics::counter!(telemetry::CONFIG_UPDATES, "result" => "ok").increment(1);
     info!(version = 1, "config applied");
+    Ok(proxy)
+}
+
+/// Starts a proxy fed by the control plane at `discovery` (`host:port`):
+/// `bootstrap` gives its listeners and local services, the discovery
+/// client adds the mesh, and with `settings.token_file` the identity
+/// client gets and renews its certificate from the CA (readiness waits for
+/// it).
+pub async fn start_discovered(
+    settings: Settings,
+    bootstrap: ProxyConfig,
+    discovery: &str,
+) -> Result<Arc<Proxy>, Error> {
+    let node = discovery::node(&settings, &bootstrap);
+    let proxy = start(settings.clone(), bootstrap.clone()).await?;
+    let client = discovery::Client::new(discovery, node.clone(), bootstrap, proxy.clone())?;
+    match &settings.token_file {
+        Some(token_file) => {
+            let id = identity::spiffe_id(
+                &settings.trust_domain,
+                &node.namespace,
+                &settings.service_account,
+            );
+            proxy.require_identity();
+            let ca = discovery::endpoint(discovery)?;
+            let identity = identity::Client::new(ca, token_file.clone(), id, proxy.tls().clone());
+            tokio::spawn(identity.run());
+        }
+        None => warn!("no --token-file: this proxy has no workload identity and speaks plaintext"),
+    }
+    tokio::spawn(client.run());
     Ok(proxy)
 }
 
@@ -287,9 +331,22 @@ impl Proxy {
             Err("draining")
         } else if !self.config_ready.load(Ordering::Relaxed) {
             Err("waiting for the first config from the control plane")
+        } else if self.identity_required.load(Ordering::Relaxed) && !self.shared.tls.is_ready() {
+            Err("waiting for a workload certificate from the CA")
         } else {
             Ok(())
         }
+    }
+
+    /// Makes readiness wait for a workload certificate (and trust bundle):
+    /// a proxy with an identity does not take traffic it cannot secure.
+    pub fn require_identity(&self) {
+        self.identity_required.store(true, Ordering::Relaxed);
+    }
+
+    /// The proxy's workload identity (certificate, trust bundle).
+    pub fn tls(&self) -> &Arc<tls::Tls> {
+        &self.shared.tls
     }
 
     /// Marks whether the proxy has the config it needs to serve: a

@@ -167,6 +167,7 @@ async fn accept(
             listener: info.clone(),
             peer,
             orig_dst,
+            peer_identity: None,
         });
         shared.tasks.spawn(conn.run(stream));
     }

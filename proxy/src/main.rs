@@ -61,11 +61,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 Some(path) => proxy::source::load(path)?.0,
                 None => proxy::discovery::default_bootstrap(&settings),
             };
-            let node = proxy::discovery::node(&settings, &bootstrap);
-            let proxy = proxy::start(settings.clone(), bootstrap.clone()).await?;
-            let client = proxy::discovery::Client::new(addr, node, bootstrap, proxy.clone())?;
-            tokio::spawn(client.run());
-            proxy
+            proxy::start_discovered(settings.clone(), bootstrap, addr).await?
         }
         None => {
             let path = settings
@@ -78,6 +74,31 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             proxy
         }
     };
+    if let (Some(cert), Some(key), Some(roots)) = (
+        &settings.cert_file,
+        &settings.key_file,
+        &settings.roots_file,
+    ) {
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let credentials = proxy
+            .tls()
+            .set_credentials_pem(&read(cert)?, &read(key)?)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--cert-file {} / --key-file {}: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+        proxy
+            .tls()
+            .set_roots(&[read(roots)?])
+            .map_err(|e| anyhow::anyhow!("--roots-file {}: {e}", roots.display()))?;
+        info!(id = %credentials.spiffe_id, "workload identity from files");
+    }
     shutdown_signal().await?;
     proxy.shutdown().await;
     Ok(())

@@ -4,10 +4,18 @@
 //! out for a request and checked back in when the response body has been
 //! read to its end. HTTP/2 connections are shared: one per endpoint carries
 //! every concurrent request until it closes.
+//!
+//! [`Dial`] says how to reach an endpoint: plain TCP, or mutual TLS when the
+//! endpoint has an identity and the proxy has one of its own.
 
+use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -15,7 +23,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::balance::Endpoint;
 use crate::body::RequestBody;
+use crate::tls::{self, Tls, TlsError};
 
 /// How long a connection may sit idle in the pool. Shorter than the idle
 /// timeouts of common servers (ours is 60 s, hyper's and nginx's longer), so
@@ -56,6 +66,9 @@ pub enum ConnectError {
         /// The limit.
         timeout: Duration,
     },
+    /// The mutual TLS handshake failed (or the proxy has no certificate).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The HTTP handshake failed.
     #[error("HTTP handshake with {addr} failed: {source}")]
     Handshake {
@@ -109,6 +122,110 @@ impl Pool {
     }
 }
 
+/// How to reach one endpoint.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    /// The connect timeout.
+    pub timeout: Duration,
+    /// Mutual TLS: the proxy's identity and the SPIFFE ID the endpoint
+    /// must prove.
+    pub tls: Option<(Arc<Tls>, Arc<str>)>,
+}
+
+impl Dial {
+    /// How to reach `endpoint`: mutual TLS when it has an identity and
+    /// `tls` (the proxy's) is ready, plain TCP otherwise.
+    pub fn to(endpoint: &Endpoint, timeout: Duration, tls: &Arc<Tls>) -> Self {
+        let tls = endpoint
+            .identity
+            .as_ref()
+            .filter(|_| tls.is_ready())
+            .map(|id| (tls.clone(), id.clone()));
+        Self {
+            addr: endpoint.addr,
+            timeout,
+            tls,
+        }
+    }
+
+    /// Plain TCP to `addr`.
+    pub fn plain(addr: SocketAddr, timeout: Duration) -> Self {
+        Self {
+            addr,
+            timeout,
+            tls: None,
+        }
+    }
+
+    /// Whether connections are mutual TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Connects, and for mutual TLS does the handshake offering `alpn`.
+    pub async fn connect(&self, alpn: Option<&[u8]>) -> Result<Upstream, ConnectError> {
+        let tcp = connect_tcp(self.addr, self.timeout).await?;
+        match &self.tls {
+            None => Ok(Upstream::Plain(tcp)),
+            Some((tls, identity)) => {
+                let stream = tls.connect(tcp, self.addr, identity, alpn).await?;
+                Ok(Upstream::Tls(Box::new(stream)))
+            }
+        }
+    }
+}
+
+/// An upstream connection: plain TCP or mutual TLS over it.
+#[derive(Debug)]
+pub enum Upstream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// Mutual TLS.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Upstream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Upstream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Opens a TCP connection with `TCP_NODELAY`.
 pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
@@ -124,11 +241,11 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
 /// Opens an HTTP/1 connection and drives it on its own task.
 /// `upgrades` keeps the connection usable for a protocol upgrade.
 pub async fn connect_h1(
-    addr: SocketAddr,
-    timeout: Duration,
+    dial: &Dial,
     upgrades: bool,
 ) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
-    let io = TokioIo::new(connect_tcp(addr, timeout).await?);
+    let addr = dial.addr;
+    let io = TokioIo::new(dial.connect(Some(tls::ALPN_HTTP1)).await?);
     let (send, conn) = http1::Builder::new()
         .preserve_header_case(true)
         .writev(false)
@@ -150,11 +267,9 @@ pub async fn connect_h1(
 
 /// Opens an HTTP/2 connection (prior knowledge) and drives it on its own
 /// task.
-pub async fn connect_h2(
-    addr: SocketAddr,
-    timeout: Duration,
-) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
-    let io = TokioIo::new(connect_tcp(addr, timeout).await?);
+pub async fn connect_h2(dial: &Dial) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
+    let addr = dial.addr;
+    let io = TokioIo::new(dial.connect(Some(tls::ALPN_H2)).await?);
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))

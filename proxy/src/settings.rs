@@ -68,6 +68,29 @@ pub struct Settings {
     /// The workload's service account.
     #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
     pub service_account: String,
+    /// The credential the proxy proves its identity with to the CA (a
+    /// bootstrap token in local mode, a service-account token on
+    /// Kubernetes). With it (and `--discovery`) the proxy gets a
+    /// certificate for its SPIFFE ID and speaks mutual TLS; without it,
+    /// plaintext.
+    #[arg(long, env = "TRELLIS_TOKEN_FILE", requires = "discovery")]
+    pub token_file: Option<PathBuf>,
+    /// A certificate chain file (PEM, leaf first) for a proxy without a CA
+    /// (static mode: gateways, benchmarks): with `--key-file` and
+    /// `--roots-file` it gives the proxy a fixed identity for mutual TLS.
+    /// Read once at start.
+    #[arg(long, env = "TRELLIS_CERT_FILE", requires_all = ["key_file", "roots_file"], conflicts_with = "token_file")]
+    pub cert_file: Option<PathBuf>,
+    /// The PKCS#8 private key (PEM) of `--cert-file`.
+    #[arg(long, env = "TRELLIS_KEY_FILE", requires = "cert_file")]
+    pub key_file: Option<PathBuf>,
+    /// The roots (PEM) peers' certificates must chain to, with
+    /// `--cert-file`.
+    #[arg(long, env = "TRELLIS_ROOTS_FILE", requires = "cert_file")]
+    pub roots_file: Option<PathBuf>,
+    /// The mesh's trust domain, the host part of SPIFFE IDs.
+    #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
     /// How long a request to a service whose config has not arrived yet
     /// waits for it before getting 503.
     #[arg(long, env = "TRELLIS_ON_DEMAND_TIMEOUT", default_value = DEFAULT_ON_DEMAND_TIMEOUT,
@@ -124,6 +147,11 @@ impl Settings {
             workload: "unknown".into(),
             namespace: "default".into(),
             service_account: "default".into(),
+            token_file: None,
+            cert_file: None,
+            key_file: None,
+            roots_file: None,
+            trust_domain: "cluster.local".into(),
             on_demand_timeout: Duration::from_secs(3),
             admin_addr: any,
             metrics_addr: any,

@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use mesh_api::{Protocol, ProxyConfig};
 
+use crate::authz::Authorizer;
 use crate::balance::{Balancer, Endpoint};
+use crate::ratelimit::RateLimits;
 use crate::route::{RouteError, RouteTable};
 
 /// A compiled config.
@@ -36,6 +38,11 @@ pub struct Snapshot {
     pub namespace: Arc<str>,
     /// Services known from the index whose config is not loaded yet.
     pub pending: usize,
+    /// The inbound authorization policies, compiled.
+    pub authorizer: Authorizer,
+    /// The inbound rate limits; buckets carry over from the previous
+    /// snapshot for limits that did not change.
+    pub rate_limits: RateLimits,
     by_name: HashMap<String, Arc<ServiceEntry>>,
     by_key: HashMap<String, Arc<ServiceEntry>>,
     by_host: HashMap<String, Arc<ServiceEntry>>,
@@ -101,6 +108,7 @@ impl Snapshot {
                 .iter()
                 .map(|e| {
                     let workload: Arc<str> = Arc::from(e.workload.as_deref().unwrap_or(""));
+                    let identity: Option<Arc<str>> = e.identity.as_deref().map(Arc::from);
                     // Backends that share an address share its endpoint
                     // state, within this snapshot and with the previous one.
                     endpoints
@@ -108,9 +116,13 @@ impl Snapshot {
                         .or_insert_with(|| {
                             previous
                                 .and_then(|p| p.endpoints.get(&e.address))
-                                .filter(|old| old.workload == workload)
+                                .filter(|old| old.workload == workload && old.identity == identity)
                                 .cloned()
-                                .unwrap_or_else(|| Arc::new(Endpoint::new(e.address, workload)))
+                                .unwrap_or_else(|| {
+                                    Arc::new(
+                                        Endpoint::new(e.address, workload).with_identity(identity),
+                                    )
+                                })
                         })
                         .clone()
                 })
@@ -163,7 +175,14 @@ impl Snapshot {
             }
         }
 
+        let authorizer = Authorizer::new(&config.inbound.authorization);
+        let rate_limits = match previous {
+            Some(p) => p.rate_limits.update(&config.inbound.rate_limits),
+            None => RateLimits::new(&config.inbound.rate_limits),
+        };
         Ok(Self {
+            authorizer,
+            rate_limits,
             workload: Arc::from(config.workload.name.as_str()),
             namespace: Arc::from(config.workload.namespace.as_str()),
             config: Arc::new(config),

@@ -24,6 +24,16 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let snap = conn.shared.snapshot();
+    if !conn.listener.is_outbound() && !snap.authorizer.is_empty() {
+        let request =
+            crate::authz::Request::tcp(conn.peer_identity.as_deref(), conn.inbound_port(&snap));
+        if let crate::authz::Decision::Deny { policy, .. } = snap.authorizer.check(&request) {
+            debug!(peer = %conn.peer, principal = ?conn.peer_identity, %policy, "TCP connection denied");
+            metrics::counter!(crate::authz::DENIED_TOTAL, crate::authz::POLICY_LABEL => policy)
+                .increment(1);
+            return;
+        }
+    }
     let dest = match conn.destination(&snap, None).await {
         Ok(d) => d,
         Err(e) => {
@@ -35,8 +45,13 @@ where
         debug!(peer = %conn.peer, service = %dest.name(), "closing TCP connection: no endpoint");
         return;
     };
-    let labels = labels(&conn, &snap, &dest, &pick);
-    match pool::connect_tcp(pick.endpoint.addr, conn.shared.limits.connect_timeout).await {
+    let dial = pool::Dial::to(
+        &pick.endpoint,
+        conn.shared.limits.connect_timeout,
+        &conn.shared.tls,
+    );
+    let labels = labels(&conn, &snap, &dest, &pick, dial.is_tls());
+    match dial.connect(None).await {
         Ok(mut upstream) => copy(&mut io, &mut upstream, &labels).await,
         Err(e) => debug!(peer = %conn.peer, error = %e, "TCP upstream connect failed"),
     }
@@ -60,13 +75,18 @@ pub async fn connect_tunnel(
         return crate::http::local(StatusCode::SERVICE_UNAVAILABLE, &msg, record);
     };
     let addr = pick.endpoint.addr;
-    let mut upstream = match pool::connect_tcp(addr, conn.shared.limits.connect_timeout).await {
+    let dial = pool::Dial::to(
+        &pick.endpoint,
+        conn.shared.limits.connect_timeout,
+        &conn.shared.tls,
+    );
+    let mut upstream = match dial.connect(None).await {
         Ok(s) => s,
         Err(e) => {
             return crate::http::local(StatusCode::SERVICE_UNAVAILABLE, &e.to_string(), record);
         }
     };
-    let labels = labels(&conn, snap, &dest, &pick);
+    let labels = labels(&conn, snap, &dest, &pick, dial.is_tls());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let tasks = conn.shared.tasks.clone();
     tasks.spawn(async move {
@@ -107,7 +127,15 @@ fn pick(dest: &Dest) -> Option<Pick> {
     }
 }
 
-fn labels(conn: &Conn, snap: &Snapshot, dest: &Dest, pick: &Pick) -> Vec<(&'static str, String)> {
+/// The TCP metric labels. `upstream_tls`: the connection to the endpoint
+/// is mutual TLS (what `tls` means outbound; inbound it is the client's).
+fn labels(
+    conn: &Conn,
+    snap: &Snapshot,
+    dest: &Dest,
+    pick: &Pick,
+    upstream_tls: bool,
+) -> Vec<(&'static str, String)> {
     let outbound = conn.listener.is_outbound();
     let source = |v: &Arc<str>| {
         if outbound {
@@ -122,7 +150,15 @@ fn labels(conn: &Conn, snap: &Snapshot, dest: &Dest, pick: &Pick) -> Vec<(&'stat
         ("source_namespace", source(&snap.namespace)),
         ("destination_service", dest.name().to_string()),
         ("destination_workload", pick.endpoint.workload.to_string()),
-        ("tls", "false".to_owned()),
+        (
+            "tls",
+            (if outbound {
+                upstream_tls
+            } else {
+                conn.peer_identity.is_some()
+            })
+            .to_string(),
+        ),
     ]
 }
 

@@ -147,6 +147,9 @@ pub struct Dims {
     pub route: Arc<str>,
     /// Whether the hop was mutual TLS.
     pub tls: bool,
+    /// The caller's SPIFFE ID: the mTLS peer's inbound, the proxy's own
+    /// outbound; `unknown` without mTLS.
+    pub source_principal: Arc<str>,
 }
 
 #[derive(PartialEq, Eq, Hash)]
@@ -194,6 +197,7 @@ impl RequestMetrics {
             ("response_code", key.status.to_string()),
             ("grpc_status", grpc),
             ("tls", key.dims.tls.to_string()),
+            ("source_principal", key.dims.source_principal.to_string()),
         ];
         let h = Arc::new(Handles {
             requests: metrics::counter!(REQUESTS_TOTAL, &labels),
@@ -243,6 +247,11 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
+    /// Marks the hop as mutual TLS (the `tls` label).
+    pub fn set_tls(&mut self, tls: bool) {
+        self.dims.tls = tls;
+    }
+
     /// Starts a record; `access` is `Some` when access logging is on.
     pub fn new(
         metrics: Arc<RequestMetrics>,

@@ -199,11 +199,81 @@ pub async fn discovered_proxy(
         discovery: Some(discovery.to_string()),
         ..Settings::for_tests()
     };
-    let node = crate::discovery::node(&settings, &bootstrap);
-    let proxy = crate::start(settings, bootstrap.clone()).await.unwrap();
-    let client =
-        crate::discovery::Client::new(&discovery.to_string(), node, bootstrap, proxy.clone())
-            .unwrap();
-    tokio::spawn(client.run());
-    proxy
+    crate::start_discovered(settings, bootstrap, &discovery.to_string())
+        .await
+        .unwrap()
+}
+
+/// A certificate authority for tests: a self-signed P-256 root that issues
+/// workload certificates with a SPIFFE URI SAN.
+pub struct TestCa {
+    root: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    /// A new root.
+    pub fn new() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Trellis test root");
+        let root = params.self_signed(&key).unwrap();
+        Self { root, key }
+    }
+
+    /// The root, PEM.
+    pub fn root_pem(&self) -> String {
+        self.root.pem()
+    }
+
+    /// A certificate for `spiffe_id` valid from `not_before` to
+    /// `not_after`: the chain (PEM) and the PKCS#8 key (DER).
+    pub fn issue_between(
+        &self,
+        spiffe_id: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> (Vec<String>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = rcgen::Issuer::from_ca_cert_der(self.root.der(), &self.key).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (vec![cert.pem()], key.serialize_der())
+    }
+
+    /// A certificate for `spiffe_id` valid for a day from an hour ago.
+    pub fn issue(&self, spiffe_id: &str) -> (Vec<String>, Vec<u8>) {
+        let now = std::time::SystemTime::now();
+        let hour = std::time::Duration::from_secs(3600);
+        self.issue_between(spiffe_id, now - hour, now + 24 * hour)
+    }
+
+    /// A `Tls` holding a certificate for `spiffe_id` and this root.
+    pub fn tls(&self, spiffe_id: &str) -> Arc<crate::tls::Tls> {
+        let tls = crate::tls::Tls::new();
+        let (chain, key) = self.issue(spiffe_id);
+        tls.set_credentials(&chain, key).unwrap();
+        tls.set_roots(&[self.root_pem()]).unwrap();
+        tls
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
 }

@@ -13,9 +13,9 @@
 
 mod loadgen;
 mod peers;
-mod process;
-mod procfs;
-mod report;
+pub(crate) mod process;
+pub(crate) mod procfs;
+pub(crate) mod report;
 mod scenario;
 mod server;
 mod summary;
@@ -84,7 +84,7 @@ pub struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "direct,proxy,proxy-pair,haproxy,haproxy-pair,nginx"
+        default_value = "direct,proxy,proxy-pair,mtls-pair,haproxy,haproxy-pair,nginx"
     )]
     pub scenarios: Vec<Scenario>,
     /// Short phases and one round for smoke runs; explicit --duration,
@@ -134,7 +134,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let release_dir = target_dir.join("release");
     if !args.no_build {
         let with_proxy = args.scenarios.iter().any(|s| s.needs_proxy());
-        build(with_proxy)?;
+        let (packages, hint) = if with_proxy {
+            (
+                &["xtask", "proxy"][..],
+                "; to measure without the proxy, pass --scenarios direct,haproxy,haproxy-pair,nginx",
+            )
+        } else {
+            (&["xtask"][..], "")
+        };
+        build(packages, hint)?;
     }
     if cfg!(debug_assertions) {
         // The load generator runs in this process: unoptimized, it would
@@ -240,37 +248,30 @@ impl Options {
     }
 }
 
-/// Builds the release binaries the benchmark runs.
-fn build(with_proxy: bool) -> anyhow::Result<()> {
+/// Builds the release binaries of `packages` (`cargo build --release -p
+/// ...`); `hint` is appended to the error when the build fails.
+pub(crate) fn build(packages: &[&str], hint: &str) -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut packages = vec!["-p", "xtask"];
-    if with_proxy {
-        packages.extend(["-p", "proxy"]);
-    }
-    let line = format!("cargo build --release {}", packages.join(" "));
+    let args: Vec<&str> = packages.iter().flat_map(|p| ["-p", p]).collect();
+    let line = format!("cargo build --release {}", args.join(" "));
     eprintln!("bench: {line}");
     let status = Command::new(cargo)
         .current_dir(root)
         .args(["build", "--release"])
-        .args(&packages)
+        .args(&args)
         .status()
         .with_context(|| format!("cannot run `{line}`"))?;
     if !status.success() {
-        let hint = if with_proxy {
-            "; to measure without the proxy, pass --scenarios direct,haproxy,haproxy-pair,nginx"
-        } else {
-            ""
-        };
         bail!("`{line}` failed ({status}){hint}");
     }
     Ok(())
 }
 
 /// Runs this command again from the release build of xtask.
-fn reexec(release_xtask: &Path, no_build: bool) -> anyhow::Result<()> {
+pub(crate) fn reexec(release_xtask: &Path, no_build: bool) -> anyhow::Result<()> {
     let mut cmd = Command::new(release_xtask);
     cmd.args(std::env::args_os().skip(1));
     if !no_build {
@@ -376,7 +377,7 @@ mod tests {
         let opts = Options::new(&args)?;
         assert_eq!(opts.scenarios, ["direct", "proxy-pair"]);
         let all = Cli::parse_from(["x"]).args;
-        assert_eq!(all.scenarios.len(), 6);
+        assert_eq!(all.scenarios.len(), 7);
         Ok(())
     }
 }

@@ -4,6 +4,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_controlplane;
 mod codegen;
 mod demo;
 
@@ -22,6 +23,9 @@ enum Command {
     Codegen,
     /// Benchmark the proxy against the direct path and peer proxies.
     Bench(bench::Args),
+    /// Benchmark the control plane: change propagation to 1,000 proxies,
+    /// memory and CPU, on a synthetic mesh of 10,000 services.
+    BenchControlplane(bench_controlplane::Args),
     /// Internal: the upstream HTTP server the benchmark measures against.
     #[command(hide = true)]
     BenchServer(bench::ServerArgs),
@@ -32,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Codegen => codegen::run(),
         Command::Bench(args) => bench::run(args),
+        Command::BenchControlplane(args) => bench_controlplane::run(args),
         Command::BenchServer(args) => bench::serve(args),
     }
 }

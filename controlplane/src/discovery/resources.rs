@@ -8,11 +8,12 @@ use mesh_proto::convert;
 use mesh_proto::discovery::v1 as pb;
 use prost::Message;
 
-use crate::index::{Index, Key, Outbound};
+use crate::index::{Index, Key, Outbound, inbound_key, trust_bundle_key};
 
 /// The resource types of `trellis.discovery.v1`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Type {
+    TrustBundle,
     ServiceIndex,
     OutboundService,
     Endpoints,
@@ -23,6 +24,7 @@ pub(super) enum Type {
 /// from beyond the one it is named for (an OutboundService's backends:
 /// their protocol and load balancer come from their own Service and
 /// DestinationPolicy).
+#[derive(Debug)]
 pub(super) struct Computed {
     pub resource: pb::Resource,
     pub deps: Vec<Key>,
@@ -30,9 +32,11 @@ pub(super) struct Computed {
 
 impl Type {
     /// In the order a response for each is sent when several are due: the
-    /// index before the services it names, a service before the endpoints
-    /// of its backends.
-    pub const ALL: [Type; 4] = [
+    /// roots first (a proxy must trust a new root before it meets
+    /// certificates from it), the index before the services it names, a
+    /// service before the endpoints of its backends.
+    pub const ALL: [Type; 5] = [
+        Type::TrustBundle,
         Type::ServiceIndex,
         Type::OutboundService,
         Type::Endpoints,
@@ -49,6 +53,7 @@ impl Type {
             Type::OutboundService => pb::TYPE_OUTBOUND_SERVICE,
             Type::Endpoints => pb::TYPE_ENDPOINTS,
             Type::InboundConfig => pb::TYPE_INBOUND_CONFIG,
+            Type::TrustBundle => pb::TYPE_TRUST_BUNDLE,
         }
     }
 
@@ -59,6 +64,7 @@ impl Type {
             Type::OutboundService => "OutboundService",
             Type::Endpoints => "Endpoints",
             Type::InboundConfig => "InboundConfig",
+            Type::TrustBundle => "TrustBundle",
         }
     }
 
@@ -73,7 +79,30 @@ impl Type {
         match self {
             Type::ServiceIndex | Type::OutboundService => parse_service_name(name),
             Type::Endpoints => parse_backend_name(name).map(|(k, _)| k),
-            Type::InboundConfig => None,
+            // Every inbound config of a namespace changes together.
+            Type::InboundConfig => parse_service_name(name).map(|k| inbound_key(&k.namespace)),
+            Type::TrustBundle => (name == pb::TRUST_BUNDLE).then(trust_bundle_key),
+        }
+    }
+
+    /// The resource names of this type that a change of `service`
+    /// affects: the inverse of [`Type::service_of`], so that a stream
+    /// finds them among its subscriptions without parsing each of those.
+    pub fn affected(self, service: &Key) -> Affected {
+        match self {
+            Type::ServiceIndex | Type::OutboundService => {
+                Affected::Name(service_name(&service.namespace, &service.name))
+            }
+            // One backend per port: `name.namespace:port`.
+            Type::Endpoints => Affected::Prefix(format!("{}.{}:", service.name, service.namespace)),
+            Type::InboundConfig if *service == inbound_key("*") => Affected::Prefix(String::new()),
+            Type::InboundConfig if *service == inbound_key(&service.namespace) => {
+                Affected::Prefix(format!("{}/", service.namespace))
+            }
+            Type::TrustBundle if *service == trust_bundle_key() => {
+                Affected::Name(pb::TRUST_BUNDLE.to_owned())
+            }
+            Type::InboundConfig | Type::TrustBundle => Affected::Nothing,
         }
     }
 
@@ -82,10 +111,7 @@ impl Type {
     pub fn compute(self, index: &Index, name: &str, client_ns: &str) -> Option<Computed> {
         match self {
             Type::ServiceIndex => {
-                let key = parse_service_name(name)?;
-                let mut service = index.outbound(&key, client_ns)?.service;
-                // The index entry of a service is the service without routes.
-                service.routes.clear();
+                let service = index.service_entry(&parse_service_name(name)?)?;
                 Some(Computed {
                     resource: encode_index_entry(&service),
                     deps: Vec::new(),
@@ -116,24 +142,43 @@ impl Type {
                     deps: Vec::new(),
                 })
             }
-            // The index does not model workloads' inbound sides yet: every
-            // InboundConfig is reported as absent, so that a proxy does not
-            // wait for one.
-            Type::InboundConfig => None,
+            // Named `namespace/pod`: the pod's labels select its policies.
+            Type::InboundConfig => {
+                let key = parse_service_name(name)?;
+                let policy = index.inbound_policy(&key.namespace, &key.name);
+                Some(Computed {
+                    resource: resource(
+                        name.to_owned(),
+                        &convert::inbound_config(&key.namespace, &key.name, &policy),
+                    ),
+                    deps: Vec::new(),
+                })
+            }
+            // Absent until a CA has set one.
+            Type::TrustBundle => {
+                let roots = index.trust_bundle();
+                (name == pb::TRUST_BUNDLE && !roots.is_empty()).then(|| Computed {
+                    resource: resource(
+                        name.to_owned(),
+                        &pb::TrustBundle {
+                            roots_pem: roots.to_vec(),
+                        },
+                    ),
+                    deps: Vec::new(),
+                })
+            }
         }
     }
+}
 
-    /// Every resource of a wildcard type, by name.
-    pub fn compute_all(self, index: &Index) -> Vec<(String, pb::Resource)> {
-        match self {
-            Type::ServiceIndex => index
-                .service_entries()
-                .iter()
-                .map(|s| (service_name(&s.namespace, &s.name), encode_index_entry(s)))
-                .collect(),
-            Type::OutboundService | Type::Endpoints | Type::InboundConfig => Vec::new(),
-        }
-    }
+/// The resource names a change of one service affects.
+pub(super) enum Affected {
+    /// This name.
+    Name(String),
+    /// Every name that starts with this.
+    Prefix(String),
+    /// None.
+    Nothing,
 }
 
 /// `namespace/name`, the name of ServiceIndex and OutboundService

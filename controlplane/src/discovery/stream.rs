@@ -3,25 +3,34 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::mem;
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use mesh_proto::discovery::v1::{self as pb, DiscoveryRequest, DiscoveryResponse, WILDCARD};
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, sleep_until};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Duration, Instant, sleep_until};
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use super::resources::{Computed, Type, service_name};
+use super::cache::Table;
+use super::resources::{Affected, Computed, Type};
 use super::{
     Applied, Error, NackStatus, ProxyStatus, ResourceStatus, Shared, Since, State, SyncState,
     TypeStatus, lock,
 };
-use crate::index::{Index, Key};
+use crate::index::Key;
 
 /// Past this many due resources of a wildcard type, a stream recomputes
 /// all of them in one pass.
 const BULK: usize = 64;
+/// How long a proxy may take to answer a whole-table response before its
+/// sync slot goes to the next stream.
+const SYNC_HOLD: Duration = Duration::from_secs(5);
+/// Past this many resources recorded apart from the shared table (see
+/// [`Held`]), a wildcard stream compares its proxy with the whole table at
+/// its next push, which lets it share the current table again.
+const COMPACT: usize = 1024;
 
 /// The state of one stream, shared between its task and the debug view.
 pub(super) struct Proxy {
@@ -50,7 +59,8 @@ struct Node {
 struct TypeState {
     wildcard: bool,
     names: BTreeSet<String>,
-    sent: BTreeMap<String, Sent>,
+    /// What the proxy holds.
+    held: Held,
     /// Per OutboundService, the other services it was computed from.
     deps: BTreeMap<String, Vec<Key>>,
     /// To recompute and diff at the next send.
@@ -63,9 +73,48 @@ struct TypeState {
     last_nack: Option<Nack>,
 }
 
+/// What a proxy holds of one type, as far as the server knows: what it
+/// was sent, in which response, and whether it applied it.
+///
+/// A wildcard proxy holds a ServiceIndex entry per service of the mesh,
+/// the same entries as every other wildcard proxy: with thousands of
+/// services and proxies, a copy per stream would be most of the server's
+/// memory. So `base` shares the server's [`Table`] as it was when the
+/// proxy was last brought level with all of it, and `own` records per
+/// name only what differs from it: entries sent since, names subscribed
+/// explicitly, and entries removed since. Every entry of `base` counts as
+/// sent in its response: ACKing or NACKing that response applies to all
+/// of them (a NACK has them all resent when next due; the proxy kept what
+/// it had, so resending is safe, only wasteful).
+#[derive(Default)]
+struct Held {
+    base: Option<Base>,
+    own: BTreeMap<String, Slot>,
+}
+
+struct Base {
+    table: Arc<Table>,
+    nonce: u64,
+    applied: Applied,
+}
+
+enum Slot {
+    Sent(Sent),
+    /// Not held, although `base` has it.
+    Dropped,
+}
+
 struct Sent {
     /// `None`: the proxy was told the resource does not exist.
     version: Option<String>,
+    nonce: u64,
+    applied: Applied,
+}
+
+/// A [`Sent`] or a `base` entry, borrowed.
+#[derive(Clone, Copy)]
+struct SentRef<'a> {
+    version: Option<&'a str>,
     nonce: u64,
     applied: Applied,
 }
@@ -80,8 +129,26 @@ struct Nack {
 pub(super) struct Push {
     pub response: DiscoveryResponse,
     pub ty: Type,
+    pub nonce: u64,
+    /// It compared the proxy with a whole wildcard table (see
+    /// [`Proxy::needs_bulk`]).
+    pub bulk: bool,
     /// When the earliest change it carries happened, for push latency.
     pub changed_at: Option<Instant>,
+}
+
+/// One of the server's [`super::Config::sync_concurrency`] slots for
+/// whole-table responses: taken before such a response is computed, and
+/// given back when the proxy answers it (ACK or NACK), when computing it
+/// found nothing to send, or after [`SYNC_HOLD`]. So when a thousand
+/// proxies connect at once, a bounded number of full service indexes are
+/// in memory (computed, queued or in flight) at a time; the rest wait
+/// their turn.
+struct SyncSlot {
+    _permit: OwnedSemaphorePermit,
+    /// The type and nonce of the response sent with the slot.
+    sent: Option<(Type, u64)>,
+    until: Instant,
 }
 
 /// Serves one stream until the proxy goes away or breaks the protocol.
@@ -127,17 +194,22 @@ pub(super) async fn run(
     }
 
     let interval = shared.config.push_interval;
+    let mut slot: Option<SyncSlot> = None;
     // Set when a push round starts; a round sends every type that is due.
     let mut last_round: Option<Instant> = None;
     let mut in_round = false;
     loop {
-        let (due, urgent) = {
+        let (due, urgent, bulk) = {
             let p = lock(&proxy);
-            (p.has_due(), p.urgent)
+            if slot.as_ref().is_some_and(|s| s.done(&p)) {
+                slot = None;
+            }
+            (p.has_due(), p.urgent, p.needs_bulk())
         };
         if !due {
             in_round = false;
         }
+        let blocked = due && bulk && slot.is_none();
         let now = Instant::now();
         let send_at = match last_round {
             _ if !due => None,
@@ -145,7 +217,8 @@ pub(super) async fn run(
             None => Some(now),
             Some(t) => Some((t + interval).max(now)),
         };
-        let ready = send_at.is_some_and(|t| t <= now);
+        let ready = send_at.is_some_and(|t| t <= now) && !blocked;
+        let slot_until = slot.as_ref().map(|s| s.until);
         tokio::select! {
             biased;
             request = requests.next() => match request {
@@ -170,22 +243,40 @@ pub(super) async fn run(
                 let state = shared.read();
                 lock(&proxy).on_change(&state);
             }
+            acquired = shared.syncs.clone().acquire_owned(), if blocked => {
+                // The semaphore is never closed.
+                let Ok(permit) = acquired else { break };
+                slot = Some(SyncSlot {
+                    _permit: permit,
+                    sent: None,
+                    until: Instant::now() + SYNC_HOLD,
+                });
+            }
             permit = tx.reserve(), if ready => {
                 let Ok(permit) = permit else { break };
                 let push = {
                     let state = shared.read();
-                    lock(&proxy).next_push(&state.index, state.generation)
+                    lock(&proxy).next_push(&state)
                 };
                 if let Some(push) = push {
                     if !in_round {
                         in_round = true;
                         last_round = Some(now);
                     }
+                    if push.bulk
+                        && let Some(slot) = &mut slot
+                    {
+                        slot.sent = Some((push.ty, push.nonce));
+                    }
                     record(&push);
                     permit.send(Ok(push.response));
                 }
             }
-            () = sleep_until(send_at.unwrap_or(now)), if send_at.is_some() && !ready => {}
+            () = sleep_until(send_at.unwrap_or(now)), if send_at.is_some() && !ready && !blocked => {}
+            () = sleep_until(slot_until.unwrap_or(now)), if slot_until.is_some() => {
+                // The proxy takes too long to answer: let another sync go.
+                slot = None;
+            }
         }
     }
     tracing::info!("proxy disconnected");
@@ -259,7 +350,7 @@ impl Proxy {
         // sent and applied, so that only what differs is sent again.
         for (name, version) in request.initial_versions {
             if st.wildcard || st.names.contains(&name) {
-                st.sent.insert(
+                st.held.insert(
                     name,
                     Sent {
                         version: Some(version),
@@ -289,24 +380,41 @@ impl Proxy {
         self.types.values().any(|t| t.due_all || !t.due.is_empty())
     }
 
+    /// Whether the next push compares the proxy with a whole wildcard
+    /// table, which may make a response of every resource of the type.
+    pub(super) fn needs_bulk(&self) -> bool {
+        self.types.values().any(TypeState::bulk_due)
+    }
+
+    /// Whether the proxy has answered (ACKed or NACKed) response `nonce`
+    /// of type `ty`, or one after it.
+    fn answered(&self, ty: Type, nonce: u64) -> bool {
+        self.types.get(&ty).is_some_and(|t| {
+            t.acked_nonce.is_some_and(|n| n >= nonce)
+                || t.last_nack.as_ref().is_some_and(|n| n.nonce >= nonce)
+        })
+    }
+
     /// Computes the next response: the first type, in [`Type::ALL`] order,
     /// with due resources that differ from what the proxy holds.
-    pub(super) fn next_push(&mut self, index: &Index, generation: u64) -> Option<Push> {
+    pub(super) fn next_push(&mut self, state: &State) -> Option<Push> {
         let mut push = None;
         for ty in Type::ALL {
             let Some(st) = self.types.get_mut(&ty) else {
                 continue;
             };
             let nonce = self.last_nonce + 1;
-            if let Some(response) = st.diff(ty, index, &self.node.namespace, nonce) {
+            if let Some((response, bulk)) = st.diff(ty, state, &self.node.namespace, nonce) {
                 self.last_nonce = nonce;
                 push = Some(Push {
                     response: DiscoveryResponse {
                         type_url: ty.url().to_owned(),
-                        system_version: generation.to_string(),
+                        system_version: state.generation.to_string(),
                         ..response
                     },
                     ty,
+                    nonce,
+                    bulk,
                     changed_at: self.changed_at,
                 });
                 break;
@@ -317,6 +425,13 @@ impl Proxy {
             self.changed_at = None;
         }
         push
+    }
+
+    /// The shared table a wildcard type's proxy is recorded as holding.
+    #[cfg(test)]
+    pub(super) fn held_table(&self, ty: Type) -> Option<Arc<Table>> {
+        let base = self.types.get(&ty)?.held.base.as_ref()?;
+        Some(base.table.clone())
     }
 
     pub(super) fn status(&self) -> ProxyStatus {
@@ -357,11 +472,7 @@ impl Node {
 impl TypeState {
     fn ack(&mut self, nonce: u64) {
         self.acked_nonce = self.acked_nonce.max(Some(nonce));
-        for s in self.sent.values_mut() {
-            if s.nonce <= nonce && s.applied == Applied::Pending {
-                s.applied = Applied::Acked;
-            }
-        }
+        self.held.ack(nonce);
     }
 
     fn nack(&mut self, proxy: &str, ty: Type, nonce: u64, error: pb::ErrorDetail) {
@@ -375,11 +486,7 @@ impl TypeState {
         metrics::counter!("trellis_discovery_nacks_total", "proxy" => proxy.to_owned())
             .increment(1);
         self.nacks += 1;
-        for s in self.sent.values_mut() {
-            if s.nonce == nonce && s.applied == Applied::Pending {
-                s.applied = Applied::Nacked;
-            }
-        }
+        self.held.nack(nonce);
         self.last_nack = Some(Nack {
             nonce,
             code: error.code,
@@ -392,13 +499,13 @@ impl TypeState {
             self.wildcard = false;
             self.due_all = false;
             let names = &self.names;
-            self.sent.retain(|n, _| names.contains(n));
+            self.held.keep_only(names);
             self.due.retain(|n| names.contains(n));
             return;
         }
         self.names.remove(&name);
         if !self.wildcard {
-            self.sent.remove(&name);
+            self.held.forget(&name);
             self.due.remove(&name);
             self.deps.remove(&name);
         }
@@ -413,17 +520,25 @@ impl TypeState {
                 self.due.extend(self.names.iter().cloned());
             }
             Since::Services(changed) => {
-                if self.wildcard {
-                    self.due
-                        .extend(changed.iter().map(|k| service_name(&k.namespace, &k.name)));
+                for service in changed {
+                    match ty.affected(service) {
+                        Affected::Name(name) => {
+                            if self.wildcard || self.names.contains(&name) {
+                                self.due.insert(name);
+                            }
+                        }
+                        Affected::Prefix(prefix) => {
+                            let from = (Bound::Included(prefix.as_str()), Bound::Unbounded);
+                            let names = self.names.range::<str, _>(from);
+                            for name in names.take_while(|n| n.starts_with(&prefix)) {
+                                self.due.insert(name.clone());
+                            }
+                        }
+                        Affected::Nothing => {}
+                    }
                 }
-                for name in &self.names {
-                    let hit = ty.service_of(name).is_some_and(|k| changed.contains(&k))
-                        || self
-                            .deps
-                            .get(name)
-                            .is_some_and(|d| d.iter().any(|k| changed.contains(k)));
-                    if hit {
+                for (name, deps) in &self.deps {
+                    if deps.iter().any(|k| changed.contains(k)) {
                         self.due.insert(name.clone());
                     }
                 }
@@ -432,20 +547,28 @@ impl TypeState {
         (self.due_all, self.due.len()) != before
     }
 
+    /// Whether the next diff compares the proxy with the whole table:
+    /// when everything is due (a new subscription, a stream too far
+    /// behind), when many changes are (a directory re-read, a watch
+    /// restart: one pass over the table is cheaper than a lookup per
+    /// name), or to share the current table again (see [`COMPACT`]).
+    fn bulk_due(&self) -> bool {
+        self.wildcard && (self.due_all || self.due.len() > BULK || self.held.own.len() > COMPACT)
+    }
+
     /// Recomputes what is due and returns a response with what differs
-    /// from what the proxy holds, recording it as sent in `nonce`; `None`
-    /// when nothing differs.
+    /// from what the proxy holds, recording it as sent in `nonce`, and
+    /// whether it compared the whole table; `None` when nothing differs.
     fn diff(
         &mut self,
         ty: Type,
-        index: &Index,
+        state: &State,
         client_ns: &str,
         nonce: u64,
-    ) -> Option<DiscoveryResponse> {
+    ) -> Option<(DiscoveryResponse, bool)> {
+        let due_all = self.bulk_due();
+        self.due_all = false;
         let due = mem::take(&mut self.due);
-        // Many changes at once (a directory re-read, a watch restart): one
-        // pass over the whole index is cheaper than a lookup per name.
-        let due_all = (mem::take(&mut self.due_all) || due.len() > BULK) && self.wildcard;
         if !due_all && due.is_empty() {
             return None;
         }
@@ -454,65 +577,73 @@ impl TypeState {
             resources: Vec::new(),
             removed: Vec::new(),
         };
-        let mut done = BTreeSet::new();
-        if due_all {
-            let all = ty.compute_all(index);
-            for (name, resource) in all {
-                done.insert(name.clone());
-                let computed = Computed {
-                    resource,
-                    deps: Vec::new(),
-                };
-                self.consider(&mut out, name, Some(computed));
-            }
-            let gone: Vec<String> = self
-                .sent
-                .keys()
-                .filter(|n| !done.contains(*n) && !self.names.contains(*n))
-                .cloned()
-                .collect();
-            for name in gone {
-                self.consider(&mut out, name, None);
-            }
+        // Only the ServiceIndex is wildcard.
+        let table = due_all.then(|| lock(&state.cache).table(&state.index));
+        if let Some(table) = &table {
+            self.diff_all(table, &mut out);
         }
         for name in due {
-            if done.contains(&name) {
+            if table
+                .as_ref()
+                .is_some_and(|t| t.contains_key(name.as_str()))
+            {
                 continue;
             }
-            let computed = ty.compute(index, &name, client_ns);
+            let computed = lock(&state.cache).get(&state.index, ty, &name, client_ns);
             self.consider(&mut out, name, computed);
         }
         if out.resources.is_empty() && out.removed.is_empty() {
             return None;
         }
         self.last_nonce = Some(nonce);
-        Some(DiscoveryResponse {
+        let response = DiscoveryResponse {
             type_url: String::new(),
             resources: out.resources,
             removed: out.removed,
             nonce: nonce.to_string(),
             system_version: String::new(),
-        })
+        };
+        Some((response, due_all))
+    }
+
+    /// Brings a wildcard proxy level with the whole `table`: adds what
+    /// differs and what is gone to `out`, and shares `table` as the record
+    /// of what the proxy holds.
+    fn diff_all(&mut self, table: &Arc<Table>, out: &mut Diff) {
+        if self.held.is_level_with(table) {
+            return;
+        }
+        for (name, c) in table.iter() {
+            if !self.held.is_same(name, Some(&c.resource.version)) {
+                out.resources.push(c.resource.clone());
+            }
+        }
+        let gone: Vec<String> = self
+            .held
+            .names()
+            .filter(|n| !table.contains_key(*n) && !self.names.contains(*n))
+            .map(str::to_owned)
+            .collect();
+        out.removed.extend(gone);
+        let sent = !out.resources.is_empty() || !out.removed.is_empty();
+        self.held
+            .rebase(table.clone(), sent.then_some(out.nonce), &self.names);
     }
 
     /// Adds `name` to the response if what the proxy holds differs.
-    fn consider(&mut self, out: &mut Diff, name: String, computed: Option<Computed>) {
+    fn consider(&mut self, out: &mut Diff, name: String, computed: Option<Arc<Computed>>) {
         let explicit = self.names.contains(&name);
-        let old = self.sent.get(&name);
-        let same = |version: Option<&str>| {
-            old.is_some_and(|s| s.applied != Applied::Nacked && s.version.as_deref() == version)
-        };
         match computed {
             Some(c) => {
                 if c.deps.is_empty() {
                     self.deps.remove(&name);
                 } else {
-                    self.deps.insert(name.clone(), c.deps);
+                    self.deps.insert(name.clone(), c.deps.clone());
                 }
-                if same(Some(&c.resource.version)) {
+                if self.held.is_same(&name, Some(&c.resource.version)) {
                     return;
                 }
-                self.sent.insert(
+                self.held.insert(
                     name,
                     Sent {
                         version: Some(c.resource.version.clone()),
@@ -520,18 +651,19 @@ impl TypeState {
                         applied: Applied::Pending,
                     },
                 );
-                out.resources.push(c.resource);
+                out.resources.push(c.resource.clone());
             }
             None => {
                 self.deps.remove(&name);
                 // A wildcard resource the proxy never had needs no word; an
                 // explicitly subscribed one is reported absent once, so the
                 // proxy need not wait for it.
-                if (old.is_none() && !explicit) || same(None) {
+                let held = self.held.get(&name).is_some();
+                if (!held && !explicit) || self.held.is_same(&name, None) {
                     return;
                 }
                 if explicit {
-                    self.sent.insert(
+                    self.held.insert(
                         name.clone(),
                         Sent {
                             version: None,
@@ -540,7 +672,7 @@ impl TypeState {
                         },
                     );
                 } else {
-                    self.sent.remove(&name);
+                    self.held.remove(&name);
                 }
                 out.removed.push(name);
             }
@@ -561,13 +693,13 @@ impl TypeState {
             wildcard: self.wildcard,
             subscribed: self.names.iter().cloned().collect(),
             sent: self
-                .sent
-                .iter()
+                .held
+                .entries()
                 .map(|(name, s)| {
                     (
-                        name.clone(),
+                        name.to_owned(),
                         ResourceStatus {
-                            version: s.version.clone(),
+                            version: s.version.map(str::to_owned),
                             nonce: nonce(s.nonce),
                             state: s.applied,
                         },
@@ -591,4 +723,206 @@ struct Diff {
     nonce: u64,
     resources: Vec<pb::Resource>,
     removed: Vec<String>,
+}
+
+impl Held {
+    /// What the proxy holds of `name`; `None` when nothing.
+    fn get(&self, name: &str) -> Option<SentRef<'_>> {
+        match self.own.get(name) {
+            Some(Slot::Sent(s)) => Some(s.as_ref()),
+            Some(Slot::Dropped) => None,
+            None => self.base.as_ref().and_then(|b| b.get(name)),
+        }
+    }
+
+    /// Whether the proxy holds `version` of `name` (`None`: knows it is
+    /// absent) and did not reject it.
+    fn is_same(&self, name: &str, version: Option<&str>) -> bool {
+        self.get(name)
+            .is_some_and(|s| s.applied != Applied::Nacked && s.version == version)
+    }
+
+    fn insert(&mut self, name: String, sent: Sent) {
+        self.own.insert(name, Slot::Sent(sent));
+    }
+
+    /// The proxy was told `name` is gone.
+    fn remove(&mut self, name: &str) {
+        if self
+            .base
+            .as_ref()
+            .is_some_and(|b| b.table.contains_key(name))
+        {
+            self.own.insert(name.to_owned(), Slot::Dropped);
+        } else {
+            self.own.remove(name);
+        }
+    }
+
+    /// Forgets `name`, which the proxy no longer subscribes to.
+    fn forget(&mut self, name: &str) {
+        self.own.remove(name);
+    }
+
+    /// Forgets everything but `names`, when a proxy drops its wildcard
+    /// subscription.
+    fn keep_only(&mut self, names: &BTreeSet<String>) {
+        if let Some(base) = self.base.take() {
+            for name in names {
+                if !self.own.contains_key(name)
+                    && let Some(s) = base.get(name)
+                {
+                    let sent = Sent {
+                        version: s.version.map(str::to_owned),
+                        nonce: s.nonce,
+                        applied: s.applied,
+                    };
+                    self.own.insert(name.clone(), Slot::Sent(sent));
+                }
+            }
+        }
+        self.own
+            .retain(|n, slot| names.contains(n) && matches!(slot, Slot::Sent(_)));
+    }
+
+    fn ack(&mut self, nonce: u64) {
+        let ack = |nonce_sent: u64, applied: &mut Applied| {
+            if nonce_sent <= nonce && *applied == Applied::Pending {
+                *applied = Applied::Acked;
+            }
+        };
+        if let Some(b) = &mut self.base {
+            ack(b.nonce, &mut b.applied);
+        }
+        for slot in self.own.values_mut() {
+            if let Slot::Sent(s) = slot {
+                ack(s.nonce, &mut s.applied);
+            }
+        }
+    }
+
+    fn nack(&mut self, nonce: u64) {
+        let nack = |nonce_sent: u64, applied: &mut Applied| {
+            if nonce_sent == nonce && *applied == Applied::Pending {
+                *applied = Applied::Nacked;
+            }
+        };
+        if let Some(b) = &mut self.base {
+            nack(b.nonce, &mut b.applied);
+        }
+        for slot in self.own.values_mut() {
+            if let Slot::Sent(s) = slot {
+                nack(s.nonce, &mut s.applied);
+            }
+        }
+    }
+
+    /// Whether the proxy holds exactly `table` (and nothing rejected).
+    fn is_level_with(&self, table: &Arc<Table>) -> bool {
+        self.base
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(&b.table, table) && b.applied != Applied::Nacked)
+            && self.own.keys().all(|n| !table.contains_key(n.as_str()))
+    }
+
+    /// Every name the proxy holds.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        let base = self.base.iter().flat_map(|b| {
+            b.table
+                .keys()
+                .map(|n| &**n)
+                .filter(|n| !self.own.contains_key(*n))
+        });
+        let own = self
+            .own
+            .iter()
+            .filter(|(_, slot)| matches!(slot, Slot::Sent(_)))
+            .map(|(n, _)| n.as_str());
+        base.chain(own)
+    }
+
+    /// Every resource the proxy holds, in name order.
+    fn entries(&self) -> impl Iterator<Item = (&str, SentRef<'_>)> {
+        let mut all: BTreeMap<&str, SentRef<'_>> = BTreeMap::new();
+        if let Some(b) = &self.base {
+            for (name, c) in b.table.iter() {
+                all.insert(name, b.sent(c));
+            }
+        }
+        for (name, slot) in &self.own {
+            match slot {
+                Slot::Sent(s) => all.insert(name, s.as_ref()),
+                Slot::Dropped => all.remove(name.as_str()),
+            };
+        }
+        all.into_iter()
+    }
+
+    /// Records that the proxy now holds exactly `table` for the names in
+    /// it: after a response `nonce` that brought it level, or, when
+    /// nothing differed (`None`), as it already did.
+    fn rebase(&mut self, table: Arc<Table>, nonce: Option<u64>, names: &BTreeSet<String>) {
+        // What the proxy held already keeps its state: the latest nonce
+        // among it, ACKed if all of it was.
+        let (mut latest, mut acked) = self
+            .base
+            .as_ref()
+            .map_or((0, true), |b| (b.nonce, b.applied == Applied::Acked));
+        self.own.retain(|name, slot| {
+            if table.contains_key(name.as_str()) {
+                if let Slot::Sent(s) = slot {
+                    latest = latest.max(s.nonce);
+                    acked &= s.applied == Applied::Acked;
+                }
+                return false;
+            }
+            // Explicit names the table lacks stay; the rest was removed.
+            names.contains(name) && matches!(slot, Slot::Sent(_))
+        });
+        let (nonce, applied) = match nonce {
+            Some(n) => (n, Applied::Pending),
+            None if acked => (latest, Applied::Acked),
+            None => (latest, Applied::Pending),
+        };
+        self.base = Some(Base {
+            table,
+            nonce,
+            applied,
+        });
+    }
+}
+
+impl Base {
+    fn get(&self, name: &str) -> Option<SentRef<'_>> {
+        self.table.get(name).map(|c| self.sent(c))
+    }
+
+    fn sent<'a>(&'a self, c: &'a Computed) -> SentRef<'a> {
+        SentRef {
+            version: Some(&c.resource.version),
+            nonce: self.nonce,
+            applied: self.applied,
+        }
+    }
+}
+
+impl Sent {
+    fn as_ref(&self) -> SentRef<'_> {
+        SentRef {
+            version: self.version.as_deref(),
+            nonce: self.nonce,
+            applied: self.applied,
+        }
+    }
+}
+
+impl SyncSlot {
+    /// Whether the slot has served its purpose: the response sent with it
+    /// was answered, or nothing was sent and no whole-table diff is due.
+    fn done(&self, proxy: &Proxy) -> bool {
+        match self.sent {
+            Some((ty, nonce)) => proxy.answered(ty, nonce),
+            None => !proxy.needs_bulk(),
+        }
+    }
 }

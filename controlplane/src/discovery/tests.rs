@@ -14,6 +14,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::{Duration, Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use super::cache::Table;
+use super::resources::Type;
 use super::*;
 
 const INTERVAL: Duration = Duration::from_millis(100);
@@ -56,6 +58,7 @@ fn config(push_interval: Duration, stream_buffer: usize) -> Config {
     Config {
         push_interval,
         stream_buffer,
+        sync_concurrency: DEFAULT_SYNC_CONCURRENCY,
     }
 }
 
@@ -371,4 +374,244 @@ fn a_stream_too_far_behind_recomputes_everything() {
         ),
         Since::All => panic!("the log covers the last {CHANGE_LOG} generations"),
     }
+}
+
+fn key(name: &str) -> Key {
+    Key {
+        namespace: "bookinfo".into(),
+        name: name.into(),
+    }
+}
+
+#[test]
+fn the_cache_computes_once_and_drops_what_a_change_touches() {
+    let server = server(Config::default());
+    let mut state = server.shared.write();
+    let state = &mut *state;
+    state
+        .index
+        .apply(split("bookinfo", 1, 1))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cache = state.cache.get_mut().unwrap();
+    let outbound = |cache: &mut Cache, index: &Index, ns: &str| {
+        cache
+            .get(index, Type::OutboundService, "bookinfo/reviews", ns)
+            .unwrap()
+    };
+    let first = outbound(cache, &state.index, "default");
+    let again = outbound(cache, &state.index, "bookinfo");
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "one computation for all clients"
+    );
+    let endpoints = cache
+        .get(&state.index, Type::Endpoints, "ratings.bookinfo:9080", "x")
+        .unwrap();
+    assert_eq!(cache.len(), 2);
+
+    // A change to a backend of reviews (its Service) drops reviews'
+    // OutboundService, and nothing else.
+    let changed = state
+        .index
+        .apply(service("reviews-v2", "10.96.9.9"))
+        .unwrap();
+    cache.invalidate(&changed.services, &state.index);
+    assert_eq!(cache.len(), 1);
+    let after = outbound(cache, &state.index, "default");
+    assert!(!Arc::ptr_eq(&first, &after), "recomputed");
+    let same = cache
+        .get(&state.index, Type::Endpoints, "ratings.bookinfo:9080", "x")
+        .unwrap();
+    assert!(Arc::ptr_eq(&endpoints, &same), "untouched");
+
+    // A consumer route makes `shop`'s view its own.
+    let changed = state.index.apply(split("shop", 7, 1)).unwrap();
+    cache.invalidate(&changed.services, &state.index);
+    let shop = outbound(cache, &state.index, "shop");
+    let default = outbound(cache, &state.index, "default");
+    assert_ne!(shop.resource.version, default.resource.version);
+    assert_eq!(default.resource.version, after.resource.version);
+}
+
+#[test]
+fn a_change_patches_a_copy_of_the_service_index_that_streams_hold() {
+    let server = server(Config::default());
+    let mut state = server.shared.write();
+    let state = &mut *state;
+    let cache = state.cache.get_mut().unwrap();
+    let held = cache.table(&state.index);
+    assert_eq!(held.len(), 4);
+
+    let changed = state.index.apply(service("ratings", "10.96.1.1")).unwrap();
+    cache.invalidate(&changed.services, &state.index);
+    let current = cache.table(&state.index);
+    let version = |t: &Table| t["bookinfo/ratings"].resource.version.clone();
+    assert_ne!(version(&held), version(&current));
+    assert_eq!(
+        held["bookinfo/reviews"].resource.version,
+        current["bookinfo/reviews"].resource.version
+    );
+
+    let changed = state.index.delete::<Service>(&key("ratings"));
+    cache.invalidate(&changed.services, &state.index);
+    assert_eq!(cache.table(&state.index).len(), 3);
+    assert_eq!(held.len(), 4, "a held table never changes");
+}
+
+#[tokio::test(start_paused = true)]
+async fn wildcard_streams_share_one_service_index() {
+    let server = server(config(INTERVAL, 2));
+    let mut clients = Vec::new();
+    for id in ["a", "b"] {
+        let mut c = Client::connect(&server, id, "default");
+        c.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+        let r = c.recv().await;
+        assert_eq!(r.resources.len(), 4);
+        c.ack(&r);
+        clients.push(c);
+    }
+    settle().await;
+    let tables: Vec<_> = lock(&server.shared.proxies)
+        .values()
+        .map(|p| lock(p).held_table(Type::ServiceIndex).unwrap())
+        .collect();
+    assert!(Arc::ptr_eq(&tables[0], &tables[1]));
+    for p in server.debug_proxies() {
+        let t = &p.types["ServiceIndex"];
+        assert_eq!(t.sent.len(), 4);
+        assert!(t.sent.values().all(|s| s.state == Applied::Acked), "{t:?}");
+    }
+
+    // A change sends only the changed entry, and what each proxy holds
+    // shows it.
+    server
+        .update(|i| i.apply(service("ratings", "10.96.1.1")))
+        .unwrap();
+    for c in &mut clients {
+        let r = c.recv().await;
+        let names: Vec<_> = r.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["bookinfo/ratings"]);
+        c.ack(&r);
+    }
+    settle().await;
+    let ratings = server.read(|i| i.service_entry(&key("ratings"))).unwrap();
+    assert_eq!(
+        ratings.addresses,
+        ["10.96.1.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    for p in server.debug_proxies() {
+        let t = &p.types["ServiceIndex"];
+        assert_eq!(t.sent.len(), 4);
+        assert_eq!(t.sync, SyncState::Synced);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_nacked_service_index_is_resent_when_next_due() {
+    let server = server(config(INTERVAL, 2));
+    let mut c = Client::connect(&server, "p", "default");
+    c.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+    let all = c.recv().await;
+    c.nack(&all, "cannot apply");
+    settle().await;
+    let t = &server.debug_proxies()[0].types["ServiceIndex"];
+    assert_eq!(t.sync, SyncState::Nacked);
+    assert!(t.sent.values().all(|s| s.state == Applied::Nacked));
+
+    // A route leaves reviews' index entry as it was, yet the rejected
+    // entry goes again.
+    server.update(|i| i.apply(split("bookinfo", 1, 1))).unwrap();
+    let again = c.recv().await;
+    let names: Vec<_> = again.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["bookinfo/reviews"]);
+    c.ack(&again);
+    settle().await;
+    let t = &server.debug_proxies()[0].types["ServiceIndex"];
+    assert_eq!(t.sent["bookinfo/reviews"].state, Applied::Acked);
+    assert_eq!(t.sync, SyncState::Synced);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_far_behind_is_brought_level_with_the_current_index() {
+    let server = server(config(INTERVAL, 2));
+    let mut c = Client::connect(&server, "p", "default");
+    c.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+    let all = c.recv().await;
+    c.ack(&all);
+    settle().await;
+    // More changes than the log remembers, while the stream is not
+    // reading: it recomputes everything and sends what differs.
+    server.update(|i| i.delete::<Service>(&key("ratings")));
+    for i in 0..=CHANGE_LOG {
+        let weight = u32::try_from(i).unwrap();
+        server
+            .update(|index| index.apply(split("bookinfo", weight, 1)))
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while let Ok(r) = tokio::time::timeout(Duration::from_secs(1), c.recv()).await {
+        c.ack(&r);
+        got.push(r);
+    }
+    let removed: Vec<_> = got.iter().flat_map(|r| r.removed.iter()).collect();
+    assert_eq!(removed, ["bookinfo/ratings"]);
+    assert!(got.iter().all(|r| r.resources.is_empty()), "{got:?}");
+    settle().await;
+    let t = &server.debug_proxies()[0].types["ServiceIndex"];
+    assert_eq!(t.sent.len(), 3);
+}
+
+#[test]
+fn affected_names_are_the_inverse_of_service_of() {
+    let reviews = key("reviews");
+    for (ty, name) in [
+        (Type::ServiceIndex, "bookinfo/reviews"),
+        (Type::OutboundService, "bookinfo/reviews"),
+        (Type::Endpoints, "reviews.bookinfo:9080"),
+    ] {
+        assert_eq!(ty.service_of(name).as_ref(), Some(&reviews));
+        match ty.affected(&reviews) {
+            super::resources::Affected::Name(n) => assert_eq!(n, name),
+            super::resources::Affected::Prefix(p) => {
+                assert!(name.starts_with(&p));
+                assert!(!"reviews-v1.bookinfo:9080".starts_with(&p));
+                assert!(!"reviews.bookinfo2:9080".starts_with(&p));
+            }
+            super::resources::Affected::Nothing => panic!("{ty:?} {name}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn whole_index_syncs_take_turns() {
+    let server = server(Config {
+        sync_concurrency: 1,
+        ..config(INTERVAL, 2)
+    });
+    let mut a = Client::connect(&server, "a", "default");
+    a.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+    let first = a.recv().await;
+    assert_eq!(first.resources.len(), 4);
+
+    let mut b = Client::connect(&server, "b", "default");
+    b.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+    settle().await;
+    assert!(
+        matches!(b.rx.try_recv(), Err(TryRecvError::Empty)),
+        "b waits while a's index is unanswered"
+    );
+    a.ack(&first);
+    let second = b.recv().await;
+    assert_eq!(second.resources.len(), 4);
+
+    // b never answers: its turn ends anyway, and c gets the index.
+    let mut c = Client::connect(&server, "c", "default");
+    c.subscribe(TYPE_SERVICE_INDEX, &[WILDCARD]);
+    assert_eq!(c.recv().await.resources.len(), 4);
+
+    // Changes to a synced proxy need no turn.
+    server
+        .update(|i| i.apply(service("ratings", "10.96.1.1")))
+        .unwrap();
+    assert_eq!(a.recv().await.resources.len(), 1);
 }

@@ -388,3 +388,57 @@ fn reapplying_unchanged_objects_changes_nothing() {
         "a rescan of the same objects is quiet"
     );
 }
+
+#[test]
+fn objects_that_name_another_service_move_with_it() {
+    let mut index = mesh();
+    let (reviews, v1, v2) = (
+        key("bookinfo", "reviews"),
+        key("bookinfo", "reviews-v1"),
+        key("bookinfo", "reviews-v2"),
+    );
+    // The slice of reviews-v1 relabelled to reviews-v2: its endpoints move.
+    let mut moved = slice("bookinfo", "reviews-v2", 9080, &[("10.1.0.9", true)]);
+    moved.metadata.name = Some("reviews-v1-abc".into());
+    let changed = index.apply(moved).unwrap();
+    assert_eq!(changed.services, BTreeSet::from([v1.clone(), v2.clone()]));
+    assert!(index.endpoints(&v1, 9080).is_empty());
+    let ips: Vec<_> = index
+        .endpoints(&v2, 9080)
+        .iter()
+        .map(|e| e.address.ip().to_string())
+        .collect();
+    assert_eq!(ips, ["10.1.0.2", "10.1.0.9"]);
+
+    // A route re-parented from reviews to reviews-v1.
+    index
+        .apply(route("bookinfo", "split", "reviews", SPLIT))
+        .unwrap();
+    index
+        .apply(route("bookinfo", "split", "reviews-v1", SPLIT))
+        .unwrap();
+    let routes = |k: &Key| index.outbound(k, "default").unwrap().service.routes.len();
+    assert_eq!((routes(&reviews), routes(&v1)), (0, 1));
+
+    // A consumer route in `shop` is seen by clients in `shop` only.
+    index
+        .apply(route("shop", "mine", "reviews", SPLIT))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(index.consumer_routes(&reviews, "shop"));
+    assert!(!index.consumer_routes(&reviews, "default"));
+    assert!(!index.consumer_routes(&reviews, "bookinfo"));
+    index.delete::<HttpRoute>(&key("shop", "mine"));
+    assert!(!index.consumer_routes(&reviews, "shop"));
+}
+
+#[test]
+fn one_service_entry_is_one_of_service_entries() {
+    let index = mesh();
+    let all = index.service_entries();
+    let keys: Vec<_> = index.service_keys().cloned().collect();
+    assert_eq!(keys.len(), all.len());
+    for (key, entry) in keys.iter().zip(&all) {
+        assert_eq!(index.service_entry(key).as_ref(), Some(entry));
+    }
+    assert_eq!(index.service_entry(&key("bookinfo", "nope")), None);
+}

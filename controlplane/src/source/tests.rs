@@ -130,3 +130,129 @@ fn unknown_kind_names_file_and_line() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn weight(index: &Index) -> Option<u32> {
+    let reviews = Key {
+        namespace: "bookinfo".into(),
+        name: "reviews".into(),
+    };
+    let o = index.outbound(&reviews, "default")?;
+    Some(o.service.routes.first()?.rules[0].backend_refs[0].weight)
+}
+
+fn weighted(w: u32) -> String {
+    ROUTE_V2.replace(
+        "{ name: reviews-v2, port: 9080 }",
+        &format!("{{ name: reviews-v2, port: 9080, weight: {w} }}"),
+    )
+}
+
+#[test]
+fn a_scan_gives_the_index_only_what_changed() {
+    let dir = tempdir("delta");
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    std::fs::write(dir.join("route.yaml"), weighted(1)).unwrap();
+    let mut source = DirSource::new(&dir);
+    let mut index = Index::default();
+    let first = source.scan(&mut index);
+    assert_eq!(first.changed.services.len(), 2);
+
+    let again = source.scan(&mut index);
+    assert!(again.changed.services.is_empty(), "{:?}", again.changed);
+
+    // Rewritten at once with the same size: still seen (the stamp or the
+    // racy-read rule catches it).
+    std::fs::write(dir.join("route.yaml"), weighted(2)).unwrap();
+    let scan = source.scan(&mut index);
+    assert_eq!(weight(&index), Some(2));
+    let names: Vec<_> = scan.changed.services.iter().map(|k| &k.name).collect();
+    assert_eq!(names, ["reviews"], "only the route's service");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_last_file_to_define_an_object_wins_and_the_next_takes_over() {
+    let dir = tempdir("owners");
+    std::fs::write(dir.join("a-mesh.yaml"), MESH).unwrap();
+    std::fs::write(dir.join("b-route.yaml"), weighted(1)).unwrap();
+    std::fs::write(dir.join("c-route.yaml"), weighted(3)).unwrap();
+    let mut source = DirSource::new(&dir);
+    let mut index = Index::default();
+    source.scan(&mut index);
+    assert_eq!(weight(&index), Some(3));
+
+    // Editing the losing file changes nothing.
+    std::fs::write(dir.join("b-route.yaml"), weighted(2)).unwrap();
+    let scan = source.scan(&mut index);
+    assert!(scan.changed.services.is_empty(), "{:?}", scan.changed);
+    assert_eq!(weight(&index), Some(3));
+
+    // Removing the winner hands the object to the other file.
+    std::fs::remove_file(dir.join("c-route.yaml")).unwrap();
+    source.scan(&mut index);
+    assert_eq!(weight(&index), Some(2));
+    std::fs::remove_file(dir.join("b-route.yaml")).unwrap();
+    source.scan(&mut index);
+    assert_eq!(weight(&index), None);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_broken_file_is_reported_on_every_scan_until_fixed() {
+    let dir = tempdir("still-broken");
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    std::fs::write(dir.join("route.yaml"), "kind: [").unwrap();
+    let mut source = DirSource::new(&dir);
+    let mut index = Index::default();
+    for _ in 0..2 {
+        let scan = source.scan(&mut index);
+        assert_eq!(scan.file_errors.len(), 1, "{:?}", scan.file_errors);
+    }
+    std::fs::write(dir.join("route.yaml"), weighted(4)).unwrap();
+    let scan = source.scan(&mut index);
+    assert!(scan.file_errors.is_empty());
+    assert_eq!(weight(&index), Some(4));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_file_is_current_only_when_its_stamp_is_unchanged_and_settled() {
+    let stamp = |mtime: i64, len: u64| Stamp {
+        dev: 1,
+        ino: 2,
+        len,
+        mtime: (mtime, 0),
+        ctime: (mtime, 0),
+    };
+    let fine = |mtime: i64, nanos: i64| Stamp {
+        mtime: (mtime, nanos),
+        ..stamp(mtime, 10)
+    };
+    let at = |secs: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let file = File {
+        stamp: stamp(1_000, 10),
+        read_at: at(1_010),
+        objects: BTreeMap::new(),
+        error: None,
+    };
+    assert!(file.is_current(stamp(1_000, 10)));
+    assert!(!file.is_current(stamp(1_000, 11)));
+    assert!(!file.is_current(stamp(1_001, 10)));
+    // Read within the racy window after the write: read again. Whole
+    // seconds mean a coarse filesystem, with a window of seconds.
+    let racy = File {
+        read_at: at(1_001),
+        ..file
+    };
+    assert!(!racy.is_current(stamp(1_000, 10)));
+    let fine_racy = File {
+        stamp: fine(1_000, 900_000_000),
+        ..racy
+    };
+    assert!(fine_racy.is_current(fine(1_000, 900_000_000)));
+    let just_written = File {
+        stamp: fine(1_000, 999_990_000),
+        ..fine_racy
+    };
+    assert!(!just_written.is_current(fine(1_000, 999_990_000)));
+}

@@ -61,8 +61,20 @@ impl ControlPlane {
 
     /// Starts the binary on `dir` and the given addresses.
     pub fn start_on(dir: &Path, discovery: SocketAddr, admin: SocketAddr) -> Self {
+        Self::start_with(dir, discovery, admin, &[])
+    }
+
+    /// Starts the binary on `dir` and the given addresses, with `extra`
+    /// arguments.
+    pub fn start_with(
+        dir: &Path,
+        discovery: SocketAddr,
+        admin: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_trellis-controlplane"))
             .args(["--config-dir", dir.to_str().unwrap()])
+            .args(extra)
             .args(["--discovery-addr", &discovery.to_string()])
             .args(["--admin-addr", &admin.to_string()])
             .stderr(Stdio::piped())

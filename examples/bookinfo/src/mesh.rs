@@ -171,6 +171,7 @@ pub fn proxy_config(sidecar: &Sidecar, mesh: &[Sidecar]) -> ProxyConfig {
     backends.push(backend(local, vec![endpoint(&workload, sidecar.app)]));
 
     ProxyConfig {
+        inbound: Default::default(),
         workload: mesh_api::Workload {
             name: workload.name.to_owned(),
             namespace: NAMESPACE.to_owned(),
@@ -194,9 +195,10 @@ pub fn bootstrap(sidecar: &Sidecar) -> ProxyConfig {
 
 /// The mesh as Kubernetes objects for the control plane's file source, by
 /// file name: the Services (one per mesh service and one per `reviews`
-/// version), an EndpointSlice per workload pointing at its proxy's inbound
-/// listener, and in [`ROUTE_FILE`] the HTTPRoute splitting `reviews` as
-/// [`REVIEWS_SPLIT`] says.
+/// version), a Pod per workload (its labels and service account, which
+/// name its identity), an EndpointSlice per workload pointing at its
+/// proxy's inbound listener, and in [`ROUTE_FILE`] the HTTPRoute splitting
+/// `reviews` as [`REVIEWS_SPLIT`] says.
 pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
     let mut services = Vec::new();
     let mut names: Vec<&str> = MESH_SERVICES.to_vec();
@@ -234,6 +236,29 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
             ));
         }
     }
+    let pods: Vec<String> = sidecars
+        .iter()
+        .map(|sidecar| {
+            let w = sidecar.workload;
+            format!(
+                "apiVersion: v1\nkind: Pod\n\
+                 metadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  \
+                 labels: {{ app: {app}, version: {version} }}\n\
+                 spec:\n  serviceAccountName: {sa}\n  \
+                 containers: [{{ name: {app}, image: bookinfo }}]\n",
+                name = w.name,
+                app = w.service,
+                version = w.version,
+                sa = w.service_account(),
+            )
+        })
+        .collect();
+    let pods = format!(
+        "# The workloads: their labels, which policies select them by, and their\n\
+         # service accounts, which are their identities\n\
+         # (spiffe://cluster.local/ns/{NAMESPACE}/sa/<service account>).\n{}",
+        pods.join("---\n")
+    );
     let services = format!(
         "# The bookinfo services of the local mesh. Each version of reviews has a\n\
          # Service of its own, for the route in {ROUTE_FILE} to name.\n{}",
@@ -245,6 +270,7 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
     );
     vec![
         ("services.yaml", services),
+        ("pods.yaml", pods),
         ("endpoints.yaml", slices),
         (ROUTE_FILE, reviews_route_yaml(&REVIEWS_SPLIT)),
     ]
@@ -326,6 +352,12 @@ impl Workload {
             service,
             version,
         }
+    }
+
+    /// The workload's Kubernetes service account, which its identity
+    /// names: `bookinfo-<service>`.
+    pub fn service_account(&self) -> String {
+        format!("bookinfo-{}", self.service)
     }
 
     /// The service the inbound listener targets: `<workload>-local`, whose
@@ -434,6 +466,7 @@ fn endpoint(workload: &Workload, address: SocketAddr) -> Endpoint {
             ("app".to_owned(), workload.service.to_owned()),
             ("version".to_owned(), workload.version.to_owned()),
         ]),
+        identity: None,
     }
 }
 
@@ -524,7 +557,10 @@ mod tests {
         let mesh = sidecars();
         let files = mesh_objects(&mesh);
         let names: Vec<_> = files.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, ["services.yaml", "endpoints.yaml", ROUTE_FILE]);
+        assert_eq!(
+            names,
+            ["services.yaml", "pods.yaml", "endpoints.yaml", ROUTE_FILE]
+        );
         let docs = |text: &str| -> Vec<serde_yaml::Value> {
             text.split("---\n")
                 .map(|d| serde_yaml::from_str(d).unwrap())
@@ -532,7 +568,11 @@ mod tests {
         };
         let services = docs(&files[0].1);
         assert_eq!(services.len(), 6);
-        let slices = docs(&files[1].1);
+        let pods = docs(&files[1].1);
+        assert_eq!(pods.len(), 6);
+        assert_eq!(pods[4]["spec"]["serviceAccountName"], "bookinfo-reviews");
+        assert_eq!(pods[4]["metadata"]["labels"]["version"], "v2");
+        let slices = docs(&files[2].1);
         // details, ratings, and each reviews version twice (reviews and
         // reviews-vN).
         assert_eq!(slices.len(), 2 + 2 * 3);
@@ -545,7 +585,7 @@ mod tests {
             Some(u64::from(mesh[4].inbound.port()))
         );
         assert_eq!(v2["endpoints"][0]["targetRef"]["name"], "reviews-v2");
-        let route = docs(&files[2].1).remove(0);
+        let route = docs(&files[3].1).remove(0);
         let weights: Vec<_> = route["spec"]["rules"][0]["backendRefs"]
             .as_sequence()
             .unwrap()

@@ -308,6 +308,7 @@ fn manifests_are_named_for_the_crd_and_carry_the_header() {
             "destinationpolicies.trellis.dev.yaml",
             "peerauthentications.trellis.dev.yaml",
             "authorizationpolicies.trellis.dev.yaml",
+            "ratelimitpolicies.trellis.dev.yaml",
         ]
     );
     for (name, yaml) in &manifests {
@@ -332,4 +333,108 @@ fn schemas_carry_enums_defaults_and_descriptions() {
             .unwrap()
             .contains("accepts only mutual TLS")
     );
+}
+
+#[test]
+fn rate_limit_policy_parses_with_defaults() {
+    let rl: RateLimitPolicy = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: { name: reviews, namespace: bookinfo }
+spec:
+  selector: { matchLabels: { app: reviews } }
+  targetRef: { name: reviews-v2 }
+  limit: { requests: 100, per: 1m }
+",
+    );
+    let target = rl.spec.target_ref.as_ref().unwrap();
+    assert_eq!(
+        (
+            target.group.as_str(),
+            target.kind.as_str(),
+            target.name.as_str()
+        ),
+        ("gateway.networking.k8s.io", "HTTPRoute", "reviews-v2")
+    );
+    assert_eq!(rl.spec.limit.requests, 100);
+    assert_eq!(rl.spec.burst, None);
+    assert!(
+        rl.spec
+            .applies_to(&BTreeMap::from([("app".into(), "reviews".into())]))
+    );
+    assert!(!rl.spec.applies_to(&BTreeMap::new()));
+    assert!(rl.validate().is_empty(), "{:?}", rl.validate());
+}
+
+#[test]
+fn rate_limit_policy_reports_every_bad_field() {
+    let rl: RateLimitPolicy = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: { name: bad, namespace: bookinfo }
+spec:
+  selector: {}
+  targetRef: { group: networking.istio.io, kind: VirtualService, name: Reviews }
+  limit: { requests: 0, per: 0s }
+  burst: 0
+",
+    );
+    let errors = rl.validate();
+    assert_eq!(
+        errors[1].to_string(),
+        "RateLimitPolicy \"bookinfo/bad\": spec.targetRef.group: \"networking.istio.io\": \
+         must be \"gateway.networking.k8s.io\""
+    );
+    assert_eq!(
+        fields("RateLimitPolicy \"bookinfo/bad\"", errors),
+        [
+            "spec.selector.matchLabels",
+            "spec.targetRef.group",
+            "spec.targetRef.kind",
+            "spec.targetRef.name",
+            "spec.limit.requests",
+            "spec.limit.per",
+            "spec.burst",
+        ]
+    );
+
+    for (per, reason) in [
+        ("1 s", "not a duration"),
+        ("25h", "at most 24h"),
+        ("0ms", "longer than 0"),
+    ] {
+        let mut rl = rl.clone();
+        rl.spec = RateLimitPolicySpec {
+            selector: None,
+            target_ref: None,
+            limit: RequestLimit {
+                requests: 1,
+                per: per.into(),
+            },
+            burst: None,
+        };
+        let errors = rl.validate();
+        assert_eq!(errors.len(), 1, "{per}: {errors:?}");
+        assert_eq!(errors[0].field, "spec.limit.per");
+        assert!(errors[0].reason.contains(reason), "{}", errors[0]);
+    }
+}
+
+#[test]
+fn rate_limit_schema_checks_the_period_and_minimums() {
+    let crd = RateLimitPolicy::crd();
+    assert_eq!(crd.spec.names.short_names, Some(vec!["rlp".to_owned()]));
+    let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+    let spec = &schema["openAPIV3Schema"]["properties"]["spec"];
+    assert_eq!(spec["required"], serde_json::json!(["limit"]));
+    let limit = &spec["properties"]["limit"];
+    assert_eq!(
+        limit["properties"]["per"]["pattern"],
+        "^([0-9]{1,5}(h|m|s|ms)){1,4}$"
+    );
+    assert_eq!(limit["properties"]["requests"]["minimum"], 1.0);
+    assert_eq!(spec["properties"]["burst"]["minimum"], 1.0);
+    let target = &spec["properties"]["targetRef"]["properties"];
+    assert_eq!(target["kind"]["default"], "HTTPRoute");
+    assert_eq!(target["group"]["default"], "gateway.networking.k8s.io");
 }

@@ -9,10 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
 use super::{
-    AuthorizationAction, AuthorizationPolicy, DestinationPolicy, Operation, PeerAuthentication,
-    Source, WorkloadSelector,
+    AuthorizationAction, AuthorizationPolicy, DestinationPolicy, GATEWAY_API_GROUP,
+    PeerAuthentication, RateLimitPolicy, WorkloadSelector,
 };
 use crate::ValidationError;
+use crate::policy::{check_per, parse_duration};
 
 impl DestinationPolicy {
     /// Checks the policy and returns every broken rule; empty when valid.
@@ -78,23 +79,89 @@ impl AuthorizationPolicy {
         }
         for (r, rule) in spec.rules.iter().enumerate() {
             for (i, source) in rule.from.iter().enumerate() {
-                v.source(&format!("spec.rules[{r}].from[{i}]"), source);
+                v.source(
+                    &format!("spec.rules[{r}].from[{i}]"),
+                    &source.principals,
+                    &source.namespaces,
+                );
             }
             for (i, op) in rule.to.iter().enumerate() {
-                v.operation(&format!("spec.rules[{r}].to[{i}]"), op);
+                v.operation(
+                    &format!("spec.rules[{r}].to[{i}]"),
+                    &op.paths,
+                    &op.methods,
+                    &op.ports,
+                );
             }
         }
         v.errors
     }
 }
 
-/// The errors found in one object.
-struct Errors {
+impl RateLimitPolicy {
+    /// Checks the policy and returns every broken rule; empty when valid.
+    pub fn validate(&self) -> Vec<ValidationError> {
+        let mut v = Errors::new(self);
+        let spec = &self.spec;
+        if let Some(selector) = &spec.selector {
+            v.selector(selector);
+        }
+        if let Some(target) = &spec.target_ref {
+            if target.group != GATEWAY_API_GROUP {
+                v.err(
+                    "spec.targetRef.group",
+                    format!("{:?}: must be {GATEWAY_API_GROUP:?}", target.group),
+                );
+            }
+            if target.kind != "HTTPRoute" {
+                v.err(
+                    "spec.targetRef.kind",
+                    format!("{:?}: must be \"HTTPRoute\"", target.kind),
+                );
+            }
+            v.route_name("spec.targetRef.name", &target.name);
+        }
+        if spec.limit.requests == 0 {
+            v.err(
+                "spec.limit.requests",
+                "must be at least 1; to refuse every request use an AuthorizationPolicy",
+            );
+        }
+        match parse_duration(&spec.limit.per) {
+            Ok(per) => {
+                if let Err(reason) = check_per(per) {
+                    v.err("spec.limit.per", format!("{:?}: {reason}", spec.limit.per));
+                }
+            }
+            Err(reason) => v.err("spec.limit.per", format!("{:?}: {reason}", spec.limit.per)),
+        }
+        if spec.burst == Some(0) {
+            v.err(
+                "spec.burst",
+                "must be at least 1; leave it out for a burst of `limit.requests`",
+            );
+        }
+        v.errors
+    }
+}
+
+/// The errors found in one object. Shared with the validation of the
+/// normalized policy model, which checks the same fields.
+pub(crate) struct Errors {
     object: String,
-    errors: Vec<ValidationError>,
+    /// Every problem found so far.
+    pub(crate) errors: Vec<ValidationError>,
 }
 
 impl Errors {
+    /// Collects the errors of the object called `object`.
+    pub(crate) fn named(object: String) -> Self {
+        Self {
+            object,
+            errors: Vec::new(),
+        }
+    }
+
     /// Names the object and checks its metadata.
     fn new<K: Resource<DynamicType = ()>>(obj: &K) -> Self {
         let kind = K::kind(&());
@@ -104,10 +171,7 @@ impl Errors {
             Some(ns) => format!("{kind} \"{ns}/{name}\""),
             None => format!("{kind} {name:?}"),
         };
-        let mut v = Self {
-            object,
-            errors: Vec::new(),
-        };
+        let mut v = Self::named(object);
         if name.is_empty() {
             v.err("metadata.name", "must be set");
         } else if !is_dns_subdomain(name) {
@@ -127,7 +191,7 @@ impl Errors {
         v
     }
 
-    fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+    pub(crate) fn err(&mut self, field: impl Into<String>, reason: impl Into<String>) {
         self.errors.push(ValidationError {
             object: self.object.clone(),
             field: field.into(),
@@ -166,14 +230,30 @@ impl Errors {
         }
     }
 
-    fn source(&mut self, at: &str, source: &Source) {
-        if source.principals.is_empty() && source.namespaces.is_empty() {
+    /// Checks a route name: Kubernetes object names are DNS subdomains.
+    pub(crate) fn route_name(&mut self, field: &str, name: &str) {
+        if name.is_empty() {
+            self.err(field, "must name an HTTPRoute in the policy's namespace");
+        } else if !is_dns_subdomain(name) {
+            self.err(
+                field,
+                format!(
+                    "{name:?} is not an HTTPRoute name: lower-case letters, digits, '-' and '.', \
+                     at most 253"
+                ),
+            );
+        }
+    }
+
+    /// Checks one source of an authorization rule, at field path `at`.
+    pub(crate) fn source(&mut self, at: &str, principals: &[String], namespaces: &[String]) {
+        if principals.is_empty() && namespaces.is_empty() {
             self.err(
                 at,
                 "set principals or namespaces; to match every caller leave `from` out",
             );
         }
-        for (i, p) in source.principals.iter().enumerate() {
+        for (i, p) in principals.iter().enumerate() {
             let field = format!("{at}.principals[{i}]");
             if p.starts_with("spiffe://") {
                 self.err(
@@ -187,7 +267,7 @@ impl Errors {
                 self.err(field, reason);
             }
         }
-        for (i, ns) in source.namespaces.iter().enumerate() {
+        for (i, ns) in namespaces.iter().enumerate() {
             let field = format!("{at}.namespaces[{i}]");
             let label_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
             match wildcard(ns, label_char) {
@@ -200,19 +280,26 @@ impl Errors {
         }
     }
 
-    fn operation(&mut self, at: &str, op: &Operation) {
-        if op.paths.is_empty() && op.methods.is_empty() && op.ports.is_empty() {
+    /// Checks one operation of an authorization rule, at field path `at`.
+    pub(crate) fn operation(
+        &mut self,
+        at: &str,
+        paths: &[String],
+        methods: &[String],
+        ports: &[u16],
+    ) {
+        if paths.is_empty() && methods.is_empty() && ports.is_empty() {
             self.err(
                 at,
                 "set paths, methods or ports; to match every request leave `to` out",
             );
         }
-        for (i, path) in op.paths.iter().enumerate() {
+        for (i, path) in paths.iter().enumerate() {
             if let Err(reason) = path_pattern(path) {
                 self.err(format!("{at}.paths[{i}]"), format!("{path:?}: {reason}"));
             }
         }
-        for (i, method) in op.methods.iter().enumerate() {
+        for (i, method) in methods.iter().enumerate() {
             if !is_method(method) {
                 self.err(
                     format!("{at}.methods[{i}]"),
@@ -223,7 +310,7 @@ impl Errors {
                 );
             }
         }
-        for (i, port) in op.ports.iter().enumerate() {
+        for (i, port) in ports.iter().enumerate() {
             if *port == 0 {
                 self.err(format!("{at}.ports[{i}]"), "must be 1-65535");
             }

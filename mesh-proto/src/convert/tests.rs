@@ -184,11 +184,13 @@ fn endpoints_v1() -> Vec<m::Endpoint> {
                 ("app".to_owned(), "reviews".to_owned()),
                 ("version".to_owned(), "v1".to_owned()),
             ]),
+            identity: Some("spiffe://cluster.local/ns/default/sa/reviews".to_owned()),
         },
         m::Endpoint {
             address: "[fd00::5]:9080".parse().unwrap(),
             workload: None,
             labels: BTreeMap::new(),
+            identity: None,
         },
     ]
 }
@@ -270,6 +272,7 @@ fn assembled_config_from_the_wire_validates() {
         b.endpoints = eps;
     }
     let config = m::ProxyConfig {
+        inbound: Default::default(),
         services: vec![service],
         backends,
         ..Default::default()
@@ -519,4 +522,36 @@ fn versions_are_stable_content_hashes() {
             .insert(format!("k{}", 49 - i), (49 - i).to_string());
     }
     assert_eq!(version_of(&e1), version_of(&e2));
+}
+
+#[test]
+fn inbound_policy_round_trips() {
+    let policy: m::InboundPolicy = serde_yaml::from_str(
+        "mtls: PERMISSIVE\n\
+         authorization:\n\
+         - name: no-admin\n  namespace: shop\n  action: DENY\n  rules:\n\
+         \x20 - from: [{ principals: [cluster.local/ns/shop/sa/ratings], namespaces: [shop] }]\n\
+         \x20   to: [{ paths: [/admin/*], methods: [GET], ports: [9080] }]\n\
+         - { name: allow-nothing, namespace: shop, rules: [] }\n\
+         rateLimits:\n\
+         - { name: rl, namespace: shop, requests: 10, per: 1500ms, burst: 3 }\n\
+         - { name: route-rl, namespace: shop, requests: 5, per: 1s, route: reviews-split }\n",
+    )
+    .unwrap();
+    policy.validate().unwrap();
+    let wire = through_wire(&inbound_config("shop", "reviews-v1", &policy));
+    assert_eq!(inbound_from_wire(&wire).unwrap(), policy);
+    assert_eq!(m::InboundPolicy::default(), {
+        let wire = inbound_config("shop", "x", &m::InboundPolicy::default());
+        inbound_from_wire(&wire).unwrap()
+    });
+}
+
+#[test]
+fn inbound_config_errors_name_the_field() {
+    let mut wire = inbound_config("shop", "reviews-v1", &m::InboundPolicy::default());
+    wire.mtls = 7;
+    let err = inbound_from_wire(&wire).unwrap_err();
+    assert_eq!(err.resource, "shop/reviews-v1");
+    assert_eq!(err.field, "mtls");
 }

@@ -250,7 +250,10 @@ pub struct Endpoint {
     pub identity: ::prost::alloc::string::String,
 }
 /// type.trellis.dev/trellis.discovery.v1.InboundConfig: the subscribing
-/// workload's own inbound side, one resource named "namespace/workload".
+/// workload's own inbound side, one resource named "namespace/pod" (the
+/// node id): what its proxy enforces on traffic it receives, from the
+/// PeerAuthentication, AuthorizationPolicy and RateLimitPolicy objects
+/// that select the pod.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct InboundConfig {
     #[prost(string, tag = "1")]
@@ -260,6 +263,73 @@ pub struct InboundConfig {
     /// The ports the workload serves and their protocols.
     #[prost(message, repeated, tag = "3")]
     pub ports: ::prost::alloc::vec::Vec<ServicePort>,
+    #[prost(enumeration = "MtlsMode", tag = "4")]
+    pub mtls: i32,
+    #[prost(message, repeated, tag = "5")]
+    pub authorization: ::prost::alloc::vec::Vec<AuthorizationPolicy>,
+    #[prost(message, repeated, tag = "6")]
+    pub rate_limits: ::prost::alloc::vec::Vec<RateLimit>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorizationPolicy {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(enumeration = "AuthorizationAction", tag = "3")]
+    pub action: i32,
+    #[prost(message, repeated, tag = "4")]
+    pub rules: ::prost::alloc::vec::Vec<AuthorizationRule>,
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct AuthorizationRule {
+    #[prost(message, repeated, tag = "1")]
+    pub from: ::prost::alloc::vec::Vec<AuthorizationSource>,
+    #[prost(message, repeated, tag = "2")]
+    pub to: ::prost::alloc::vec::Vec<AuthorizationOperation>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizationSource {
+    /// SPIFFE IDs without "spiffe://", with "\*" wildcards.
+    #[prost(string, repeated, tag = "1")]
+    pub principals: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "2")]
+    pub namespaces: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthorizationOperation {
+    #[prost(string, repeated, tag = "1")]
+    pub paths: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(string, repeated, tag = "2")]
+    pub methods: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    #[prost(uint32, repeated, tag = "3")]
+    pub ports: ::prost::alloc::vec::Vec<u32>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RateLimit {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub namespace: ::prost::alloc::string::String,
+    #[prost(uint32, tag = "3")]
+    pub requests: u32,
+    /// The period, in milliseconds.
+    #[prost(uint64, tag = "4")]
+    pub per_millis: u64,
+    /// 0: the same as requests.
+    #[prost(uint32, tag = "5")]
+    pub burst: u32,
+    /// An HTTPRoute name: the limit applies to that route's requests only.
+    #[prost(string, tag = "6")]
+    pub route: ::prost::alloc::string::String,
+}
+/// type.trellis.dev/trellis.discovery.v1.TrustBundle: the roots peers'
+/// certificates must chain to, one resource named "roots" (subscribed by
+/// that name). During a root rotation it holds the old and the new root.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct TrustBundle {
+    #[prost(string, repeated, tag = "1")]
+    pub roots_pem: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
 #[repr(i32)]
@@ -373,6 +443,58 @@ impl LoadBalancerAlgorithm {
         match value {
             "LOAD_BALANCER_ALGORITHM_PEAK_EWMA" => Some(Self::PeakEwma),
             "LOAD_BALANCER_ALGORITHM_ROUND_ROBIN" => Some(Self::RoundRobin),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum MtlsMode {
+    Strict = 0,
+    Permissive = 1,
+}
+impl MtlsMode {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Strict => "MTLS_MODE_STRICT",
+            Self::Permissive => "MTLS_MODE_PERMISSIVE",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "MTLS_MODE_STRICT" => Some(Self::Strict),
+            "MTLS_MODE_PERMISSIVE" => Some(Self::Permissive),
+            _ => None,
+        }
+    }
+}
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum AuthorizationAction {
+    Allow = 0,
+    Deny = 1,
+}
+impl AuthorizationAction {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Allow => "AUTHORIZATION_ACTION_ALLOW",
+            Self::Deny => "AUTHORIZATION_ACTION_DENY",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "AUTHORIZATION_ACTION_ALLOW" => Some(Self::Allow),
+            "AUTHORIZATION_ACTION_DENY" => Some(Self::Deny),
             _ => None,
         }
     }

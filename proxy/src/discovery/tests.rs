@@ -35,6 +35,7 @@ fn endpoint(addr: &str) -> Endpoint {
         address: addr.parse().unwrap(),
         workload: Some("reviews-v1".into()),
         labels: Default::default(),
+        identity: None,
     }
 }
 
@@ -114,6 +115,7 @@ fn endpoints(name: &str, addrs: &[&str]) -> pb::DiscoveryResponse {
 
 fn bootstrap() -> ProxyConfig {
     ProxyConfig {
+        inbound: Default::default(),
         workload: Workload {
             name: "productpage".into(),
             namespace: "shop".into(),
@@ -121,6 +123,14 @@ fn bootstrap() -> ProxyConfig {
         listeners: Vec::new(),
         services: Vec::new(),
         backends: Vec::new(),
+    }
+}
+
+fn node() -> pb::Node {
+    pb::Node {
+        id: "productpage-1".into(),
+        namespace: "shop".into(),
+        ..Default::default()
     }
 }
 
@@ -134,7 +144,7 @@ fn applied(state: &State) -> (ProxyConfig, HashSet<String>) {
 
 #[test]
 fn indexed_services_are_pending_until_asked_for() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     state
         .merge(index(&[
             service("reviews", "10.0.0.2"),
@@ -162,7 +172,7 @@ fn indexed_services_are_pending_until_asked_for() {
 
 #[test]
 fn a_service_loads_once_its_outbound_config_and_every_backends_endpoints_arrived() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     state
         .merge(index(&[service("reviews", "10.0.0.2")]))
         .unwrap();
@@ -205,7 +215,7 @@ fn a_service_loads_once_its_outbound_config_and_every_backends_endpoints_arrived
 
 #[test]
 fn endpoints_no_backend_needs_any_more_are_unsubscribed() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     state
         .merge(index(&[service("reviews", "10.0.0.2")]))
         .unwrap();
@@ -233,7 +243,7 @@ fn endpoints_no_backend_needs_any_more_are_unsubscribed() {
 
 #[test]
 fn a_removed_service_leaves_the_config() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     state
         .merge(index(&[
             service("reviews", "10.0.0.2"),
@@ -262,7 +272,7 @@ fn a_removed_service_leaves_the_config() {
 
 #[test]
 fn a_resource_that_cannot_be_converted_is_refused_with_its_name() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     let garbage = pb::Resource {
         name: "shop/reviews".into(),
         version: "1".into(),
@@ -304,7 +314,7 @@ fn a_resource_that_cannot_be_converted_is_refused_with_its_name() {
 
 #[test]
 fn a_new_stream_sends_what_is_held() {
-    let mut state = State::new(bootstrap());
+    let mut state = State::new(bootstrap(), &node());
     state
         .merge(index(&[service("reviews", "10.0.0.2")]))
         .unwrap();
@@ -320,7 +330,7 @@ fn a_new_stream_sends_what_is_held() {
         ..Default::default()
     };
     let requests = state.initial_requests(node);
-    assert_eq!(requests.len(), 3);
+    assert_eq!(requests.len(), 5);
     assert_eq!(requests[0].node.as_ref().unwrap().id, "productpage-1");
     assert_eq!(requests[0].subscribe, [pb::WILDCARD]);
     assert!(requests[0].initial_versions.contains_key("shop/reviews"));
@@ -333,4 +343,56 @@ fn a_new_stream_sends_what_is_held() {
         requests[2].initial_versions.keys().collect::<Vec<_>>(),
         ["reviews-v1.shop:9080"]
     );
+}
+
+#[test]
+fn the_inbound_policy_comes_from_the_control_plane_until_it_withdraws_it() {
+    let mut state = State::new(bootstrap(), &node());
+    assert_eq!(applied(&state).0.inbound, InboundPolicy::default());
+    let policy: InboundPolicy = serde_yaml::from_str(
+        "mtls: PERMISSIVE\nrateLimits: [{ name: rl, namespace: shop, requests: 5, per: 1s }]\n",
+    )
+    .unwrap();
+    let msg = convert::inbound_config("shop", "productpage-1", &policy);
+    state
+        .merge(response(
+            pb::TYPE_INBOUND_CONFIG,
+            vec![resource("shop/productpage-1", &msg)],
+            &[],
+        ))
+        .unwrap();
+    assert_eq!(applied(&state).0.inbound, policy);
+    // Another proxy's inbound config is refused.
+    let err = state
+        .merge(response(
+            pb::TYPE_INBOUND_CONFIG,
+            vec![resource("shop/other", &msg)],
+            &[],
+        ))
+        .unwrap_err();
+    assert!(err.contains("not this proxy's"), "{err}");
+    state
+        .merge(response(
+            pb::TYPE_INBOUND_CONFIG,
+            Vec::new(),
+            &["shop/productpage-1"],
+        ))
+        .unwrap();
+    assert_eq!(applied(&state).0.inbound, InboundPolicy::default());
+}
+
+#[test]
+fn an_empty_trust_bundle_is_refused() {
+    let mut state = State::new(bootstrap(), &node());
+    let empty = pb::TrustBundle {
+        roots_pem: Vec::new(),
+    };
+    let err = state
+        .merge(response(
+            pb::TYPE_TRUST_BUNDLE,
+            vec![resource(pb::TRUST_BUNDLE, &empty)],
+            &[],
+        ))
+        .unwrap_err();
+    assert!(err.contains("holds no root"), "{err}");
 }

@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+pub mod streams;
+
 /// Upper bound for anything that should happen "soon"; only there so a
 /// broken proxy fails the test instead of hanging it.
 pub const PATIENCE: Duration = Duration::from_secs(20);

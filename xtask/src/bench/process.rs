@@ -89,12 +89,19 @@ impl Child {
     }
 
     /// Polls `ready` until it holds, the child exits, or the timeout passes.
-    pub fn wait_ready(
+    pub fn wait_ready(&mut self, what: &str, ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+        self.wait_ready_within(what, READY_TIMEOUT, ready)
+    }
+
+    /// [`Child::wait_ready`] with a timeout of the caller's choosing, for
+    /// children that load a lot before they serve.
+    pub fn wait_ready_within(
         &mut self,
         what: &str,
+        timeout: Duration,
         mut ready: impl FnMut() -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         loop {
             if ready() {
                 return Ok(());
@@ -102,7 +109,7 @@ impl Child {
             self.check_alive()?;
             if Instant::now() > deadline {
                 bail!(
-                    "{} did not become ready ({what}) within {READY_TIMEOUT:?}{}",
+                    "{} did not become ready ({what}) within {timeout:?}{}",
                     self.name,
                     self.log_tail()
                 );

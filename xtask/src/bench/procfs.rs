@@ -11,13 +11,7 @@ use super::scenario::Probe;
 pub fn sample_cpu(probes: &[Probe]) -> anyhow::Result<Vec<f64>> {
     probes
         .iter()
-        .map(|probe| {
-            let path = format!("/proc/{}/stat", probe.pid);
-            let text = read(&path, probe)?;
-            let ticks = parse_stat_cpu_ticks(&text)
-                .with_context(|| format!("cannot parse {path}: {text:?}"))?;
-            Ok(ticks as f64 / clock_ticks_per_second() as f64)
-        })
+        .map(|probe| cpu_seconds(probe.pid, &probe.name))
         .collect()
 }
 
@@ -25,19 +19,38 @@ pub fn sample_cpu(probes: &[Probe]) -> anyhow::Result<Vec<f64>> {
 pub fn sample_peak_rss(probes: &[Probe]) -> anyhow::Result<Vec<u64>> {
     probes
         .iter()
-        .map(|probe| {
-            let path = format!("/proc/{}/status", probe.pid);
-            let text = read(&path, probe)?;
-            let kib =
-                parse_status_kib(&text, "VmHWM").with_context(|| format!("no VmHWM in {path}"))?;
-            Ok(kib * 1024)
-        })
+        .map(|probe| peak_rss(probe.pid, &probe.name))
         .collect()
 }
 
-fn read(path: &str, probe: &Probe) -> anyhow::Result<String> {
-    std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {path}; has {} exited?", probe.name))
+/// CPU seconds (user + system, all threads) process `pid`, called `name`
+/// in errors, has used.
+pub fn cpu_seconds(pid: u32, name: &str) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = read(&path, name)?;
+    let ticks =
+        parse_stat_cpu_ticks(&text).with_context(|| format!("cannot parse {path}: {text:?}"))?;
+    Ok(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+/// Peak resident set size (VmHWM) of process `pid`, in bytes.
+pub fn peak_rss(pid: u32, name: &str) -> anyhow::Result<u64> {
+    status_kib(pid, name, "VmHWM").map(|kib| kib * 1024)
+}
+
+/// Resident set size now (VmRSS) of process `pid`, in bytes.
+pub fn rss(pid: u32, name: &str) -> anyhow::Result<u64> {
+    status_kib(pid, name, "VmRSS").map(|kib| kib * 1024)
+}
+
+fn status_kib(pid: u32, name: &str, key: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = read(&path, name)?;
+    parse_status_kib(&text, key).with_context(|| format!("no {key} in {path}"))
+}
+
+fn read(path: &str, name: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {path}; has {name} exited?"))
 }
 
 /// utime + stime from the text of /proc/PID/stat, in clock ticks.

@@ -22,6 +22,9 @@ pub enum Scenario {
     Proxy,
     /// Through a client sidecar and a server sidecar (plaintext).
     ProxyPair,
+    /// Through a client sidecar and a server sidecar with mutual TLS
+    /// between them, each proving a SPIFFE identity.
+    MtlsPair,
     /// Through one HAProxy (one thread).
     Haproxy,
     /// Through two HAProxies, the peer of proxy-pair (plaintext).
@@ -74,6 +77,7 @@ impl Scenario {
             Scenario::Direct => "direct",
             Scenario::Proxy => "proxy",
             Scenario::ProxyPair => "proxy-pair",
+            Scenario::MtlsPair => "mtls-pair",
             Scenario::Haproxy => "haproxy",
             Scenario::HaproxyPair => "haproxy-pair",
             Scenario::Nginx => "nginx",
@@ -85,7 +89,7 @@ impl Scenario {
         match self {
             Scenario::Direct => 0,
             Scenario::Proxy | Scenario::Haproxy | Scenario::Nginx => 1,
-            Scenario::ProxyPair | Scenario::HaproxyPair => 2,
+            Scenario::ProxyPair | Scenario::MtlsPair | Scenario::HaproxyPair => 2,
         }
     }
 
@@ -98,7 +102,10 @@ impl Scenario {
     }
 
     pub fn needs_proxy(self) -> bool {
-        matches!(self, Scenario::Proxy | Scenario::ProxyPair)
+        matches!(
+            self,
+            Scenario::Proxy | Scenario::ProxyPair | Scenario::MtlsPair
+        )
     }
 }
 
@@ -135,7 +142,7 @@ impl Env {
         match scenario {
             Scenario::Haproxy | Scenario::HaproxyPair => self.haproxy.is_some(),
             Scenario::Nginx => self.nginx.is_some(),
-            Scenario::Direct | Scenario::Proxy | Scenario::ProxyPair => true,
+            Scenario::Direct | Scenario::Proxy | Scenario::ProxyPair | Scenario::MtlsPair => true,
         }
     }
 
@@ -211,6 +218,33 @@ pub fn start(scenario: Scenario, env: &Env) -> anyhow::Result<Running> {
             let config_a = trellis::outbound(a, b);
             running.add(
                 trellis::start(&env.proxy, dir, "trellis-proxy-a", &config_a)?,
+                Role::Proxy,
+            );
+            a
+        }
+        Scenario::MtlsPair => {
+            let (a, b) = (local_port()?, local_port()?);
+            let certs = trellis::Certs::write(dir)?;
+            let config_b = trellis::inbound(b, server_addr);
+            running.add(
+                trellis::start_with(
+                    &env.proxy,
+                    dir,
+                    "trellis-mtls-b",
+                    &config_b,
+                    &certs.args(trellis::SERVER_ID),
+                )?,
+                Role::Proxy,
+            );
+            let config_a = trellis::with_identity(trellis::outbound(a, b), trellis::SERVER_ID);
+            running.add(
+                trellis::start_with(
+                    &env.proxy,
+                    dir,
+                    "trellis-mtls-a",
+                    &config_a,
+                    &certs.args(trellis::CLIENT_ID),
+                )?,
                 Role::Proxy,
             );
             a

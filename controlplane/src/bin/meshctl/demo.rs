@@ -46,6 +46,8 @@ use http::Counts;
 pub const DEFAULT_PORT_BASE: u16 = 15100;
 /// Ports reserved per workload; six are used.
 const PORTS_PER_WORKLOAD: u16 = 10;
+/// The control plane's bootstrap tokens, in the demo directory.
+const TOKENS_FILE: &str = "tokens.yaml";
 /// The control plane's ports follow the workloads' blocks.
 const CONTROLPLANE_PORTS: u16 = 2;
 /// How long a route edit may take to show in every page (it takes
@@ -246,6 +248,10 @@ impl Demo {
             .arg(self.mesh_dir())
             .args(["--discovery-addr", &loopback(cp.discovery).to_string()])
             .args(["--admin-addr", &loopback(cp.admin).to_string()])
+            .arg("--bootstrap-tokens")
+            .arg(self.dir.join(TOKENS_FILE))
+            .arg("--ca-dir")
+            .arg(self.dir.join("ca"))
             .env("NO_COLOR", "1");
         children.spawn(
             "control plane",
@@ -263,6 +269,9 @@ impl Demo {
                 .arg(self.bootstrap_path(name))
                 .args(["--discovery", &loopback(cp.discovery).to_string()])
                 .args(["--node-id", name])
+                .args(["--service-account", &node.workload.service_account()])
+                .arg("--token-file")
+                .arg(self.token_path(name))
                 .args(["--admin-addr", &loopback(p.admin).to_string()])
                 .args(["--metrics-addr", &loopback(p.metrics).to_string()])
                 .args(["--health-addr", &loopback(p.health).to_string()])
@@ -315,6 +324,10 @@ impl Demo {
         self.mesh_dir().join(mesh::ROUTE_FILE)
     }
 
+    fn token_path(&self, workload: &str) -> PathBuf {
+        self.dir.join("proxies").join(format!("{workload}.token"))
+    }
+
     fn bootstrap_path(&self, workload: &str) -> PathBuf {
         self.dir.join("proxies").join(format!("{workload}.yaml"))
     }
@@ -344,6 +357,25 @@ impl Demo {
             );
             write_file(&self.bootstrap_path(name), &text)?;
         }
+        // A bootstrap token per proxy: what it proves its identity to the
+        // CA with (a service-account token on Kubernetes).
+        let mut tokens = String::from(
+            "# Bootstrap tokens: each proxy proves its service account to the CA with its\n\
+             # token (proxies/<workload>.token). New on every start.\ntokens:\n",
+        );
+        for sidecar in &sidecars {
+            let w = sidecar.workload;
+            let token: String = (0..32)
+                .map(|_| format!("{:x}", rand::random::<u8>() & 0xf))
+                .collect();
+            tokens.push_str(&format!(
+                "  - {{ token: \"{token}\", namespace: {}, serviceAccount: {} }}\n",
+                mesh::NAMESPACE,
+                w.service_account()
+            ));
+            write_private(&self.token_path(w.name), &token)?;
+        }
+        write_private(&self.dir.join(TOKENS_FILE), &tokens)?;
         Ok(())
     }
 
@@ -687,6 +719,21 @@ fn check_free(nodes: &[Node], cp: ControlPlanePorts) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes a secret only its owner may read.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, so that

@@ -1,0 +1,285 @@
+//! Workload identity and inbound policy end to end: the real control
+//! plane binary (CA with bootstrap tokens, discovery) and two in-process
+//! proxies that get their certificates from it, talk mutual TLS, and
+//! enforce the AuthorizationPolicy the control plane sends them. Also:
+//! short-lived certificates renewed under load, and a CA root rotation,
+//! with zero failed requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{ControlPlane, DEADLINE, free_port, temp_dir, write};
+use proxy::Proxy;
+use proxy::settings::Settings;
+use proxy::testutil::{echo_server, get, h1_client, sample, scrape};
+
+const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage";
+
+/// The mesh: service `reviews` whose one endpoint is the reviews proxy's
+/// inbound listener at `inbound`, and the two pods with their service
+/// accounts.
+fn mesh(inbound: SocketAddr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{ name: reviews, namespace: bookinfo }}\n\
+         spec: {{ ports: [{{ name: http, port: 9080 }}] }}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{ name: reviews-1, namespace: bookinfo, labels: {{ kubernetes.io/service-name: reviews }} }}\n\
+         addressType: IPv4\nports: [{{ name: http, port: {port} }}]\n\
+         endpoints: [{{ addresses: [\"127.0.0.1\"], targetRef: {{ kind: Pod, name: reviews-1 }} }}]\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{ name: reviews-1, namespace: bookinfo, labels: {{ app: reviews }} }}\n\
+         spec: {{ serviceAccountName: bookinfo-reviews, containers: [{{ name: app, image: x }}] }}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{ name: productpage-1, namespace: bookinfo, labels: {{ app: productpage }} }}\n\
+         spec: {{ serviceAccountName: bookinfo-productpage, containers: [{{ name: app, image: x }}] }}\n",
+        port = inbound.port()
+    )
+}
+
+const DENY_PRODUCTPAGE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+    metadata: { name: no-productpage, namespace: bookinfo }\n\
+    spec:\n  selector: { matchLabels: { app: reviews } }\n  action: DENY\n  \
+    rules: [{ from: [{ principals: [cluster.local/ns/bookinfo/sa/bookinfo-productpage] }] }]\n";
+
+struct Mesh {
+    cp: ControlPlane,
+    client: Arc<Proxy>,
+    server: Arc<Proxy>,
+}
+
+/// Writes a token file and returns its path.
+fn token(dir: &Path, name: &str, token: &str) -> String {
+    let path = dir.join(format!("{name}.token"));
+    std::fs::write(&path, token).unwrap();
+    path.display().to_string()
+}
+
+async fn start(name: &str, cp_args: &[&str]) -> Mesh {
+    let dir = temp_dir(name);
+    let mesh_dir = dir.join("mesh");
+    std::fs::create_dir_all(&mesh_dir).unwrap();
+    let inbound = free_port();
+    write(&mesh_dir, "mesh.yaml", &mesh(inbound));
+    std::fs::write(
+        dir.join("tokens.yaml"),
+        "tokens:\n\
+         - { token: pp-secret, namespace: bookinfo, serviceAccount: bookinfo-productpage }\n\
+         - { token: rv-secret, namespace: bookinfo, serviceAccount: bookinfo-reviews }\n",
+    )
+    .unwrap();
+    let tokens = dir.join("tokens.yaml").display().to_string();
+    let ca = dir.join("ca").display().to_string();
+    let mut args = vec!["--bootstrap-tokens", &tokens, "--ca-dir", &ca];
+    args.extend_from_slice(cp_args);
+    let cp = ControlPlane::start_with(&mesh_dir, free_port(), free_port(), &args);
+    // Wait for the control plane before the proxies dial it.
+    cp.admin_get("/healthz").await;
+
+    let app = echo_server("reviews-app").await;
+    let server_bootstrap = mesh_api::ProxyConfig::from_yaml(&format!(
+        "workload: {{ name: reviews, namespace: bookinfo }}\n\
+         listeners: [{{ name: in, address: \"{inbound}\", direction: inbound, mode: fixed, target: reviews-local }}]\n\
+         services: [{{ name: reviews-local, namespace: bookinfo, ports: [{{ port: 9080 }}] }}]\n\
+         backends: [{{ name: reviews-local, endpoints: [{{ address: \"{app}\" }}] }}]\n"
+    ))
+    .unwrap();
+    let server = start_proxy(
+        &cp,
+        server_bootstrap,
+        "reviews-1",
+        "bookinfo-reviews",
+        &token(&dir, "rv", "rv-secret"),
+    )
+    .await;
+    let client_bootstrap = mesh_api::ProxyConfig::from_yaml(
+        "workload: { name: productpage, namespace: bookinfo }\n\
+         listeners: [{ name: out, address: 127.0.0.1:0, direction: outbound, mode: explicit }]\n",
+    )
+    .unwrap();
+    let client = start_proxy(
+        &cp,
+        client_bootstrap,
+        "productpage-1",
+        "bookinfo-productpage",
+        &token(&dir, "pp", "pp-secret"),
+    )
+    .await;
+    for p in [&client, &server] {
+        tokio::time::timeout(DEADLINE, async {
+            while !p.is_ready() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("a proxy never became ready: {:?}", p.readiness()));
+    }
+    Mesh { cp, client, server }
+}
+
+async fn start_proxy(
+    cp: &ControlPlane,
+    bootstrap: mesh_api::ProxyConfig,
+    node: &str,
+    service_account: &str,
+    token_file: &str,
+) -> Arc<Proxy> {
+    let settings = Settings {
+        discovery: Some(cp.discovery.to_string()),
+        node_id: Some(node.to_owned()),
+        service_account: service_account.to_owned(),
+        token_file: Some(token_file.into()),
+        ..Settings::for_tests()
+    };
+    proxy::start_discovered(settings, bootstrap, &cp.discovery.to_string())
+        .await
+        .unwrap()
+}
+
+/// Waits until `GET /` through the client answers `status`.
+async fn until_status(client: &Proxy, status: u16) -> String {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut c = h1_client(client.listener_addr("out").unwrap()).await;
+            let (s, _, body) = get(&mut c, "/", "reviews:9080").await;
+            if s.as_u16() == status {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never got {status}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_from_the_ca_carry_mtls_and_the_control_planes_policy() {
+    let m = start("identity-mesh", &[]).await;
+    // Each proxy holds a certificate for its own service account.
+    assert_eq!(m.client.tls().credentials().unwrap().spiffe_id, PRODUCTPAGE);
+    assert_eq!(
+        m.server.tls().credentials().unwrap().spiffe_id,
+        "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    );
+
+    until_status(&m.client, 200).await;
+    let metrics = scrape(&m.server).await;
+    assert!(
+        sample(
+            &metrics,
+            "trellis_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("tls", "true"),
+                ("source_principal", PRODUCTPAGE)
+            ]
+        ) >= 1.0,
+        "{metrics}"
+    );
+
+    // A DENY policy from the control plane reaches the reviews proxy.
+    write(&m.cp.dir, "authz.yaml", DENY_PRODUCTPAGE);
+    let body = until_status(&m.client, 403).await;
+    assert!(body.starts_with("RBAC:"), "{body}");
+    std::fs::remove_file(m.cp.dir.join("authz.yaml")).unwrap();
+    until_status(&m.client, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_and_a_root_rotation_under_load_fail_no_request() {
+    // Six-second certificates: each proxy renews every few seconds.
+    let m = start("identity-rotation", &["--cert-ttl", "6s"]).await;
+    let first = m.server.tls().credentials().unwrap().expires;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = m.client.listener_addr("out").unwrap();
+    let tasks: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut c = h1_client(out).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _, body) = get(&mut c, "/", "reviews:9080").await;
+                    if status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.lock().unwrap().push(format!("{status}: {body}"));
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Renewals happen under the load.
+    tokio::time::timeout(DEADLINE, async {
+        while m.server.tls().credentials().unwrap().expires == first {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the server's certificate was never renewed");
+
+    // The root rotates: both proxies get a two-root bundle over discovery,
+    // then certificates from the new root at their next renewal.
+    let body = post(m.cp.admin, "/ca/rotate?overlap=1h").await;
+    assert!(body.starts_with("rotated"), "{body}");
+    tokio::time::timeout(DEADLINE, async {
+        while m.client.tls().root_count() != 2 || m.server.tls().root_count() != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the two-root bundle never reached both proxies");
+    // Two more renewals each: now from the new root.
+    for p in [&m.server, &m.client] {
+        let before = p.tls().credentials().unwrap().expires;
+        tokio::time::timeout(DEADLINE, async {
+            while p.tls().credentials().unwrap().expires == before {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("no renewal after the rotation");
+    }
+    let served_before = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > served_before,
+        "traffic stopped after the rotation"
+    );
+}
+
+/// `POST path` to `addr`; the body.
+async fn post(addr: SocketAddr, path: &str) -> String {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
