@@ -36,17 +36,67 @@ pub const METRIC_SIGN_ERRORS: &str = "trellis_ca_sign_errors_total";
 pub struct IdentityService {
     ca: Arc<Ca>,
     authenticator: Arc<dyn Authenticator>,
+    issued: Arc<Issuances>,
+}
+
+/// The last certificate issued per SPIFFE ID, for `/debug/identities` and
+/// `meshctl proxy-status`.
+#[derive(Debug, Default)]
+pub struct Issuances(std::sync::Mutex<std::collections::BTreeMap<String, IssuedCert>>);
+
+/// One issued certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCert {
+    /// Serial number, hex.
+    pub serial: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub expires_unix_seconds: i64,
+}
+
+/// What `/debug/identities` answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identities {
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The last certificate issued to each SPIFFE ID since the control
+    /// plane started.
+    pub certificates: std::collections::BTreeMap<String, IssuedCert>,
+}
+
+impl Issuances {
+    /// A copy of the records.
+    pub fn snapshot(&self, trust_domain: &str) -> Identities {
+        Identities {
+            trust_domain: trust_domain.to_owned(),
+            certificates: self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
 }
 
 impl IdentityService {
     /// A service signing with `ca` for the callers `authenticator` knows.
     pub fn new(ca: Arc<Ca>, authenticator: Arc<dyn Authenticator>) -> Self {
-        Self { ca, authenticator }
+        Self {
+            ca,
+            authenticator,
+            issued: Arc::default(),
+        }
     }
 
     /// The tonic service, for `tonic::transport::Server::add_service`.
     pub fn service(self) -> IdentityServer<Self> {
         IdentityServer::new(self)
+    }
+
+    /// The issuance records, shared with the admin server.
+    pub fn issuances(&self) -> Arc<Issuances> {
+        self.issued.clone()
     }
 }
 
@@ -89,6 +139,17 @@ impl IdentityApi for IdentityService {
             .expires
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.issued
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                issued.spiffe_id.clone(),
+                IssuedCert {
+                    serial: issued.serial.clone(),
+                    expires_unix_seconds: expires,
+                },
+            );
         info!(
             identity = %issued.spiffe_id,
             serial = %issued.serial,

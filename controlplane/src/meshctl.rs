@@ -2,13 +2,22 @@
 
 use std::fmt::Write;
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use crate::discovery::{ProxyStatus, SyncState};
+use crate::identity::Identities;
 
 /// Renders `meshctl proxy-status`: one line per connected proxy with its
-/// workload, how many resource types are in sync, and its NACKs.
-pub fn proxy_status_table(proxies: &[ProxyStatus]) -> String {
+/// workload, how many resource types are in sync, its NACKs, and its
+/// identity with the time its certificate has left (from the CA's
+/// records in `identities`, at `now`).
+pub fn proxy_status_table(
+    proxies: &[ProxyStatus],
+    identities: Option<&Identities>,
+    now: SystemTime,
+) -> String {
     let mut out = String::new();
-    let rows: Vec<[String; 6]> = proxies
+    let rows: Vec<[String; 8]> = proxies
         .iter()
         .map(|p| {
             let synced = p
@@ -30,12 +39,15 @@ pub fn proxy_status_table(proxies: &[ProxyStatus]) -> String {
                 .filter_map(|(ty, t)| t.last_nack.as_ref().map(|n| format!("{ty}: {}", n.message)))
                 .next_back()
                 .unwrap_or_default();
+            let (identity, expires) = identity(p, identities, now);
             [
                 p.id.clone(),
                 format!("{}/{}", p.namespace, p.workload),
                 state.to_owned(),
                 format!("{synced}/{}", p.types.len()),
                 nacks.to_string(),
+                identity,
+                expires,
                 last_nack,
             ]
         })
@@ -46,6 +58,8 @@ pub fn proxy_status_table(proxies: &[ProxyStatus]) -> String {
         "STATE",
         "TYPES SYNCED",
         "NACKS",
+        "IDENTITY",
+        "CERT EXPIRES IN",
         "LAST NACK",
     ];
     let widths: Vec<usize> = (0..header.len())
@@ -66,6 +80,31 @@ pub fn proxy_status_table(proxies: &[ProxyStatus]) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
+}
+
+/// The proxy's SPIFFE ID and how long its certificate has left: `-`
+/// when the CA issued it nothing (a proxy without identity: plaintext).
+fn identity(p: &ProxyStatus, identities: Option<&Identities>, now: SystemTime) -> (String, String) {
+    let Some(identities) = identities else {
+        return ("?".into(), "?".into());
+    };
+    let id = format!(
+        "spiffe://{}/ns/{}/sa/{}",
+        identities.trust_domain, p.namespace, p.service_account
+    );
+    match identities.certificates.get(&id) {
+        None => ("-".into(), "-".into()),
+        Some(cert) => {
+            let expires = UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(cert.expires_unix_seconds).unwrap_or(0));
+            let left = match expires.duration_since(now) {
+                // Whole seconds, as `23h 59m 58s`.
+                Ok(d) => humantime::format_duration(Duration::from_secs(d.as_secs())).to_string(),
+                Err(_) => "EXPIRED".into(),
+            };
+            (id, left)
+        }
+    }
 }
 
 #[cfg(test)]

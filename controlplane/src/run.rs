@@ -107,10 +107,11 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     report(&server.update(|index| source.scan(index)));
 
     tokio::spawn(watch(source, server.clone()));
+    let identity = IdentityService::new(ca.clone(), authenticator);
     // Discovery and identity share the port: a proxy dials one address.
     let grpc = tonic::transport::Server::builder()
         .add_service(server.service())
-        .add_service(IdentityService::new(ca.clone(), authenticator).service());
+        .add_service(identity.clone().service());
     tokio::spawn(async move {
         if let Err(e) = grpc
             .serve_with_incoming_shutdown(
@@ -122,7 +123,14 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
             warn!(error = %e, "gRPC server (discovery, identity) stopped");
         }
     });
-    tokio::spawn(admin(admin_listener, server.clone(), recorder, ca.clone()));
+    let issuances = identity.issuances();
+    tokio::spawn(admin(
+        admin_listener,
+        server.clone(),
+        recorder,
+        ca.clone(),
+        issuances,
+    ));
     tokio::spawn(refresh_trust_bundle(server.clone(), ca.clone()));
     info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(),
           trust_domain = %ca.trust_domain(), "control plane serving");
@@ -233,6 +241,18 @@ async fn refresh_trust_bundle(server: Server, ca: Arc<Ca>) {
     }
 }
 
+/// `GET /debug/identities`: the last certificate issued to each SPIFFE ID.
+fn identities(ca: &Ca, issuances: &crate::identity::Issuances) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(&issuances.snapshot(ca.trust_domain())) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            e.to_string(),
+        ),
+    }
+}
+
 /// `POST /ca/rotate?overlap=DURATION`: a new root signs from now on; the
 /// old one stays in every proxy's trust bundle for the overlap (default
 /// twice the longest certificate lifetime, so every certificate it signed
@@ -279,18 +299,27 @@ fn form_overlap(query: Option<&str>) -> Result<Option<Duration>, String> {
     Ok(None)
 }
 
-async fn admin(listener: TcpListener, server: Server, recorder: PrometheusHandle, ca: Arc<Ca>) {
+async fn admin(
+    listener: TcpListener,
+    server: Server,
+    recorder: PrometheusHandle,
+    ca: Arc<Ca>,
+    issuances: Arc<crate::identity::Issuances>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let (server, recorder, ca) = (server.clone(), recorder.clone(), ca.clone());
+        let issuances = issuances.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp =
                     if req.method() == hyper::Method::POST && req.uri().path() == "/ca/rotate" {
                         rotate(&server, &ca, req.uri().query())
+                    } else if req.uri().path() == "/debug/identities" {
+                        identities(&ca, &issuances)
                     } else {
                         route(&server, &recorder, &req)
                     };

@@ -39,7 +39,18 @@ fn nacked_proxy_shows_its_reason() {
             ),
         ]),
     };
-    let table = proxy_status_table(&[proxy]);
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    let identities = crate::identity::Identities {
+        trust_domain: "cluster.local".into(),
+        certificates: BTreeMap::from([(
+            "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews".to_owned(),
+            crate::identity::IssuedCert {
+                serial: "ab".into(),
+                expires_unix_seconds: 1_000_000 + 3600 + 61,
+            },
+        )]),
+    };
+    let table = proxy_status_table(&[proxy.clone()], Some(&identities), now);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("PROXY"), "{table}");
     assert!(
@@ -51,4 +62,16 @@ fn nacked_proxy_shows_its_reason() {
         lines[1].ends_with("OutboundService: route r: invalid regex"),
         "{table}"
     );
+    assert!(
+        lines[1].contains("spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews  1h 1m 1s"),
+        "{table}"
+    );
+    // Without CA records the identity is unknown; with no certificate the
+    // proxy has none.
+    let unknown = proxy_status_table(&[proxy.clone()], None, now);
+    let row: Vec<&str> = unknown.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[5..7], ["?", "?"], "{unknown}");
+    let none = proxy_status_table(&[proxy], Some(&crate::identity::Identities::default()), now);
+    let row: Vec<&str> = none.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[5..7], ["-", "-"], "{none}");
 }

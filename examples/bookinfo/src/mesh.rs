@@ -268,9 +268,20 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
         "# Where each workload is: its proxy's inbound listener on 127.0.0.1.\n{}",
         slices.join("---\n")
     );
+    let policies = format!(
+        "# Mutual TLS between every proxy (STRICT), except that productpage also\n\
+         # accepts plaintext: it is the front door your browser calls.\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {{ name: default, namespace: {NAMESPACE} }}\n\
+         spec: {{ mtls: {{ mode: STRICT }} }}\n---\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: PeerAuthentication\n\
+         metadata: {{ name: productpage-front-door, namespace: {NAMESPACE} }}\n\
+         spec:\n  selector: {{ matchLabels: {{ app: productpage }} }}\n  mtls: {{ mode: PERMISSIVE }}\n"
+    );
     vec![
         ("services.yaml", services),
         ("pods.yaml", pods),
+        ("policies.yaml", policies),
         ("endpoints.yaml", slices),
         (ROUTE_FILE, reviews_route_yaml(&REVIEWS_SPLIT)),
     ]
@@ -559,7 +570,13 @@ mod tests {
         let names: Vec<_> = files.iter().map(|(n, _)| *n).collect();
         assert_eq!(
             names,
-            ["services.yaml", "pods.yaml", "endpoints.yaml", ROUTE_FILE]
+            [
+                "services.yaml",
+                "pods.yaml",
+                "policies.yaml",
+                "endpoints.yaml",
+                ROUTE_FILE
+            ]
         );
         let docs = |text: &str| -> Vec<serde_yaml::Value> {
             text.split("---\n")
@@ -572,7 +589,9 @@ mod tests {
         assert_eq!(pods.len(), 6);
         assert_eq!(pods[4]["spec"]["serviceAccountName"], "bookinfo-reviews");
         assert_eq!(pods[4]["metadata"]["labels"]["version"], "v2");
-        let slices = docs(&files[2].1);
+        let policies = docs(&files[2].1);
+        assert_eq!(policies[1]["spec"]["mtls"]["mode"], "PERMISSIVE");
+        let slices = docs(&files[3].1);
         // details, ratings, and each reviews version twice (reviews and
         // reviews-vN).
         assert_eq!(slices.len(), 2 + 2 * 3);
@@ -585,7 +604,7 @@ mod tests {
             Some(u64::from(mesh[4].inbound.port()))
         );
         assert_eq!(v2["endpoints"][0]["targetRef"]["name"], "reviews-v2");
-        let route = docs(&files[3].1).remove(0);
+        let route = docs(&files[4].1).remove(0);
         let weights: Vec<_> = route["spec"]["rules"][0]["backendRefs"]
             .as_sequence()
             .unwrap()

@@ -479,6 +479,8 @@ impl Demo {
 
     /// Requests to `reviews` per destination workload, as productpage's
     /// proxy counts them.
+    /// Only requests over mutual TLS count: in the demo that is all of
+    /// them, and the smoke check relies on it.
     async fn reviews_split(&self) -> anyhow::Result<BTreeMap<String, Counts>> {
         let (status, text) = http::get(self.front_metrics(), "/metrics").await?;
         if status != 200 {
@@ -490,6 +492,7 @@ impl Demo {
                 ("direction", "outbound"),
                 ("source_workload", "productpage"),
                 ("destination_service", "reviews"),
+                ("tls", "true"),
             ],
         ))
     }
@@ -548,7 +551,10 @@ impl Demo {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        println!("smoke: productpage's proxy counted {}", list(&counted));
+        println!(
+            "smoke: productpage's proxy counted {}, all over mutual TLS",
+            list(&counted)
+        );
         if counted != served {
             bail!("smoke: the proxy's trellis_requests_total disagrees with the pages");
         }
@@ -561,8 +567,14 @@ impl Demo {
     /// Every proxy is connected to the control plane and has applied what
     /// it was sent.
     async fn smoke_proxy_status(&self) -> anyhow::Result<()> {
-        let proxies = crate::fetch_proxies(&loopback(self.controlplane.admin).to_string()).await?;
-        let table = controlplane::meshctl::proxy_status_table(&proxies);
+        let admin = loopback(self.controlplane.admin).to_string();
+        let proxies = crate::fetch_proxies(&admin).await?;
+        let identities = crate::fetch_identities(&admin).await;
+        let table = controlplane::meshctl::proxy_status_table(
+            &proxies,
+            identities.as_ref(),
+            std::time::SystemTime::now(),
+        );
         print!("smoke: meshctl proxy-status\n{table}");
         let mut connected: Vec<&str> = proxies.iter().map(|p| p.workload.as_str()).collect();
         connected.sort_unstable();
@@ -570,6 +582,10 @@ impl Demo {
         expected.sort_unstable();
         if connected != expected {
             bail!("smoke: the control plane shows proxies {connected:?}, expected {expected:?}");
+        }
+        // mTLS STRICT: every proxy holds a certificate from the CA.
+        if let Some(line) = table.lines().skip(1).find(|l| !l.contains("spiffe://")) {
+            bail!("smoke: a proxy has no workload certificate: {line}");
         }
         for p in &proxies {
             if let Some((ty, _)) = p

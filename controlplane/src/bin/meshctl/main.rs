@@ -37,8 +37,18 @@ fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
         Command::ProxyStatus { controlplane } => runtime().and_then(|rt| {
-            let proxies = rt.block_on(fetch_proxies(&controlplane))?;
-            print!("{}", controlplane::meshctl::proxy_status_table(&proxies));
+            let (proxies, identities) = rt.block_on(async {
+                let proxies = fetch_proxies(&controlplane).await?;
+                anyhow::Ok((proxies, fetch_identities(&controlplane).await))
+            })?;
+            print!(
+                "{}",
+                controlplane::meshctl::proxy_status_table(
+                    &proxies,
+                    identities.as_ref(),
+                    std::time::SystemTime::now()
+                )
+            );
             Ok(())
         }),
     };
@@ -61,15 +71,31 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The control plane's `/debug/proxies` at `controlplane` (its metrics and
 /// debug address).
 async fn fetch_proxies(controlplane: &str) -> anyhow::Result<Vec<ProxyStatus>> {
-    let uri: hyper::Uri = format!("http://{controlplane}/debug/proxies").parse()?;
+    let body = fetch(controlplane, "/debug/proxies").await?;
+    serde_json::from_slice(&body).map_err(|e| {
+        anyhow::anyhow!("the control plane's /debug/proxies is not what meshctl reads: {e}")
+    })
+}
+
+/// The CA's certificate records, `None` when the control plane does not
+/// serve them (an older version): the identity columns then show `?`.
+async fn fetch_identities(controlplane: &str) -> Option<controlplane::identity::Identities> {
+    let body = fetch(controlplane, "/debug/identities").await.ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// `GET path` from the control plane's debug address.
+async fn fetch(controlplane: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
+    let uri: hyper::Uri = format!("http://{controlplane}{path}").parse()?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let resp = client.get(uri).await.map_err(|e| {
         anyhow::anyhow!("cannot reach the control plane at {controlplane}: {e}; is trellis-controlplane running?")
     })?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    anyhow::ensure!(status.is_success(), "control plane answered {status}");
-    serde_json::from_slice(&body).map_err(|e| {
-        anyhow::anyhow!("the control plane's /debug/proxies is not what meshctl reads: {e}")
-    })
+    anyhow::ensure!(
+        status.is_success(),
+        "GET {path}: the control plane answered {status}"
+    );
+    Ok(body)
 }
