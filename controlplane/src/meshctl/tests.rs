@@ -50,7 +50,7 @@ fn nacked_proxy_shows_its_reason() {
             },
         )]),
     };
-    let table = proxy_status_table(&[proxy.clone()], Some(&identities), now);
+    let table = proxy_status_table(std::slice::from_ref(&proxy), Some(&identities), now);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("PROXY"), "{table}");
     assert!(
@@ -68,7 +68,7 @@ fn nacked_proxy_shows_its_reason() {
     );
     // Without CA records the identity is unknown; with no certificate the
     // proxy has none.
-    let unknown = proxy_status_table(&[proxy.clone()], None, now);
+    let unknown = proxy_status_table(std::slice::from_ref(&proxy), None, now);
     let row: Vec<&str> = unknown.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[5..7], ["?", "?"], "{unknown}");
     let none = proxy_status_table(&[proxy], Some(&crate::identity::Identities::default()), now);
