@@ -248,9 +248,18 @@ backends:
     // Inbound: a client outside the pod connects to the pod's IP; iptables
     // sends it to the inbound listener, which forwards to the app on the
     // pod's loopback at the original port.
+    // The app (python's http.server) may still be starting on a busy
+    // machine: until it listens, the proxy answers 503 connection refused.
     let app: SocketAddr = format!("{}:9080", pod.pod_ip).parse().unwrap();
-    let mut c = h1_client(app).await;
-    let (status, _, body) = get(&mut c, "/", "productpage").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, body) = loop {
+        let mut c = h1_client(app).await;
+        let (status, _, body) = get(&mut c, "/", "productpage").await;
+        if status != 503 || !body.contains("Connection refused") || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("Directory listing"), "{body}");
 
@@ -267,8 +276,11 @@ backends:
             ("destination_workload", "reviews-v1"),
         ],
     );
-    let inbound =
-        proxy::testutil::sample(&text, "trellis_requests_total", &[("direction", "inbound")]);
+    let inbound = proxy::testutil::sample(
+        &text,
+        "trellis_requests_total",
+        &[("direction", "inbound"), ("response_code", "200")],
+    );
     assert_eq!((outbound, inbound), (1.0, 1.0), "{text}");
     let _ = std::fs::remove_file(path);
 }
