@@ -47,7 +47,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
-pub use self::grpc::DiscoveryService;
 use mesh_proto::discovery::v1::discovery_server::Discovery;
 use mesh_proto::discovery::v1::{DiscoveryRequest, DiscoveryResponse};
 use serde::{Deserialize, Serialize};
@@ -57,6 +56,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
+
+pub use self::grpc::DiscoveryService;
 
 use self::cache::Cache;
 use crate::index::{Changed, Index, Key, Refused};

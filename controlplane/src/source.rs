@@ -9,13 +9,14 @@
 //!
 //! A scan reads only the files that changed since the last one (by size,
 //! modification and change time, and inode, through symlinks, so that a
-//! ConfigMap volume's swap counts), and gives the index only the objects
-//! those files added, changed or dropped: a mesh of thousands of objects
-//! is parsed once, not on every edit and every poll. When several files
+//! ConfigMap volume's swap counts), parses only the documents of those
+//! files whose text changed, and gives the index only the objects that
+//! were added, changed or dropped: a mesh of thousands of objects is
+//! parsed once, not on every edit and every poll. When several files
 //! define the same object, the last file in path order wins, as in a full
 //! read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -53,11 +54,22 @@ struct File {
     stamp: Stamp,
     /// When it was last read.
     read_at: SystemTime,
-    /// The indexed objects of its last good read, by identity; a later
-    /// document defining the same object wins.
-    objects: BTreeMap<ObjectId, Object>,
+    /// The documents of its last good read, in order.
+    docs: Vec<Doc>,
+    /// For each indexed object, the document that defines it (the last
+    /// one, when several do).
+    objects: BTreeMap<ObjectId, usize>,
     /// Why the last read failed, if it did.
     error: Option<FileError>,
+}
+
+/// One YAML document of a file: its text, kept to tell it unchanged at
+/// the next read, and the indexed objects it defines (one, or none for an
+/// empty document or a kind the index does not hold).
+#[derive(Debug, Clone)]
+struct Doc {
+    text: String,
+    objects: Vec<Object>,
 }
 
 /// What tells a changed file from an unchanged one without reading it.
@@ -191,38 +203,56 @@ impl DirSource {
             return;
         }
         let read_at = SystemTime::now();
-        match read_file(&path) {
-            Ok(objects) => {
-                let objects: BTreeMap<ObjectId, Object> = objects
-                    .into_iter()
-                    .filter_map(|o| Some((ObjectId::of(&o)?, o)))
-                    .collect();
-                if let Some(old) = self.files.remove(&path) {
-                    self.disown(&path, &old, touched);
-                }
-                for id in objects.keys() {
-                    self.owners
-                        .entry(id.clone())
-                        .or_default()
-                        .insert(path.clone());
-                    touched.insert(id.clone());
-                }
-                let file = File {
-                    stamp,
-                    read_at,
-                    objects,
-                    error: None,
-                };
+        let old = self.files.remove(&path);
+        let docs = read_file(&path)
+            .and_then(|text| parse(&path, &text, old.as_ref().map_or(&[][..], |f| &f.docs)));
+        match docs {
+            Ok(docs) => {
+                let file = File::new(stamp, read_at, docs);
+                self.own(&path, old.as_ref(), &file, touched);
                 self.files.insert(path, file);
             }
             Err(error) => {
-                let file = self
-                    .files
-                    .entry(path)
-                    .or_insert_with(|| File::broken(error.clone()));
+                let mut file = old.unwrap_or_else(|| File::broken(error.clone()));
                 file.stamp = stamp;
                 file.read_at = read_at;
                 file.error = Some(error);
+                self.files.insert(path, file);
+            }
+        }
+    }
+
+    /// Records that `new`, read from `path`, replaces `old`, and marks
+    /// the objects whose definition in it changed.
+    fn own(
+        &mut self,
+        path: &Path,
+        old: Option<&File>,
+        new: &File,
+        touched: &mut BTreeSet<ObjectId>,
+    ) {
+        if let Some(old) = old {
+            for id in old.objects.keys() {
+                if new.objects.contains_key(id) {
+                    continue;
+                }
+                if let Some(paths) = self.owners.get_mut(id) {
+                    paths.remove(path);
+                    if paths.is_empty() {
+                        self.owners.remove(id);
+                    }
+                }
+                touched.insert(id.clone());
+            }
+        }
+        for id in new.objects.keys() {
+            let same = old.is_some_and(|old| old.object(id) == new.object(id));
+            if !same {
+                self.owners
+                    .entry(id.clone())
+                    .or_default()
+                    .insert(path.to_owned());
+                touched.insert(id.clone());
             }
         }
     }
@@ -249,7 +279,7 @@ impl DirSource {
                 .get(&id)
                 .and_then(|paths| paths.last())
                 .and_then(|path| self.files.get(path))
-                .and_then(|file| file.objects.get(&id));
+                .and_then(|file| file.object(&id));
             let result = match winner {
                 Some(object) => apply(index, object.clone()),
                 None => Ok(id.delete(index)),
@@ -330,9 +360,38 @@ impl File {
                 ctime: (i64::MIN, 0),
             },
             read_at: SystemTime::UNIX_EPOCH,
+            docs: Vec::new(),
             objects: BTreeMap::new(),
             error: Some(error),
         }
+    }
+
+    /// A file read without errors.
+    fn new(stamp: Stamp, read_at: SystemTime, docs: Vec<Doc>) -> File {
+        let mut objects = BTreeMap::new();
+        for (i, doc) in docs.iter().enumerate() {
+            for object in &doc.objects {
+                if let Some(id) = ObjectId::of(object) {
+                    objects.insert(id, i);
+                }
+            }
+        }
+        File {
+            stamp,
+            read_at,
+            docs,
+            objects,
+            error: None,
+        }
+    }
+
+    /// The file's definition of object `id`.
+    fn object(&self, id: &ObjectId) -> Option<&Object> {
+        let doc = self.docs.get(*self.objects.get(id)?)?;
+        doc.objects
+            .iter()
+            .rev()
+            .find(|o| ObjectId::of(o).as_ref() == Some(id))
     }
 
     /// Whether the last read saw what the file holds now: the stamp is
@@ -378,24 +437,67 @@ fn yaml_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// Parses one file; any broken document makes the whole file an error, so
-/// that its previous objects stay together.
-fn read_file(path: &Path) -> Result<Vec<Object>, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| FileError {
+/// Reads one file.
+fn read_file(path: &Path) -> Result<String, FileError> {
+    std::fs::read_to_string(path).map_err(|e| FileError {
         path: path.to_owned(),
         line: 0,
         reason: format!("cannot read: {e}"),
-    })?;
-    parse_documents(&text)
+    })
+}
+
+/// Parses the documents of `text`, reusing those of `old` (the file's
+/// previous documents) whose text is unchanged; any broken document makes
+/// the whole file an error, so that its previous objects stay together.
+fn parse(path: &Path, text: &str, old: &[Doc]) -> Result<Vec<Doc>, FileError> {
+    let known: HashMap<&str, &Doc> = old.iter().map(|d| (d.text.as_str(), d)).collect();
+    documents(text)
         .into_iter()
-        .map(|r| {
-            r.map_err(|e| FileError {
-                path: path.to_owned(),
-                line: e.line,
-                reason: e.reason,
+        .map(|(first_line, doc)| {
+            if let Some(known) = known.get(doc) {
+                return Ok((*known).clone());
+            }
+            let objects = parse_documents(doc)
+                .into_iter()
+                .filter_map(|r| match r {
+                    Ok(o) => ObjectId::of(&o).map(|_| Ok(o)),
+                    Err(e) => Some(Err(FileError {
+                        path: path.to_owned(),
+                        line: first_line + e.line - 1,
+                        reason: e.reason,
+                    })),
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Doc {
+                text: doc.to_owned(),
+                objects,
             })
         })
         .collect()
+}
+
+/// Splits `text` into its YAML documents, each with the line it starts on
+/// (from 1), as `mesh_api::k8s::parse_documents` does: at lines that are
+/// `---` alone or followed by whitespace, the separator going with the
+/// document after it. Parsing a document on its own then gives what
+/// parsing it within the whole text does.
+fn documents(text: &str) -> Vec<(usize, &str)> {
+    let is_separator = |line: &str| {
+        line.strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    };
+    let mut docs = Vec::new();
+    let (mut start, mut first_line, mut offset) = (0, 1, 0);
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if is_separator(line) && offset > start {
+            docs.push((first_line, &text[start..offset]));
+            start = offset;
+            first_line = i + 1;
+        }
+        offset += line.len();
+    }
+    docs.push((first_line, &text[start..]));
+    docs
 }
 
 #[cfg(test)]

@@ -38,8 +38,8 @@ use tokio::time::Instant;
 use self::fleet::{Event, Expect, Expected, Fleet, ProxySpec};
 use self::mesh::{Hot, Mesh};
 use self::report::{
-    ChangeRecord, ChangeSummary, MeshReport, ProcessReport, Report, ServerQuantiles, TARGET_P99_MS,
-    TARGET_PEAK_RSS_MB, Targets,
+    ChangeRecord, ChangeSummary, FleetReport, MeshReport, OtherLoad, ProcessReport, Report,
+    ServerQuantiles, TARGET_P99_MS, TARGET_PEAK_RSS_MB, Targets,
 };
 use crate::bench::process::{self, Child};
 use crate::bench::procfs;
@@ -303,6 +303,11 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
         eprintln!("bench-controlplane: idle for {idle:?} ...");
         tokio::time::sleep(idle).await;
         let idle_end = cp.sample()?;
+        let (busy0, fleet0, t0) = (
+            procfs::machine_busy_seconds()?,
+            self_sample()?,
+            Instant::now(),
+        );
 
         let mut records = Vec::new();
         let mut hot = Hot::default();
@@ -331,6 +336,13 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
         }
         let end = cp.sample()?;
         let fleet_end = self_sample()?;
+        let busy = procfs::machine_busy_seconds()? - busy0;
+        let others = OtherLoad {
+            changes_wall_s: t0.elapsed().as_secs_f64(),
+            machine_busy_cpu_s: busy,
+            other_cpu_s: (busy - (end.cpu_s - idle_end.cpu_s) - (fleet_end.cpu_s - fleet0.cpu_s))
+                .max(0.0),
+        };
         let text = metrics::scrape(cp.admin).await?;
         let server_end = ["ServiceIndex", "OutboundService", "Endpoints"]
             .into_iter()
@@ -363,13 +375,12 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
             cpu_s_per_change: changes_cpu / records.len() as f64,
             cpu_s_total: end.cpu_s,
         };
-        let fleet = ProcessReport {
+        let fleet = FleetReport {
             peak_rss_mb: mb(fleet_end.peak_rss),
             rss_after_sync_mb: mb(fleet_synced.rss),
             rss_end_mb: mb(fleet_end.rss),
             cpu_s_sync: fleet_synced.cpu_s,
             cpu_s_total: fleet_end.cpu_s,
-            ..Default::default()
         };
         let worst_p99 = endpoint_change.p99_ms.max(route_change.p99_ms);
         let targets = Targets {
@@ -407,6 +418,7 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
             targets,
             changes: records,
             server_push_latency_end: server_end,
+            others,
         })
     })?;
     cp.child.check_alive()?;

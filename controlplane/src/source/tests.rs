@@ -232,6 +232,7 @@ fn a_file_is_current_only_when_its_stamp_is_unchanged_and_settled() {
     let file = File {
         stamp: stamp(1_000, 10),
         read_at: at(1_010),
+        docs: Vec::new(),
         objects: BTreeMap::new(),
         error: None,
     };
@@ -255,4 +256,56 @@ fn a_file_is_current_only_when_its_stamp_is_unchanged_and_settled() {
         ..fine_racy
     };
     assert!(!just_written.is_current(fine(1_000, 999_990_000)));
+}
+
+#[test]
+fn only_changed_documents_reach_the_index_and_errors_keep_file_lines() {
+    let dir = tempdir("documents");
+    let three = |ip: &str| {
+        format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{ name: ratings, namespace: bookinfo }}\n\
+             spec: {{ clusterIP: {ip}, ports: [{{ name: http, port: 9080 }}] }}\n"
+        )
+    };
+    std::fs::write(dir.join("mesh.yaml"), three("10.96.0.20")).unwrap();
+    let mut source = DirSource::new(&dir);
+    let mut index = Index::default();
+    assert_eq!(source.scan(&mut index).changed.services.len(), 3);
+
+    std::fs::write(dir.join("mesh.yaml"), three("10.96.0.21")).unwrap();
+    let scan = source.scan(&mut index);
+    let names: Vec<_> = scan.changed.services.iter().map(|k| &k.name).collect();
+    assert_eq!(names, ["ratings"]);
+
+    // Line 3 of the last document is broken; its line in the file counts
+    // the documents before it.
+    let text = three("10.96.0.21");
+    let last = text.rfind("---").unwrap();
+    let broken = format!("{}---\napiVersion: v1\nkind: [\n", &text[..last]);
+    std::fs::write(dir.join("mesh.yaml"), &broken).unwrap();
+    let scan = source.scan(&mut index);
+    assert_eq!(scan.file_errors.len(), 1, "{:?}", scan.file_errors);
+    let whole = mesh_api::k8s::parse_documents(&broken);
+    let expected = whole.iter().find_map(|r| r.as_ref().err()).unwrap().line;
+    assert_eq!(
+        scan.file_errors[0].line, expected,
+        "{}",
+        scan.file_errors[0]
+    );
+    assert_eq!(
+        index.service_entries().len(),
+        3,
+        "the last good objects stay"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn documents_split_as_parse_documents_does() {
+    let text = "# head\n---\na: 1\n--- # second\nb: 2\n---x: not a separator\n---\n";
+    let docs = documents(text);
+    let lines: Vec<_> = docs.iter().map(|(line, _)| *line).collect();
+    assert_eq!(lines, [1, 2, 4, 7]);
+    assert_eq!(docs.iter().map(|(_, d)| *d).collect::<String>(), text);
+    assert!(docs[2].1.starts_with("--- # second\nb: 2\n---x"));
 }

@@ -53,6 +53,31 @@ fn read(path: &str, name: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {path}; has {name} exited?"))
 }
 
+/// CPU seconds the whole machine has been busy (every CPU, every process
+/// and the kernel's interrupt work), from /proc/stat: with the figures of
+/// the processes under test, it tells how much other work shared the
+/// machine during a run.
+pub fn machine_busy_seconds() -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let ticks = parse_machine_busy_ticks(&text)
+        .with_context(|| format!("cannot parse the cpu line of /proc/stat: {text:.80}"))?;
+    Ok(ticks as f64 / clock_ticks_per_second() as f64)
+}
+
+/// user + nice + system + irq + softirq + steal of the `cpu` line of
+/// /proc/stat, in clock ticks (idle and iowait are not busy; guest time
+/// is already in user).
+fn parse_machine_busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |i: usize| fields.get(i).copied();
+    Some(field(0)? + field(1)? + field(2)? + field(5)? + field(6)? + field(7).unwrap_or(0))
+}
+
 /// utime + stime from the text of /proc/PID/stat, in clock ticks.
 fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces or
@@ -105,6 +130,15 @@ mod tests {
         assert_eq!(parse_stat_cpu_ticks(stat), Some(11));
         assert_eq!(parse_stat_cpu_ticks("7 (truncated"), None);
         assert_eq!(parse_stat_cpu_ticks("7 (x) R 1 2"), None);
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  100 2 30 9000 40 5 6 7 0 0\ncpu0 50 1 15 4500 20 2 3 3 0 0\n";
+        assert_eq!(parse_machine_busy_ticks(stat), Some(150));
+        assert_eq!(parse_machine_busy_ticks("cpu0 1 2 3\n"), None);
+        assert_eq!(parse_machine_busy_ticks("cpu  1 x 3 4 5 6 7\n"), None);
+        assert!(machine_busy_seconds().is_ok_and(|s| s > 0.0));
     }
 
     #[test]

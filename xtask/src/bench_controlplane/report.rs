@@ -34,7 +34,7 @@ pub struct Report {
     pub proxy_sync_p99_s: f64,
     pub controlplane: ProcessReport,
     /// This process: the simulated proxies.
-    pub fleet: ProcessReport,
+    pub fleet: FleetReport,
     pub endpoint_change: ChangeSummary,
     pub route_change: ChangeSummary,
     pub targets: Targets,
@@ -43,6 +43,19 @@ pub struct Report {
     /// The control plane's push-latency quantiles at the end, per type,
     /// over its exporter's rolling window (about the last minute).
     pub server_push_latency_end: Vec<ServerQuantiles>,
+    /// Other work on the machine while the changes were timed.
+    pub others: OtherLoad,
+}
+
+/// How much else ran on the machine while the changes were timed: on a
+/// shared machine, the reason one run's tail differs from the next.
+#[derive(Debug, Serialize)]
+pub struct OtherLoad {
+    pub changes_wall_s: f64,
+    /// CPU seconds the whole machine was busy.
+    pub machine_busy_cpu_s: f64,
+    /// Of those, not the control plane's nor the simulated proxies'.
+    pub other_cpu_s: f64,
 }
 
 /// The mesh and the fleet.
@@ -79,6 +92,18 @@ pub struct ProcessReport {
     pub cpu_s_per_s_idle: f64,
     pub cpu_s_changes: f64,
     pub cpu_s_per_change: f64,
+    pub cpu_s_total: f64,
+}
+
+/// CPU and memory of this process, the simulated proxies, which share
+/// the machine with the control plane.
+#[derive(Debug, Default, Serialize)]
+pub struct FleetReport {
+    pub peak_rss_mb: f64,
+    pub rss_after_sync_mb: f64,
+    pub rss_end_mb: f64,
+    /// CPU used by the end of the sync (generating the mesh included).
+    pub cpu_s_sync: f64,
     pub cpu_s_total: f64,
 }
 
@@ -339,6 +364,14 @@ impl Report {
             t,
             "simulated proxies (this process): CPU {:.2} s, peak RSS {:.0} MB",
             self.fleet.cpu_s_total, self.fleet.peak_rss_mb
+        )?;
+        let o = &self.others;
+        writeln!(
+            t,
+            "other processes: {:.1} CPU-s during the {:.1} s of changes ({:.0}% of the machine)",
+            o.other_cpu_s,
+            o.changes_wall_s,
+            100.0 * o.other_cpu_s / (o.changes_wall_s * self.machine.nproc.max(1) as f64)
         )?;
         let tick = |ok: bool| if ok { "met" } else { "MISSED" };
         let worst_p99 = self.endpoint_change.p99_ms.max(self.route_change.p99_ms);
