@@ -27,8 +27,8 @@ use crate::index::Index;
 use crate::settings::{Settings, SettingsError};
 use crate::source::DirSource;
 
-/// How long after a change event the directory is read, so a burst of
-/// writes is read once.
+/// The pause after each read of the directory: events meanwhile make one
+/// more read, so a burst of writes is read at most once per pause.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 /// How often the directory is read regardless of events.
 const POLL: Duration = Duration::from_secs(2);
@@ -217,14 +217,18 @@ async fn watch(mut source: DirSource, server: Server) {
         .ok();
     loop {
         tokio::select! {
-            _ = rx.recv() => tokio::time::sleep(DEBOUNCE).await,
+            _ = rx.recv() => {}
             () = tokio::time::sleep(POLL) => {}
         }
-        let _ = rx.try_recv();
+        // Leading edge: a lone change is read at once. Events during the
+        // scan and the pause after it wait in the channel and make one more
+        // scan, so a burst costs a scan per DEBOUNCE. A file caught half
+        // written keeps its last good objects until that next scan.
         let scan = server.update(|index| source.scan(index));
         if !scan.changed.services.is_empty() || !scan.file_errors.is_empty() {
             report(&scan);
         }
+        tokio::time::sleep(DEBOUNCE).await;
     }
 }
 
