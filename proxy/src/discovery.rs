@@ -53,6 +53,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 keep-alive pings, so a control plane that vanished without
 /// closing the connection is noticed.
 const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Largest discovery response accepted. The first service index carries
+/// every service (about 90 bytes each), so tonic's 4 MiB default would
+/// stop a proxy from syncing with a mesh of about 45,000 services.
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -258,6 +262,7 @@ impl Client {
             let _ = tx.try_send(request);
         }
         let mut responses = DiscoveryClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
             .stream(ReceiverStream::new(rx))
             .await?
             .into_inner();
