@@ -160,9 +160,12 @@ async fn until_status(client: &Proxy, status: u16) -> String {
 async fn identities_from_the_ca_carry_mtls_and_the_control_planes_policy() {
     let m = start("identity-mesh", &[]).await;
     // Each proxy holds a certificate for its own service account.
-    assert_eq!(m.client.tls().credentials().unwrap().spiffe_id, PRODUCTPAGE);
     assert_eq!(
-        m.server.tls().credentials().unwrap().spiffe_id,
+        &*m.client.tls().credentials().unwrap().spiffe_id,
+        PRODUCTPAGE
+    );
+    assert_eq!(
+        &*m.server.tls().credentials().unwrap().spiffe_id,
         "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
     );
 

@@ -122,7 +122,7 @@ async fn handle(
                 .shared
                 .tls
                 .credentials()
-                .map_or_else(telemetry::unknown, |c| Arc::from(c.spiffe_id.as_str())),
+                .map_or_else(telemetry::unknown, |c| c.spiffe_id.clone()),
         },
         (Some(peer), false) => Dims {
             direction: conn.listener.direction_label(),

@@ -45,8 +45,9 @@ pub const HANDSHAKES: &str = "trellis_tls_handshakes_total";
 /// A certificate and its key: what the proxy proves itself with.
 #[derive(Debug)]
 pub struct Credentials {
-    /// The SPIFFE ID the certificate carries.
-    pub spiffe_id: String,
+    /// The SPIFFE ID the certificate carries (shared: every outbound
+    /// request's `source_principal` label clones it).
+    pub spiffe_id: Arc<str>,
     /// The chain and signing key, as rustls uses them.
     pub key: Arc<CertifiedKey>,
     /// When the certificate expires.
@@ -148,7 +149,7 @@ impl Tls {
                 reason: e.to_string(),
             })?;
         let leaf = chain.first().ok_or(TlsError::EmptyChain)?;
-        let spiffe_id = spiffe_id(leaf).ok_or(TlsError::NoSpiffeId)?;
+        let spiffe_id: Arc<str> = spiffe_id(leaf).ok_or(TlsError::NoSpiffeId)?.into();
         let expires = not_after(leaf).ok_or(TlsError::Pem {
             what: "certificate",
             reason: "cannot read its validity".into(),
