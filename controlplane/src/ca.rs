@@ -263,6 +263,26 @@ pub struct Issued {
     pub spiffe_id: String,
 }
 
+/// The control plane's own serving certificate: see
+/// [`Ca::issue_server_at`].
+pub struct ServerCredentials {
+    /// The certificate, as for a workload.
+    pub issued: Issued,
+    /// Its private key, PKCS#8 DER.
+    pub key_pkcs8_der: Vec<u8>,
+    /// The serial of the root that signed it, to notice a rotation.
+    pub root_serial: String,
+}
+
+impl std::fmt::Debug for ServerCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCredentials")
+            .field("issued", &self.issued)
+            .field("root_serial", &self.root_serial)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The CA refused or failed to sign.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SignError {
@@ -282,6 +302,15 @@ pub enum SignError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A name for a serving certificate is neither a DNS name nor an IP
+    /// address.
+    #[error("{name:?} is not a DNS name or an IP address: {reason}")]
+    BadServerName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Signing failed on the CA's side.
     #[error("the CA could not sign: {0}")]
     Internal(String),
@@ -293,6 +322,7 @@ impl SignError {
         match self {
             Self::Foreign { .. } => "foreign",
             Self::BadCsr { .. } => "bad_csr",
+            Self::BadServerName { .. } => "bad_server_name",
             Self::Internal(_) => "internal",
         }
     }
@@ -434,11 +464,70 @@ impl Ca {
     ) -> Result<Issued, SignError> {
         let spiffe_id = identity.spiffe_id(&self.config.trust_domain);
         let public_key = check_csr(csr_pem, &spiffe_id)?;
-        let roots = self.roots();
         let ttl = requested_ttl
             .filter(|ttl| !ttl.is_zero())
             .unwrap_or(self.config.default_ttl)
             .min(self.config.max_ttl);
+        let san = SanType::URI(
+            spiffe_id
+                .clone()
+                .try_into()
+                .map_err(|e: rcgen::Error| SignError::Internal(e.to_string()))?,
+        );
+        self.issue(&self.roots(), &public_key, vec![san], spiffe_id, ttl, now)
+    }
+
+    /// A serving certificate, and its new P-256 key, for the control plane
+    /// itself: the SPIFFE ID of `identity` and `names` (DNS names, or IP
+    /// addresses) as SANs, valid for the default lifetime. The key never
+    /// leaves the CA's process, so no CSR is involved.
+    pub fn issue_server_at(
+        &self,
+        identity: &Identity,
+        names: &[String],
+        now: SystemTime,
+    ) -> Result<ServerCredentials, SignError> {
+        let internal = |e: rcgen::Error| SignError::Internal(e.to_string());
+        let spiffe_id = identity.spiffe_id(&self.config.trust_domain);
+        let mut sans = vec![SanType::URI(
+            spiffe_id.clone().try_into().map_err(internal)?,
+        )];
+        for name in names {
+            sans.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => {
+                    let bad = |reason: String| SignError::BadServerName {
+                        name: name.clone(),
+                        reason,
+                    };
+                    rustls_pki_types::DnsName::try_from(name.as_str())
+                        .map_err(|e| bad(e.to_string()))?;
+                    SanType::DnsName(name.clone().try_into().map_err(|e| bad(format!("{e}")))?)
+                }
+            });
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(internal)?;
+        let roots = self.roots();
+        let ttl = self.config.default_ttl;
+        let issued = self.issue(&roots, &key, sans, spiffe_id, ttl, now)?;
+        Ok(ServerCredentials {
+            key_pkcs8_der: key.serialize_der(),
+            root_serial: roots.signer.info.serial.clone(),
+            issued,
+        })
+    }
+
+    /// Signs a leaf for `public_key` with `sans`, valid for `ttl` from
+    /// `now` but never past the signing root.
+    fn issue(
+        &self,
+        roots: &Roots,
+        public_key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        spiffe_id: String,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, SignError> {
         // A leaf must not outlive the root that vouches for it.
         let expires = whole_seconds(later(now, ttl)).min(roots.signer.info.not_after);
         let serial = random_serial();
@@ -448,9 +537,7 @@ impl Ca {
         // SPIFFE X.509-SVIDs name the workload in the URI SAN only; with
         // an empty subject rcgen marks the SAN critical, as RFC 5280 asks.
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            spiffe_id.clone().try_into().map_err(internal)?,
-        )];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         // digitalSignature only: keyEncipherment is RSA key transport,
         // which RFC 5480 does not allow for an EC key, and TLS 1.3 never
@@ -465,7 +552,7 @@ impl Ca {
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.use_authority_key_identifier_extension = true;
         let cert = params
-            .signed_by(&public_key, &roots.signer.issuer)
+            .signed_by(public_key, &roots.signer.issuer)
             .map_err(internal)?;
 
         Ok(Issued {

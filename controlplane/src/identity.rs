@@ -172,7 +172,9 @@ fn count_error(reason: &'static str) {
 pub fn status(error: SignError) -> Status {
     match error {
         SignError::Foreign { .. } => Status::permission_denied(error.to_string()),
-        SignError::BadCsr { .. } => Status::invalid_argument(error.to_string()),
+        SignError::BadCsr { .. } | SignError::BadServerName { .. } => {
+            Status::invalid_argument(error.to_string())
+        }
         SignError::Internal(_) => Status::internal(error.to_string()),
     }
 }

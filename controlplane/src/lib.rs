@@ -13,5 +13,6 @@ pub mod identity;
 pub mod index;
 pub mod meshctl;
 pub mod run;
+pub mod serving;
 pub mod settings;
 pub mod source;

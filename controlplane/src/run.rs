@@ -24,6 +24,7 @@ use crate::ca::{
 use crate::discovery::{self, Server};
 use crate::identity::IdentityService;
 use crate::index::Index;
+use crate::serving::{self, ServingCert};
 use crate::settings::{Settings, SettingsError};
 use crate::source::DirSource;
 
@@ -81,6 +82,8 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
         ));
     }
     let ca = Arc::new(open_ca(settings)?);
+    let serving = ServingCert::new(ca.clone(), settings.discovery_names.clone())
+        .map_err(|e| SettingsError::Invalid("--discovery-names", e.to_string()))?;
     let authenticator = authenticator(settings)?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
@@ -112,10 +115,11 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     let grpc = tonic::transport::Server::builder()
         .add_service(server.service())
         .add_service(identity.clone().service());
+    let (tls, plaintext) = (serving.server_config(), settings.plaintext_discovery);
     tokio::spawn(async move {
         if let Err(e) = grpc
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(discovery_listener),
+                serving::incoming(discovery_listener, tls, plaintext),
                 std::future::pending(),
             )
             .await
@@ -133,7 +137,8 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     ));
     tokio::spawn(refresh_trust_bundle(server.clone(), ca.clone()));
     info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(),
-          trust_domain = %ca.trust_domain(), "control plane serving");
+          trust_domain = %ca.trust_domain(), plaintext_discovery = plaintext,
+          "control plane serving");
     Ok(ControlPlane {
         server,
         ca,

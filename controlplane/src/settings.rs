@@ -14,6 +14,10 @@ pub const DEFAULT_PUSH_INTERVAL: &str = "100ms";
 pub const DEFAULT_TRUST_DOMAIN: &str = crate::ca::DEFAULT_TRUST_DOMAIN;
 /// Default lifetime of a workload certificate.
 pub const DEFAULT_CERT_TTL: &str = "24h";
+/// Default names in the discovery port's serving certificate: the
+/// Kubernetes Service of the control plane and loopback.
+pub const DEFAULT_DISCOVERY_NAMES: &str = "trellis-controlplane.trellis-system.svc,\
+trellis-controlplane.trellis-system.svc.cluster.local,localhost,127.0.0.1,::1";
 /// What is appended to the config directory's name to make the default
 /// CA directory beside it.
 pub const DEFAULT_CA_DIR_SUFFIX: &str = "-ca";
@@ -70,6 +74,17 @@ pub struct Settings {
     /// every Sign call is refused as unauthenticated.
     #[arg(long, env = "TRELLIS_BOOTSTRAP_TOKENS")]
     pub bootstrap_tokens: Option<PathBuf>,
+    /// Names (DNS names or IP addresses) that proxies dial the discovery
+    /// port by, comma-separated: the SANs of the control plane's serving
+    /// certificate, which proxies verify.
+    #[arg(long, env = "TRELLIS_DISCOVERY_NAMES", value_delimiter = ',',
+          default_value = DEFAULT_DISCOVERY_NAMES)]
+    pub discovery_names: Vec<String>,
+    /// Also accept plaintext gRPC on the discovery port (tests, benchmarks,
+    /// debugging). Without it only TLS is accepted, so that bootstrap
+    /// tokens and the mesh's config never cross the network in clear.
+    #[arg(long, env = "TRELLIS_PLAINTEXT_DISCOVERY")]
+    pub plaintext_discovery: bool,
     /// Keep the CA root in memory only, made anew at each start (tests).
     #[arg(skip)]
     pub ca_in_memory: bool,
@@ -90,6 +105,11 @@ impl Settings {
             cert_ttl: crate::ca::DEFAULT_CERT_TTL,
             cert_max_ttl: None,
             bootstrap_tokens: None,
+            discovery_names: DEFAULT_DISCOVERY_NAMES
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            plaintext_discovery: true,
             ca_in_memory: true,
         }
     }
@@ -191,6 +211,15 @@ mod tests {
         assert_eq!(config.max_ttl, config.default_ttl);
         assert!(settings.bootstrap_tokens.is_none());
         assert!(!settings.ca_in_memory);
+        assert!(!settings.plaintext_discovery, "TLS only by default");
+        assert_eq!(
+            settings.discovery_names[..3],
+            [
+                "trellis-controlplane.trellis-system.svc",
+                "trellis-controlplane.trellis-system.svc.cluster.local",
+                "localhost"
+            ]
+        );
 
         let trailing = Settings {
             config_dir: "/srv/mesh/".into(),

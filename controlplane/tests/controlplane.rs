@@ -10,7 +10,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ControlPlane, DEADLINE, temp_dir, write};
+use common::{ConfigDir, ControlPlane, DEADLINE, write};
 use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;
 use mesh_proto::discovery::v1::{
     DiscoveryRequest, DiscoveryResponse, Node, TYPE_SERVICE_INDEX, WILDCARD,
@@ -47,9 +47,10 @@ async fn next(
 
 #[tokio::test]
 async fn serves_the_directory_and_follows_its_edits() {
-    let dir = temp_dir("cp");
-    write(&dir, "mesh.yaml", &service("reviews", "10.96.0.10"));
-    let mut cp = ControlPlane::start(&dir);
+    let config = ConfigDir::new("cp");
+    let dir = config.path();
+    write(dir, "mesh.yaml", &service("reviews", "10.96.0.10"));
+    let mut cp = ControlPlane::start(dir);
     let (discovery, admin) = (cp.discovery, cp.admin);
 
     let mut client = tokio::time::timeout(DEADLINE, async {
@@ -124,7 +125,7 @@ async fn serves_the_directory_and_follows_its_edits() {
     assert!(row.contains("1/1"), "{status}");
 
     // A new file adds a service; only the change is sent.
-    write(&dir, "ratings.yaml", &service("ratings", "10.96.0.11"));
+    write(dir, "ratings.yaml", &service("ratings", "10.96.0.11"));
     let update = next(&mut responses, &tx).await;
     assert_eq!(names(&update), ["bookinfo/ratings"]);
     assert!(update.removed.is_empty());
@@ -132,7 +133,7 @@ async fn serves_the_directory_and_follows_its_edits() {
     // A broken file is reported with its name and line, and what it held
     // before stays: nothing is removed.
     write(
-        &dir,
+        dir,
         "ratings.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: [broken\n",
     );
@@ -154,5 +155,4 @@ async fn serves_the_directory_and_follows_its_edits() {
     std::fs::remove_file(dir.join("ratings.yaml")).unwrap();
     let removal = next(&mut responses, &tx).await;
     assert_eq!(removal.removed, ["bookinfo/ratings"]);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use controlplane::run::{self, ControlPlane};
@@ -13,6 +12,7 @@ use mesh_proto::identity::v1::SignRequest;
 use mesh_proto::identity::v1::identity_client::IdentityClient;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tempfile::TempDir;
 use tonic::Code;
 use tonic::transport::Channel;
 use x509_parser::extensions::GeneralName;
@@ -29,20 +29,25 @@ tokens:
 const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/default/sa/productpage";
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
-/// A fresh directory with an empty config directory and the tokens file.
-fn dirs(name: &str) -> (PathBuf, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("trellis-identity-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("mesh")).unwrap();
-    std::fs::write(dir.join("tokens.yaml"), TOKENS).unwrap();
-    (dir.join("mesh"), dir.join("tokens.yaml"))
+/// A fresh directory, removed when dropped, with an empty config directory
+/// `mesh` and the tokens file.
+fn dirs(name: &str) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("trellis-identity-{name}-"))
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir(dir.path().join("mesh")).unwrap();
+    std::fs::write(dir.path().join("tokens.yaml"), TOKENS).unwrap();
+    dir
 }
 
-async fn start(name: &str) -> (ControlPlane, IdentityClient<Channel>) {
-    let (config_dir, tokens) = dirs(name);
+/// The control plane on a fresh directory, which it reads while it runs:
+/// keep the [`TempDir`] until the test ends.
+async fn start(name: &str) -> (TempDir, ControlPlane, IdentityClient<Channel>) {
+    let dir = dirs(name);
     let settings = Settings {
-        bootstrap_tokens: Some(tokens),
-        ..Settings::for_tests(config_dir)
+        bootstrap_tokens: Some(dir.path().join("tokens.yaml")),
+        ..Settings::for_tests(dir.path().join("mesh"))
     };
     let cp = run::start(&settings).await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.discovery_addr))
@@ -50,7 +55,7 @@ async fn start(name: &str) -> (ControlPlane, IdentityClient<Channel>) {
         .connect()
         .await
         .unwrap();
-    (cp, IdentityClient::new(channel))
+    (dir, cp, IdentityClient::new(channel))
 }
 
 /// What a proxy does at start: a key of its own and a CSR for its ID.
@@ -80,7 +85,7 @@ fn der(pem: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_good_token_gets_a_certificate_for_its_identity() {
-    let (cp, mut client) = start("good").await;
+    let (_dir, cp, mut client) = start("good").await;
     let (key, csr) = csr(PRODUCTPAGE);
     let response = client
         .sign(sign_request("token-of-productpage", csr))
@@ -136,7 +141,7 @@ async fn a_good_token_gets_a_certificate_for_its_identity() {
 
 #[tokio::test]
 async fn a_wrong_token_is_unauthenticated() {
-    let (_cp, mut client) = start("wrong").await;
+    let (_dir, _cp, mut client) = start("wrong").await;
     let status = client
         .sign(sign_request("token-of-nobody", csr(PRODUCTPAGE).1))
         .await
@@ -159,7 +164,7 @@ async fn a_wrong_token_is_unauthenticated() {
 
 #[tokio::test]
 async fn a_token_for_one_service_account_cannot_get_another() {
-    let (_cp, mut client) = start("foreign").await;
+    let (_dir, _cp, mut client) = start("foreign").await;
     let status = client
         .sign(sign_request("token-of-productpage", csr(REVIEWS).1))
         .await

@@ -19,6 +19,7 @@ use common::{ControlPlane, DEADLINE, free_port, temp_dir, write};
 use proxy::Proxy;
 use proxy::settings::Settings;
 use proxy::testutil::{echo_server, get, h1_client, sample, scrape};
+use tempfile::TempDir;
 
 const PRODUCTPAGE: &str = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage";
 
@@ -50,6 +51,9 @@ struct Mesh {
     cp: ControlPlane,
     client: Arc<Proxy>,
     server: Arc<Proxy>,
+    /// The config, tokens and CA directories; last, so that it is removed
+    /// after the control plane and the proxies that read it are gone.
+    _dir: TempDir,
 }
 
 /// Writes a token file and returns its path.
@@ -60,7 +64,8 @@ fn token(dir: &Path, name: &str, token: &str) -> String {
 }
 
 async fn start(name: &str, cp_args: &[&str]) -> Mesh {
-    let dir = temp_dir(name);
+    let tmp = temp_dir(name);
+    let dir = tmp.path();
     let mesh_dir = dir.join("mesh");
     std::fs::create_dir_all(&mesh_dir).unwrap();
     let inbound = free_port();
@@ -93,7 +98,7 @@ async fn start(name: &str, cp_args: &[&str]) -> Mesh {
         server_bootstrap,
         "reviews-1",
         "bookinfo-reviews",
-        &token(&dir, "rv", "rv-secret"),
+        &token(dir, "rv", "rv-secret"),
     )
     .await;
     let client_bootstrap = mesh_api::ProxyConfig::from_yaml(
@@ -106,7 +111,7 @@ async fn start(name: &str, cp_args: &[&str]) -> Mesh {
         client_bootstrap,
         "productpage-1",
         "bookinfo-productpage",
-        &token(&dir, "pp", "pp-secret"),
+        &token(dir, "pp", "pp-secret"),
     )
     .await;
     for p in [&client, &server] {
@@ -118,7 +123,12 @@ async fn start(name: &str, cp_args: &[&str]) -> Mesh {
         .await
         .unwrap_or_else(|_| panic!("a proxy never became ready: {:?}", p.readiness()));
     }
-    Mesh { cp, client, server }
+    Mesh {
+        cp,
+        client,
+        server,
+        _dir: tmp,
+    }
 }
 
 async fn start_proxy(
@@ -130,6 +140,8 @@ async fn start_proxy(
 ) -> Arc<Proxy> {
     let settings = Settings {
         discovery: Some(cp.discovery.to_string()),
+        // TLS to the control plane, anchored on the root it made.
+        discovery_roots: Some(root_cert(cp)),
         node_id: Some(node.to_owned()),
         service_account: service_account.to_owned(),
         token_file: Some(token_file.into()),
@@ -138,6 +150,16 @@ async fn start_proxy(
     proxy::start_discovered(settings, bootstrap, &cp.discovery.to_string())
         .await
         .unwrap()
+}
+
+/// The control plane's root certificate: `--ca-dir` is `ca` beside the
+/// config directory.
+fn root_cert(cp: &ControlPlane) -> std::path::PathBuf {
+    cp.dir
+        .parent()
+        .unwrap()
+        .join("ca")
+        .join(controlplane::ca::ROOT_CERT_FILE)
 }
 
 /// Waits until `GET /` through the client answers `status`.
@@ -285,4 +307,130 @@ async fn post(addr: SocketAddr, path: &str) -> String {
     let resp = send.send_request(req).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The first service index from a discovery stream over `channel`.
+async fn service_index(
+    channel: tonic::transport::Channel,
+) -> Result<mesh_proto::discovery::v1::DiscoveryResponse, tonic::Status> {
+    use mesh_proto::discovery::v1::{DiscoveryRequest, Node, TYPE_SERVICE_INDEX, WILDCARD};
+    let request = DiscoveryRequest {
+        node: Some(Node {
+            id: "tls-test".into(),
+            workload: "productpage".into(),
+            namespace: "bookinfo".into(),
+            ..Default::default()
+        }),
+        type_url: TYPE_SERVICE_INDEX.into(),
+        subscribe: vec![WILDCARD.into()],
+        ..Default::default()
+    };
+    let mut client = mesh_proto::discovery::v1::discovery_client::DiscoveryClient::new(channel);
+    let mut responses = client
+        .stream(tokio_stream::StreamExt::chain(
+            tokio_stream::iter([request]),
+            tokio_stream::pending(),
+        ))
+        .await?
+        .into_inner();
+    tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("no response in time")?
+        .ok_or_else(|| tonic::Status::unavailable("the stream ended"))
+}
+
+/// The discovery port speaks TLS only, and proxies verify it: a plaintext
+/// client is refused and counted, a proxy that trusts another root or
+/// dials a name the certificate lacks cannot connect and says why, and a
+/// proxy with a token but no roots refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discovery_port_is_tls_and_proxies_verify_it() {
+    use proxy::discovery::Dialer;
+    use proxy::tls::Tls;
+
+    let tmp = temp_dir("discovery-tls");
+    let dir = tmp.path();
+    let mesh_dir = dir.join("mesh");
+    std::fs::create_dir_all(&mesh_dir).unwrap();
+    write(&mesh_dir, "mesh.yaml", &mesh(free_port()));
+    let ca = dir.join("ca").display().to_string();
+    let cp = ControlPlane::start_with(&mesh_dir, free_port(), free_port(), &["--ca-dir", &ca]);
+    cp.admin_get("/healthz").await;
+    let addr = cp.discovery.to_string();
+
+    // Verified TLS (127.0.0.1 is among the certificate's names).
+    let good = Dialer::tls(&addr, &root_cert(&cp), None, Tls::new()).unwrap();
+    let index = service_index(good.connect().await.unwrap()).await.unwrap();
+    assert!(
+        index.resources.iter().any(|r| r.name == "bookinfo/reviews"),
+        "{index:?}"
+    );
+
+    // Plaintext: the connection is closed before any gRPC, and counted.
+    let plain = Dialer::plaintext(&addr).unwrap();
+    match plain.connect().await {
+        Err(_) => {}
+        Ok(channel) => {
+            let refused = service_index(channel).await;
+            assert!(refused.is_err(), "plaintext was served: {refused:?}");
+        }
+    }
+    // Counted once the refusing task has closed the connection.
+    let refusal_counted = |metrics: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("trellis_discovery_connections_total")
+                && l.contains("transport=\"plaintext\"")
+                && l.contains("result=\"refused\"")
+                && l.ends_with(" 1")
+        })
+    };
+    tokio::time::timeout(DEADLINE, async {
+        while !refusal_counted(&cp.admin_get("/metrics").await) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the plaintext refusal was never counted");
+
+    // A proxy that trusts another root.
+    let other = rcgen::generate_simple_self_signed(vec!["other-mesh".to_owned()]).unwrap();
+    let other_root = dir.join("other-root.pem");
+    std::fs::write(&other_root, other.cert.pem()).unwrap();
+    let err = Dialer::tls(&addr, &other_root, None, Tls::new())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("UnknownIssuer"), "{err:?}");
+
+    // A name the certificate does not carry.
+    let err = Dialer::tls(&addr, &root_cert(&cp), Some("evil.example"), Tls::new())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("invalid peer certificate")
+            && err.message().contains("evil.example"),
+        "{err:?}"
+    );
+
+    // A token is never sent without TLS.
+    let settings = Settings {
+        discovery: Some(addr.clone()),
+        token_file: Some(dir.join("token")),
+        ..Settings::for_tests()
+    };
+    let bootstrap = mesh_api::ProxyConfig::from_yaml(
+        "workload: { name: productpage, namespace: bookinfo }\nlisteners: []\n",
+    )
+    .unwrap();
+    let Err(err) = proxy::start_discovered(settings, bootstrap, &addr).await else {
+        panic!("a proxy with a token and no roots started");
+    };
+    let err = err.to_string();
+    assert!(
+        err.starts_with("--token-file needs --discovery-roots"),
+        "{err}"
+    );
 }

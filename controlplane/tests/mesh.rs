@@ -13,11 +13,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ControlPlane, DEADLINE, temp_dir, write};
+use common::{ConfigDir, ControlPlane, DEADLINE, write};
 use controlplane::discovery::SyncState;
 use proxy::Proxy;
 use proxy::testutil::{discovered_proxy, echo_server, get, h1_client};
@@ -62,14 +63,14 @@ fn split(w1: u32, w2: u32) -> String {
     )
 }
 
-/// A mesh directory with both versions behind `reviews`, split `w1`:`w2`.
-async fn mesh(name: &str, w1: u32, w2: u32) -> ControlPlane {
+/// The control plane on `dir`, written with both versions behind
+/// `reviews`, split `w1`:`w2`.
+async fn mesh(dir: &Path, w1: u32, w2: u32) -> ControlPlane {
     let v1 = echo_server("reviews-v1").await;
     let v2 = echo_server("reviews-v2").await;
-    let dir = temp_dir(name);
-    write(&dir, "services.yaml", &services(v1, v2));
-    write(&dir, "route.yaml", &split(w1, w2));
-    ControlPlane::start(&dir)
+    write(dir, "services.yaml", &services(v1, v2));
+    write(dir, "route.yaml", &split(w1, w2));
+    ControlPlane::start(dir)
 }
 
 async fn ready(proxy: &Proxy) {
@@ -103,7 +104,8 @@ async fn synced(cp: &ControlPlane, workload: &str) {
 
 #[tokio::test]
 async fn a_service_is_loaded_on_first_use() {
-    let cp = mesh("on-demand", 100, 0).await;
+    let config = ConfigDir::new("on-demand");
+    let cp = mesh(config.path(), 100, 0).await;
     let proxy = discovered_proxy(cp.discovery, "productpage", "bookinfo").await;
     ready(&proxy).await;
     // Known by name and address, nothing loaded yet.
@@ -138,7 +140,8 @@ async fn a_service_is_loaded_on_first_use() {
 
 #[tokio::test]
 async fn a_service_whose_config_never_arrives_gets_503_after_the_wait() {
-    let mut cp = mesh("on-demand-timeout", 100, 0).await;
+    let config = ConfigDir::new("on-demand-timeout");
+    let mut cp = mesh(config.path(), 100, 0).await;
     let proxy = discovered_proxy(cp.discovery, "productpage", "bookinfo").await;
     ready(&proxy).await;
     cp.kill();
@@ -156,7 +159,8 @@ async fn a_service_whose_config_never_arrives_gets_503_after_the_wait() {
 
 #[tokio::test]
 async fn config_the_proxy_cannot_apply_is_nacked_and_the_last_good_one_kept() {
-    let cp = mesh("nack", 100, 0).await;
+    let config = ConfigDir::new("nack");
+    let cp = mesh(config.path(), 100, 0).await;
     let proxy = discovered_proxy(cp.discovery, "productpage", "bookinfo").await;
     ready(&proxy).await;
     let mut client = h1_client(proxy.listener_addr("out").unwrap()).await;
@@ -275,7 +279,8 @@ impl Load {
 
 #[tokio::test]
 async fn under_load_weight_changes_broken_yaml_and_a_control_plane_outage_fail_no_request() {
-    let mut cp = mesh("under-load", 100, 0).await;
+    let config = ConfigDir::new("under-load");
+    let mut cp = mesh(config.path(), 100, 0).await;
     let (dir, discovery, admin) = (cp.dir.clone(), cp.discovery, cp.admin);
     let proxy = discovered_proxy(discovery, "productpage", "bookinfo").await;
     ready(&proxy).await;

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const PROTOS: &[&str] = &[
     "trellis/discovery/v1/discovery.proto",
@@ -26,20 +26,19 @@ fn generated_code_matches_the_proto_files() {
         // changes when its content does.
         .btree_map(".")
         .emit_rerun_if_changed(false)
-        .out_dir(&out)
+        .out_dir(out.path())
         .compile_fds(fds)
         .unwrap();
 
     let mut drifted = Vec::new();
     for name in ["trellis.discovery.v1.rs", "trellis.identity.v1.rs"] {
-        let fresh = std::fs::read_to_string(out.join(name)).unwrap();
+        let fresh = std::fs::read_to_string(out.path().join(name)).unwrap();
         let checked_in = root.join("src/gen").join(name);
         if std::fs::read_to_string(&checked_in).unwrap_or_default() != fresh {
             std::fs::write(&checked_in, fresh).unwrap();
             drifted.push(name);
         }
     }
-    std::fs::remove_dir_all(&out).unwrap();
     assert!(
         drifted.is_empty(),
         "generated code was out of date with the .proto files: {drifted:?}; \
@@ -47,8 +46,10 @@ fn generated_code_matches_the_proto_files() {
     );
 }
 
-fn tempdir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-proto-codegen-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty directory, removed when dropped.
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("trellis-mesh-proto-codegen-")
+        .tempdir()
+        .unwrap()
 }

@@ -78,7 +78,7 @@ pub struct AddrError {
 /// The discovery client of one proxy.
 pub struct Client {
     proxy: Arc<Proxy>,
-    endpoint: tonic::transport::Endpoint,
+    dialer: Dialer,
     node: pb::Node,
     demand: mpsc::UnboundedReceiver<String>,
     state: State,
@@ -175,45 +175,25 @@ pub fn node(settings: &Settings, bootstrap: &ProxyConfig) -> pb::Node {
     }
 }
 
-/// The tonic endpoint of the control plane at `addr` (`host:port` or a
-/// URL): the discovery stream and the CA share it.
-pub fn endpoint(addr: &str) -> Result<tonic::transport::Endpoint, AddrError> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| AddrError {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE))
-}
-
 impl Client {
-    /// A client for the control plane at `addr` (`host:port`), feeding
+    /// A client for the control plane `dialer` reaches, feeding
     /// `proxy`. `bootstrap` is the proxy's own config (listeners, local
     /// services) that discovered services are added to.
     pub fn new(
-        addr: &str,
+        dialer: Dialer,
         node: pb::Node,
         bootstrap: ProxyConfig,
         proxy: Arc<Proxy>,
     ) -> Result<Self, AddrError> {
-        let endpoint = endpoint(addr)?;
         let demand = proxy.on_demand().ok_or_else(|| AddrError {
-            addr: addr.to_owned(),
+            addr: format!("{dialer:?}"),
             reason: "the proxy already has an on-demand config source".into(),
         })?;
         // Not ready for traffic until the service index has arrived.
         proxy.set_config_ready(false);
         Ok(Self {
             proxy,
-            endpoint,
+            dialer,
             state: State::new(bootstrap, &node),
             node,
             demand,
@@ -248,9 +228,8 @@ impl Client {
 
     /// One stream, until it ends. Sets `synced` once a response arrived.
     async fn session(&mut self, synced: &mut bool) -> Result<(), tonic::Status> {
-        let channel = self.endpoint.connect().await.map_err(|e| {
+        let channel = self.dialer.connect().await.inspect_err(|_| {
             metrics::counter!(CONNECTS, "result" => "error").increment(1);
-            tonic::Status::unavailable(format!("cannot connect: {e}"))
         })?;
         // Services asked for while disconnected.
         while let Ok(name) = self.demand.try_recv() {
@@ -635,5 +614,8 @@ fn check_name(r: &pb::Resource, s: &Service) -> Result<(), String> {
     }
 }
 
+mod dial;
 #[cfg(test)]
 mod tests;
+
+pub use dial::Dialer;

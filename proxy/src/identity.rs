@@ -19,6 +19,7 @@ use mesh_proto::identity::v1::identity_client::IdentityClient;
 use rand::Rng;
 use tracing::{info, warn};
 
+use crate::discovery::Dialer;
 use crate::tls::Tls;
 
 /// First retry delay after a failed signing; doubles up to [`RETRY_MAX`].
@@ -55,24 +56,19 @@ pub enum IdentityError {
 
 /// Gets and renews the proxy's certificate.
 pub struct Client {
-    channel: tonic::transport::Endpoint,
+    dialer: Dialer,
     token_file: PathBuf,
     spiffe_id: String,
     tls: Arc<Tls>,
 }
 
 impl Client {
-    /// A client for the CA at `endpoint` (the discovery address) that
-    /// proves itself with the token in `token_file` and asks for
+    /// A client for the CA that `dialer` reaches (on the discovery port)
+    /// that proves itself with the token in `token_file` and asks for
     /// `spiffe_id`.
-    pub fn new(
-        endpoint: tonic::transport::Endpoint,
-        token_file: PathBuf,
-        spiffe_id: String,
-        tls: Arc<Tls>,
-    ) -> Self {
+    pub fn new(dialer: Dialer, token_file: PathBuf, spiffe_id: String, tls: Arc<Tls>) -> Self {
         Self {
-            channel: endpoint,
+            dialer,
             token_file,
             spiffe_id,
             tls,
@@ -109,11 +105,7 @@ impl Client {
                 source,
             })?;
         let (csr_pem, key_der) = csr(&self.spiffe_id)?;
-        let channel = self
-            .channel
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+        let channel = self.dialer.connect().await?;
         let mut request = tonic::Request::new(SignRequest {
             csr_pem,
             ttl_seconds: 0,

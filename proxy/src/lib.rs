@@ -162,6 +162,11 @@ pub enum Error {
     /// The control plane address is not usable.
     #[error(transparent)]
     Discovery(#[from] discovery::AddrError),
+    /// A token would go to an unverified control plane.
+    #[error(
+        "--token-file needs --discovery-roots: the token is sent only over TLS to a control plane whose certificate the proxy verified"
+    )]
+    TokenWithoutTls,
     /// An admin, metrics or health port could not bind.
     #[error("cannot listen on {addr} for the {what} server: {source}")]
     AdminBind {
@@ -225,8 +230,23 @@ pub async fn start_discovered(
     discovery: &str,
 ) -> Result<Arc<Proxy>, Error> {
     let node = discovery::node(&settings, &bootstrap);
+    if settings.token_file.is_some() && settings.discovery_roots.is_none() {
+        return Err(Error::TokenWithoutTls);
+    }
     let proxy = start(settings.clone(), bootstrap.clone()).await?;
-    let client = discovery::Client::new(discovery, node.clone(), bootstrap, proxy.clone())?;
+    let dialer = match &settings.discovery_roots {
+        Some(roots) => discovery::Dialer::tls(
+            discovery,
+            roots,
+            settings.discovery_server_name.as_deref(),
+            proxy.tls().clone(),
+        )?,
+        None => {
+            warn!("no --discovery-roots: talking to the control plane in plaintext");
+            discovery::Dialer::plaintext(discovery)?
+        }
+    };
+    let client = discovery::Client::new(dialer.clone(), node.clone(), bootstrap, proxy.clone())?;
     match &settings.token_file {
         Some(token_file) => {
             let id = identity::spiffe_id(
@@ -235,8 +255,8 @@ pub async fn start_discovered(
                 &settings.service_account,
             );
             proxy.require_identity();
-            let ca = discovery::endpoint(discovery)?;
-            let identity = identity::Client::new(ca, token_file.clone(), id, proxy.tls().clone());
+            let identity =
+                identity::Client::new(dialer, token_file.clone(), id, proxy.tls().clone());
             tokio::spawn(identity.run());
         }
         None => warn!("no --token-file: this proxy has no workload identity and speaks plaintext"),

@@ -49,6 +49,21 @@ pub struct Settings {
     /// proxy first talks to it.
     #[arg(long, env = "TRELLIS_DISCOVERY_ADDR")]
     pub discovery: Option<String>,
+    /// The mesh's root certificates (PEM) that the control plane's TLS
+    /// certificate must chain to; on Kubernetes the mounted root ConfigMap,
+    /// locally the CA directory's `root-cert.pem`. Read at every connect.
+    /// Without it the discovery connection is plaintext, which only a
+    /// control plane started with `--plaintext-discovery` accepts.
+    #[arg(long, env = "TRELLIS_DISCOVERY_ROOTS", requires = "discovery")]
+    pub discovery_roots: Option<PathBuf>,
+    /// The name the control plane's certificate must carry. Default: the
+    /// host of `--discovery`.
+    #[arg(
+        long,
+        env = "TRELLIS_DISCOVERY_SERVER_NAME",
+        requires = "discovery_roots"
+    )]
+    pub discovery_server_name: Option<String>,
     /// This proxy's id at the control plane, unique per proxy (the pod
     /// name). Defaults to `<workload>.<namespace>` plus the process id.
     #[arg(long, env = "POD_NAME")]
@@ -72,7 +87,8 @@ pub struct Settings {
     /// bootstrap token in local mode, a service-account token on
     /// Kubernetes). With it (and `--discovery`) the proxy gets a
     /// certificate for its SPIFFE ID and speaks mutual TLS; without it,
-    /// plaintext.
+    /// plaintext. Needs `--discovery-roots`: a token is sent only to a
+    /// control plane the proxy has verified.
     #[arg(long, env = "TRELLIS_TOKEN_FILE", requires = "discovery")]
     pub token_file: Option<PathBuf>,
     /// A certificate chain file (PEM, leaf first) for a proxy without a CA
@@ -141,6 +157,8 @@ impl Settings {
         Self {
             config: None,
             discovery: None,
+            discovery_roots: None,
+            discovery_server_name: None,
             node_id: None,
             outbound_addr: any,
             inbound_addr: any,

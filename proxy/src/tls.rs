@@ -220,6 +220,11 @@ impl Tls {
         Ok(())
     }
 
+    /// The trust bundle.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        read(&self.roots).clone()
+    }
+
     /// How many roots the trust bundle holds (two during a rotation).
     pub fn root_count(&self) -> usize {
         read(&self.roots).len()

@@ -172,6 +172,12 @@ async fn transparent_mode_with_iptables_redirects_in_a_network_namespace() {
         eprintln!("SKIPPED transparent-mode namespace test: {why}");
         return;
     }
+    // Made before the pod, so that it outlives the proxy that reads it.
+    let config_file = tempfile::Builder::new()
+        .prefix("trellis-transparent-")
+        .suffix(".yaml")
+        .tempfile()
+        .unwrap();
     let mut pod = pod();
     // The backend of the service lives outside the pod, on the host side
     // of the veth.
@@ -191,9 +197,8 @@ backends:
   - {{ name: reviews, endpoints: [{{ address: "{backend}", workload: reviews-v1 }}] }}
 "#
     );
-    let path =
-        std::env::temp_dir().join(format!("trellis-transparent-{}.yaml", std::process::id()));
-    std::fs::write(&path, config).unwrap();
+    let path = config_file.path();
+    std::fs::write(path, config).unwrap();
     pod.spawn(&[
         env!("CARGO_BIN_EXE_trellis-proxy"),
         "run",
@@ -282,5 +287,4 @@ backends:
         &[("direction", "inbound"), ("response_code", "200")],
     );
     assert_eq!((outbound, inbound), (1.0, 1.0), "{text}");
-    let _ = std::fs::remove_file(path);
 }

@@ -593,6 +593,9 @@ impl ControlPlane {
             .arg(discovery.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
+            // The simulated proxies speak plaintext gRPC: this measures the
+            // index and the push path, not TLS record costs.
+            .arg("--plaintext-discovery")
             .args(["--log", "warn"]);
         let log: PathBuf = dir.join("trellis-controlplane.log");
         let mut child = Child::spawn("trellis-controlplane", command, &log)?;

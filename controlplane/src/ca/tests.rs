@@ -1,7 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -94,10 +93,12 @@ fn unix(t: SystemTime) -> i64 {
     i64::try_from(t.duration_since(UNIX_EPOCH).unwrap().as_secs()).unwrap()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("trellis-ca-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh, empty directory, removed when dropped.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("trellis-ca-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 // ---- identities ----
@@ -515,7 +516,8 @@ fn a_second_rotation_drops_roots_whose_overlap_ended() {
 
 #[test]
 fn file_store_round_trips_and_protects_the_key() {
-    let dir = temp_dir("round-trip");
+    let tmp = temp_dir("round-trip");
+    let dir = tmp.path();
     let store = FileKeyStore::new(dir.join("ca"));
     assert!(
         store.load().unwrap().is_none(),
@@ -557,8 +559,9 @@ fn file_store_round_trips_and_protects_the_key() {
 
 #[test]
 fn file_store_finishes_a_committed_store_and_drops_an_unfinished_one() {
-    let dir = temp_dir("recover");
-    let store = FileKeyStore::new(&dir);
+    let tmp = temp_dir("recover");
+    let dir = tmp.path();
+    let store = FileKeyStore::new(dir);
     let old = RootMaterial {
         cert_pem: "old cert\n".into(),
         key_pem: "old key\n".into(),
@@ -586,8 +589,9 @@ fn file_store_finishes_a_committed_store_and_drops_an_unfinished_one() {
 
 #[test]
 fn a_file_store_root_is_made_once_and_reused_across_restarts() {
-    let dir = temp_dir("restart");
-    let open = |now| Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(&dir)), now);
+    let tmp = temp_dir("restart");
+    let dir = tmp.path();
+    let open = |now| Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(dir)), now);
     let first = open(t0()).unwrap();
     let bundle = first.trust_bundle_pem_at(t0());
     let leaf = first
@@ -618,8 +622,8 @@ fn a_file_store_root_is_made_once_and_reused_across_restarts() {
 
 #[test]
 fn an_operator_root_in_the_directory_is_used() {
-    let dir = temp_dir("operator");
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = temp_dir("operator");
+    let dir = tmp.path();
     let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).unwrap();
     let mut params = CertificateParams::default();
     params
@@ -631,7 +635,7 @@ fn an_operator_root_in_the_directory_is_used() {
     std::fs::write(dir.join(ROOT_CERT_FILE), cert.pem()).unwrap();
     std::fs::write(dir.join(ROOT_KEY_FILE), key.serialize_pem()).unwrap();
 
-    let ca = Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(&dir)), t0()).unwrap();
+    let ca = Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(dir)), t0()).unwrap();
     assert_eq!(ca.trust_bundle_pem_at(t0()), vec![cert.pem()]);
     assert!(ca.root().subject.contains("Example Corp mesh root"));
     let issued = ca
@@ -652,10 +656,10 @@ fn an_operator_root_in_the_directory_is_used() {
 
 #[test]
 fn unusable_roots_are_refused_with_the_reason() {
-    let dir = temp_dir("unusable");
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = temp_dir("unusable");
+    let dir = tmp.path();
     let open = |now| {
-        Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(&dir)), now)
+        Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(dir)), now)
             .unwrap_err()
             .to_string()
     };
@@ -711,7 +715,7 @@ fn unusable_roots_are_refused_with_the_reason() {
     );
 
     put(&cert, &key);
-    Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(&dir)), t0()).unwrap();
+    Ca::open_at(CaConfig::default(), Box::new(FileKeyStore::new(dir)), t0()).unwrap();
 }
 
 // ---- bootstrap tokens ----

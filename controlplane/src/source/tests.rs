@@ -23,12 +23,12 @@ spec:
   - backendRefs: [{ name: reviews-v2, port: 9080 }]
 "#;
 
-fn tempdir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("trellis-dir-source-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty directory, removed when dropped.
+fn tempdir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("trellis-dir-source-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn routes(index: &Index) -> usize {
@@ -43,24 +43,25 @@ fn routes(index: &Index) -> usize {
 
 #[test]
 fn reads_every_yaml_file_of_the_directory() {
-    let dir = tempdir("read");
+    let tmp = tempdir("read");
+    let dir = tmp.path();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
     std::fs::write(dir.join("route.yml"), ROUTE_V2).unwrap();
     std::fs::write(dir.join("notes.txt"), "not yaml: [").unwrap();
     let mut index = Index::default();
-    let scan = DirSource::new(&dir).scan(&mut index);
+    let scan = DirSource::new(dir).scan(&mut index);
     assert!(scan.file_errors.is_empty(), "{:?}", scan.file_errors);
     assert_eq!(index.service_entries().len(), 2);
     assert_eq!(routes(&index), 1);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn broken_file_is_reported_with_line_and_keeps_its_previous_objects() {
-    let dir = tempdir("broken");
+    let tmp = tempdir("broken");
+    let dir = tmp.path();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
     std::fs::write(dir.join("route.yaml"), ROUTE_V2).unwrap();
-    let mut source = DirSource::new(&dir);
+    let mut source = DirSource::new(dir);
     let mut index = Index::default();
     source.scan(&mut index);
     assert_eq!(routes(&index), 1);
@@ -86,12 +87,12 @@ fn broken_file_is_reported_with_line_and_keeps_its_previous_objects() {
     assert!(scan.file_errors.is_empty());
     assert_eq!(routes(&index), 0);
     assert!(scan.changed.services.iter().any(|k| k.name == "reviews"));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn invalid_objects_are_refused_by_the_index_with_their_fields() {
-    let dir = tempdir("invalid");
+    let tmp = tempdir("invalid");
+    let dir = tmp.path();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
     std::fs::write(
         dir.join("route.yaml"),
@@ -99,7 +100,7 @@ fn invalid_objects_are_refused_by_the_index_with_their_fields() {
     )
     .unwrap();
     let mut index = Index::default();
-    let scan = DirSource::new(&dir).scan(&mut index);
+    let scan = DirSource::new(dir).scan(&mut index);
     assert!(scan.file_errors.is_empty());
     assert_eq!(scan.refused.len(), 1);
     assert!(
@@ -109,18 +110,18 @@ fn invalid_objects_are_refused_by_the_index_with_their_fields() {
         "{}",
         scan.refused[0]
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn unknown_kind_names_file_and_line() {
-    let dir = tempdir("unknown");
+    let tmp = tempdir("unknown");
+    let dir = tmp.path();
     std::fs::write(
         dir.join("x.yaml"),
         "apiVersion: v1\nkind: ConfigMap\nmetadata: { name: x }\n",
     )
     .unwrap();
-    let scan = DirSource::new(&dir).scan(&mut Index::default());
+    let scan = DirSource::new(dir).scan(&mut Index::default());
     assert_eq!(scan.file_errors.len(), 1);
     assert_eq!(scan.file_errors[0].line, 2, "{}", scan.file_errors[0]);
     assert!(
@@ -128,7 +129,6 @@ fn unknown_kind_names_file_and_line() {
         "{}",
         scan.file_errors[0]
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 fn weight(index: &Index) -> Option<u32> {
@@ -149,10 +149,11 @@ fn weighted(w: u32) -> String {
 
 #[test]
 fn a_scan_gives_the_index_only_what_changed() {
-    let dir = tempdir("delta");
+    let tmp = tempdir("delta");
+    let dir = tmp.path();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
     std::fs::write(dir.join("route.yaml"), weighted(1)).unwrap();
-    let mut source = DirSource::new(&dir);
+    let mut source = DirSource::new(dir);
     let mut index = Index::default();
     let first = source.scan(&mut index);
     assert_eq!(first.changed.services.len(), 2);
@@ -167,16 +168,16 @@ fn a_scan_gives_the_index_only_what_changed() {
     assert_eq!(weight(&index), Some(2));
     let names: Vec<_> = scan.changed.services.iter().map(|k| &k.name).collect();
     assert_eq!(names, ["reviews"], "only the route's service");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn the_last_file_to_define_an_object_wins_and_the_next_takes_over() {
-    let dir = tempdir("owners");
+    let tmp = tempdir("owners");
+    let dir = tmp.path();
     std::fs::write(dir.join("a-mesh.yaml"), MESH).unwrap();
     std::fs::write(dir.join("b-route.yaml"), weighted(1)).unwrap();
     std::fs::write(dir.join("c-route.yaml"), weighted(3)).unwrap();
-    let mut source = DirSource::new(&dir);
+    let mut source = DirSource::new(dir);
     let mut index = Index::default();
     source.scan(&mut index);
     assert_eq!(weight(&index), Some(3));
@@ -194,15 +195,15 @@ fn the_last_file_to_define_an_object_wins_and_the_next_takes_over() {
     std::fs::remove_file(dir.join("b-route.yaml")).unwrap();
     source.scan(&mut index);
     assert_eq!(weight(&index), None);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn a_broken_file_is_reported_on_every_scan_until_fixed() {
-    let dir = tempdir("still-broken");
+    let tmp = tempdir("still-broken");
+    let dir = tmp.path();
     std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
     std::fs::write(dir.join("route.yaml"), "kind: [").unwrap();
-    let mut source = DirSource::new(&dir);
+    let mut source = DirSource::new(dir);
     let mut index = Index::default();
     for _ in 0..2 {
         let scan = source.scan(&mut index);
@@ -212,7 +213,6 @@ fn a_broken_file_is_reported_on_every_scan_until_fixed() {
     let scan = source.scan(&mut index);
     assert!(scan.file_errors.is_empty());
     assert_eq!(weight(&index), Some(4));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -260,7 +260,8 @@ fn a_file_is_current_only_when_its_stamp_is_unchanged_and_settled() {
 
 #[test]
 fn only_changed_documents_reach_the_index_and_errors_keep_file_lines() {
-    let dir = tempdir("documents");
+    let tmp = tempdir("documents");
+    let dir = tmp.path();
     let three = |ip: &str| {
         format!(
             "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{ name: ratings, namespace: bookinfo }}\n\
@@ -268,7 +269,7 @@ fn only_changed_documents_reach_the_index_and_errors_keep_file_lines() {
         )
     };
     std::fs::write(dir.join("mesh.yaml"), three("10.96.0.20")).unwrap();
-    let mut source = DirSource::new(&dir);
+    let mut source = DirSource::new(dir);
     let mut index = Index::default();
     assert_eq!(source.scan(&mut index).changed.services.len(), 3);
 
@@ -297,7 +298,6 @@ fn only_changed_documents_reach_the_index_and_errors_keep_file_lines() {
         3,
         "the last good objects stay"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use controlplane::discovery::ProxyStatus;
+use tempfile::TempDir;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
@@ -32,12 +33,39 @@ pub fn write(dir: &Path, name: &str, text: &str) {
     std::fs::rename(tmp, dir.join(name)).unwrap();
 }
 
-/// A fresh, empty directory under the system temp dir.
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("trellis-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty directory under the system temp dir, removed when
+/// dropped.
+pub fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("trellis-{name}-"))
+        .tempdir()
+        .unwrap()
+}
+
+/// A fresh, empty config directory, removed when dropped. Declare it
+/// before the [`ControlPlane`] that reads it, so that the process is
+/// killed before its directory goes.
+pub struct ConfigDir {
+    path: PathBuf,
+    /// Holds the config directory and the CA directory the control plane
+    /// makes beside it (`<config dir>-ca`), so that both are removed.
+    _parent: TempDir,
+}
+
+impl ConfigDir {
+    pub fn new(name: &str) -> Self {
+        let parent = temp_dir(name);
+        let path = parent.path().join("config");
+        std::fs::create_dir(&path).unwrap();
+        Self {
+            path,
+            _parent: parent,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A running control plane; killed when dropped.
@@ -54,18 +82,19 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts the binary on `dir`, on free ports.
+    /// Starts the binary on `dir`, on free ports, accepting plaintext
+    /// discovery (raw gRPC clients, proxies without roots).
     pub fn start(dir: &Path) -> Self {
         Self::start_on(dir, free_port(), free_port())
     }
 
-    /// Starts the binary on `dir` and the given addresses.
+    /// [`ControlPlane::start`] on the given addresses.
     pub fn start_on(dir: &Path, discovery: SocketAddr, admin: SocketAddr) -> Self {
-        Self::start_with(dir, discovery, admin, &[])
+        Self::start_with(dir, discovery, admin, &["--plaintext-discovery"])
     }
 
     /// Starts the binary on `dir` and the given addresses, with `extra`
-    /// arguments.
+    /// arguments (and TLS-only discovery unless they say otherwise).
     pub fn start_with(
         dir: &Path,
         discovery: SocketAddr,

@@ -8,13 +8,13 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -34,20 +34,12 @@ pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
     std::array::from_fn(|i| held[i].local_addr().unwrap())
 }
 
-/// A unique, empty temporary directory.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
+/// A unique, empty temporary directory, removed when dropped.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("trellis-{tag}-"))
+        .tempdir()
         .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "trellis-{tag}-{}-{}-{nanos}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after
@@ -206,10 +198,10 @@ pub async fn tcp_echo_server() -> SocketAddr {
 
 /// The real `trellis-proxy` binary, run from a config file in its own
 /// temporary directory, with stdout and stderr captured in files there.
-/// Killed when dropped.
+/// Killed, and its directory removed, when dropped.
 pub struct Binary {
     child: tokio::process::Child,
-    pub dir: PathBuf,
+    pub dir: TempDir,
     pub config: PathBuf,
     pub listener: SocketAddr,
     pub admin: SocketAddr,
@@ -234,7 +226,7 @@ impl Binary {
     async fn try_start(tag: &str, yaml: &str, extra_args: &[&str]) -> Option<Binary> {
         let dir = temp_dir(tag);
         let [listener, admin, metrics, health] = free_addrs();
-        let config = dir.join("proxy.yaml");
+        let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, yaml.replace("{LISTEN}", &listener.to_string())).unwrap();
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
             .arg("run")
@@ -247,8 +239,8 @@ impl Binary {
             .args(extra_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.join("stdout")).unwrap())
-            .stderr(std::fs::File::create(dir.join("stderr")).unwrap())
+            .stdout(std::fs::File::create(dir.path().join("stdout")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -296,7 +288,7 @@ impl Binary {
     /// Replaces the config file the way editors and ConfigMaps do: write a
     /// temporary file beside it, then rename it over the old one.
     pub fn rewrite_config(&self, text: &str) {
-        let tmp = self.dir.join("proxy.yaml.tmp");
+        let tmp = self.dir.path().join("proxy.yaml.tmp");
         std::fs::write(&tmp, text.replace("{LISTEN}", &self.listener.to_string())).unwrap();
         std::fs::rename(&tmp, &self.config).unwrap();
     }
@@ -338,12 +330,12 @@ impl Binary {
 
     /// Everything the process wrote to stdout so far.
     pub fn stdout(&self) -> String {
-        read_lossy(&self.dir.join("stdout"))
+        read_lossy(&self.dir.path().join("stdout"))
     }
 
     /// Everything the process wrote to stderr (its logs) so far.
     pub fn stderr(&self) -> String {
-        read_lossy(&self.dir.join("stderr"))
+        read_lossy(&self.dir.path().join("stderr"))
     }
 }
 
@@ -353,7 +345,6 @@ impl Drop for Binary {
             eprintln!("--- trellis-proxy stderr ---\n{}", self.stderr());
         }
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -178,15 +178,26 @@ mod tests {
         command
     }
 
+    /// A log file, removed when dropped.
+    fn temp_log() -> std::io::Result<tempfile::NamedTempFile> {
+        tempfile::Builder::new()
+            .prefix("trellis-bench-test-")
+            .suffix(".log")
+            .tempfile()
+    }
+
     #[test]
     fn a_child_that_exits_is_reported_with_its_log() -> anyhow::Result<()> {
-        let log = std::env::temp_dir().join(format!("bench-test-{}.log", std::process::id()));
-        let mut child = Child::spawn("failing", sh("echo starting; echo boom >&2; exit 3"), &log)?;
+        let log = temp_log()?;
+        let mut child = Child::spawn(
+            "failing",
+            sh("echo starting; echo boom >&2; exit 3"),
+            log.path(),
+        )?;
         let error = child
             .wait_ready("never", || false)
             .err()
             .map(|e| e.to_string());
-        let _ = std::fs::remove_file(&log);
         let error = error.unwrap_or_default();
         assert!(
             error.starts_with("failing exited (exit status: 3)"),
@@ -198,12 +209,11 @@ mod tests {
 
     #[test]
     fn dropping_a_child_kills_it() -> anyhow::Result<()> {
-        let log = std::env::temp_dir().join(format!("bench-test-{}-2.log", std::process::id()));
-        let child = Child::spawn("sleeper", sh("exec sleep 30"), &log)?;
+        let log = temp_log()?;
+        let child = Child::spawn("sleeper", sh("exec sleep 30"), log.path())?;
         let proc_dir = PathBuf::from(format!("/proc/{}", child.pid()));
         assert!(proc_dir.exists());
         drop(child);
-        let _ = std::fs::remove_file(&log);
         assert!(!proc_dir.exists());
         Ok(())
     }

@@ -296,12 +296,16 @@ mod tests {
             routes: 23,
         };
         mesh.check().unwrap();
-        let dir = std::env::temp_dir().join(format!("bench-cp-mesh-{}", std::process::id()));
-        let files = mesh.write(&dir).unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("trellis-bench-cp-mesh-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path();
+        let files = mesh.write(dir).unwrap();
         assert_eq!(files, 4);
         let mut kinds = std::collections::BTreeMap::new();
         let mut endpoints = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
+        for entry in std::fs::read_dir(dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
             for object in parse(&text) {
                 if let Object::EndpointSlice(s) = &object {
@@ -310,7 +314,6 @@ mod tests {
                 *kinds.entry(object.kind()).or_insert(0) += 1;
             }
         }
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(kinds["Service"], 230);
         assert_eq!(kinds["EndpointSlice"], 230);
         assert_eq!(

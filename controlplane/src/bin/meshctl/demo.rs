@@ -268,6 +268,11 @@ impl Demo {
                 .arg("--config")
                 .arg(self.bootstrap_path(name))
                 .args(["--discovery", &loopback(cp.discovery).to_string()])
+                // TLS to the control plane, verified against the CA's
+                // root (the control plane writes it when it first starts;
+                // until then the proxy retries).
+                .arg("--discovery-roots")
+                .arg(self.dir.join("ca").join(controlplane::ca::ROOT_CERT_FILE))
                 .args(["--node-id", name])
                 .args(["--service-account", &node.workload.service_account()])
                 .arg("--token-file")
@@ -587,6 +592,27 @@ impl Demo {
         if let Some(line) = table.lines().skip(1).find(|l| !l.contains("spiffe://")) {
             bail!("smoke: a proxy has no workload certificate: {line}");
         }
+        // And reached the control plane over TLS: it accepts nothing else.
+        let (status, metrics) = http::get(loopback(self.controlplane.admin), "/metrics").await?;
+        let accepted = |transport: &str| {
+            let label = format!("transport=\"{transport}\"");
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(controlplane::serving::METRIC_CONNECTIONS)
+                        && l.contains(&label)
+                        && l.contains("result=\"accepted\"")
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let (tls, plaintext) = (accepted("tls"), accepted("plaintext"));
+        if status != 200 || tls < self.nodes.len() as f64 || plaintext > 0.0 {
+            bail!(
+                "smoke: the control plane accepted {tls} TLS and {plaintext} plaintext connections; expected one TLS connection or more per proxy and no plaintext"
+            );
+        }
+        println!("smoke: the control plane accepted {tls} TLS connections and no plaintext");
         for p in &proxies {
             if let Some((ty, _)) = p
                 .types
