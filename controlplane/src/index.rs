@@ -11,12 +11,12 @@
 //! object and the field; the index keeps the last good version of it, and
 //! remembers the error for status reporting ([`Index::errors`]).
 //!
-//! Routes follow GAMMA: an HTTPRoute whose parentRef is a Service attaches
-//! to that service. A route in the service's namespace is a producer route
-//! and applies to every client; a route in another namespace is a consumer
-//! route and applies only to clients in its own namespace, who then ignore
-//! the producer routes. Once any route applies, requests that match none of
-//! its rules get 404.
+//! Routes follow GAMMA: an HTTPRoute or GRPCRoute whose parentRef is a
+//! Service attaches to that service. A route in the service's namespace is
+//! a producer route and applies to every client; a route in another
+//! namespace is a consumer route and applies only to clients in its own
+//! namespace, who then ignore the producer routes. Once any route applies,
+//! requests that match none of its rules get 404.
 //!
 //! Reads are per service, and a mesh has thousands: besides its table per
 //! kind, the index keeps the reverse of [`Kind::affects`] (for each service,
@@ -27,9 +27,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use gateway_api::apis::standard::grpcroutes::{
+    GrpcRoute, GrpcRouteParentRefs, GrpcRouteRulesBackendRefs, GrpcRouteRulesMatches,
+    GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethod, GrpcRouteRulesMatchesMethodType,
+};
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
-    HttpRouteRulesMatchesPathType, HttpRouteRulesMatchesQueryParamsType,
+    HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -62,6 +67,9 @@ pub struct Index {
     services: BTreeMap<Key, Svc>,
     slices: BTreeMap<Key, Slice>,
     routes: BTreeMap<Key, Route>,
+    /// GRPCRoutes, apart from HTTPRoutes: the two kinds may share a
+    /// namespace and name.
+    grpc_routes: BTreeMap<Key, Route>,
     policies: BTreeMap<Key, Policy>,
     /// Per kind, per service: the objects of that kind that affect the
     /// service (its slices, the routes attached to it, the policies that
@@ -158,9 +166,12 @@ struct SliceEndpoint {
     workload: Option<String>,
 }
 
-/// An HTTPRoute as the index keeps it, converted to the mesh-api model.
+/// An HTTPRoute or GRPCRoute as the index keeps it, converted to the
+/// mesh-api model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
+    /// The route's name in the model (see [`grpc_route_name`]).
+    name: String,
     parents: Vec<Key>,
     /// Rules whose backend names are backend keys (`name.namespace:port`).
     rules: Vec<RouteRule>,
@@ -324,7 +335,8 @@ impl Index {
     pub fn consumer_routes(&self, service: &Key, client_ns: &str) -> bool {
         client_ns != service.namespace
             && self
-                .refs::<HttpRoute>(service)
+                .refs::<GrpcRoute>(service)
+                .chain(self.refs::<HttpRoute>(service))
                 .any(|route| route.namespace == client_ns)
     }
 
@@ -341,7 +353,7 @@ impl Index {
         for (key, route) in routes {
             backends.extend(route.backends.iter().cloned());
             models.push(RouteModel {
-                name: key.name.clone(),
+                name: route.name.clone(),
                 namespace: key.namespace.clone(),
                 rules: route.rules.clone(),
             });
@@ -444,12 +456,20 @@ impl Index {
     }
 
     /// The routes attached to `service` that apply to a client in
-    /// `client_ns`, in Gateway API order (by namespace/name here; creation
-    /// time comes with the Kubernetes source).
+    /// `client_ns`: its GRPCRoutes, then its HTTPRoutes, each kind in
+    /// Gateway API order (by namespace/name here; creation time comes with
+    /// the Kubernetes source). The proxy breaks ties between equally
+    /// specific matches by route order, and a gRPC route is the more
+    /// specific intent: a catch-all HTTPRoute must not take its calls.
     fn routes_for(&self, service: &Key, client_ns: &str) -> Vec<(&Key, &Route)> {
         let attached = || {
-            self.refs::<HttpRoute>(service)
-                .filter_map(|k| self.routes.get_key_value(k))
+            let grpc = self
+                .refs::<GrpcRoute>(service)
+                .filter_map(|k| self.grpc_routes.get_key_value(k));
+            let http = self
+                .refs::<HttpRoute>(service)
+                .filter_map(|k| self.routes.get_key_value(k));
+            grpc.chain(http)
         };
         let consumer: Vec<_> = attached()
             .filter(|(k, _)| k.namespace == client_ns && k.namespace != service.namespace)
@@ -709,89 +729,187 @@ impl Kind for EndpointSlice {
     }
 }
 
-impl Kind for HttpRoute {
-    const KIND: &'static str = "HTTPRoute";
-    type Entry = Route;
+/// The [`Kind`] of a route kind: `$table` is its table, `$name` gives its
+/// model name from its key and `$convert_match` converts one of its
+/// matches. Both kinds ignore filters.
+macro_rules! route_kind {
+    ($ty:ty, $kind:literal, $table:ident, $name:expr, $convert_match:expr) => {
+        impl Kind for $ty {
+            const KIND: &'static str = $kind;
+            type Entry = Route;
 
-    fn convert(self, key: &Key) -> Result<Route, Vec<ValidationError>> {
-        let mut c = Check::new(Self::KIND, key);
-        check_name(&mut c, key);
-        let mut parents = Vec::new();
-        for (i, p) in self
-            .spec
-            .parent_refs
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-        {
-            let is_service = p.kind.as_deref() == Some("Service")
-                && p.group.as_deref().is_none_or(str::is_empty);
-            if !is_service {
-                // Routes for Gateways are not the mesh's business.
-                continue;
+            fn convert(self, key: &Key) -> Result<Route, Vec<ValidationError>> {
+                let rules = self.spec.rules.unwrap_or_default().into_iter();
+                convert_route(
+                    Check::new(Self::KIND, key),
+                    key,
+                    $name(key),
+                    self.spec.parent_refs,
+                    rules.map(|r| (r.matches, r.backend_refs)),
+                    $convert_match,
+                )
             }
-            if p.name.is_empty() {
-                c.err(format!("spec.parentRefs[{i}].name"), "must not be empty");
+
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
             }
-            parents.push(Key {
-                namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()),
-                name: p.name,
-            });
+
+            fn table(index: &mut Index) -> &mut BTreeMap<Key, Route> {
+                &mut index.$table
+            }
+
+            fn affects(entry: &Route, _: &Key) -> Vec<Key> {
+                entry.parents.clone()
+            }
         }
-        let mut backends = Vec::new();
-        let rules = self
-            .spec
-            .rules
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| convert_rule(&mut c, key, &format!("spec.rules[{i}]"), r, &mut backends))
-            .collect();
-        c.finish(Route {
-            parents,
-            rules,
-            backends,
-        })
-    }
+    };
+}
 
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
+route_kind!(
+    HttpRoute,
+    "HTTPRoute",
+    routes,
+    |key: &Key| key.name.clone(),
+    convert_match
+);
+route_kind!(
+    GrpcRoute,
+    "GRPCRoute",
+    grpc_routes,
+    |key: &Key| grpc_route_name(&key.name),
+    convert_grpc_match
+);
 
-    fn table(index: &mut Index) -> &mut BTreeMap<Key, Route> {
-        &mut index.routes
-    }
+/// The model name of GRPCRoute `name`: `grpcroute/<name>`. An HTTPRoute
+/// keeps its plain name (the `route` metric label and the name a
+/// RateLimitPolicy's `targetRef` gives). A GRPCRoute may share its
+/// namespace and name with an HTTPRoute on the same service, where the
+/// model needs distinct names, and a rate limit that targets the HTTPRoute
+/// must not count the GRPCRoute's calls; Kubernetes names never contain
+/// `/`, so the kind prefix cannot collide with an HTTPRoute's name.
+fn grpc_route_name(name: &str) -> String {
+    format!("grpcroute/{name}")
+}
 
-    fn affects(entry: &Route, _: &Key) -> Vec<Key> {
-        entry.parents.clone()
+/// A parentRef or backendRef, the fields the mesh reads of it. Gateway API
+/// generates a struct per route kind and field, all with these fields.
+struct ServiceRef {
+    group: Option<String>,
+    kind: Option<String>,
+    name: String,
+    namespace: Option<String>,
+    port: Option<i32>,
+    /// Backend refs only.
+    weight: Option<i32>,
+}
+
+macro_rules! service_ref_from {
+    ($($ty:ty => |$r:ident| $weight:expr),* $(,)?) => {$(
+        impl From<$ty> for ServiceRef {
+            fn from($r: $ty) -> Self {
+                ServiceRef {
+                    weight: $weight,
+                    group: $r.group,
+                    kind: $r.kind,
+                    name: $r.name,
+                    namespace: $r.namespace,
+                    port: $r.port,
+                }
+            }
+        }
+    )*};
+}
+
+service_ref_from! {
+    HttpRouteParentRefs => |r| None,
+    HttpRouteRulesBackendRefs => |r| r.weight,
+    GrpcRouteParentRefs => |r| None,
+    GrpcRouteRulesBackendRefs => |r| r.weight,
+}
+
+impl ServiceRef {
+    /// Whether the ref names a core Service; `kind` defaults to `default`.
+    fn is_service(&self, default: &str) -> bool {
+        self.kind.as_deref().unwrap_or(default) == "Service"
+            && self.group.as_deref().is_none_or(str::is_empty)
     }
 }
 
-fn convert_rule(
+/// Converts a route of either kind from its parentRefs and its rules'
+/// matches and backendRefs, the parts both kinds share; `convert_match`
+/// converts one of the kind's matches.
+fn convert_route<P, M, B>(
+    mut c: Check,
+    key: &Key,
+    name: String,
+    parent_refs: Option<Vec<P>>,
+    rules: impl Iterator<Item = (Option<Vec<M>>, Option<Vec<B>>)>,
+    convert_match: fn(&mut Check, &str, M) -> RouteMatch,
+) -> Result<Route, Vec<ValidationError>>
+where
+    P: Into<ServiceRef>,
+    B: Into<ServiceRef>,
+{
+    check_name(&mut c, key);
+    let parents = parent_services(&mut c, key, parent_refs.unwrap_or_default());
+    let mut backends = Vec::new();
+    let rules = rules
+        .enumerate()
+        .map(|(i, (matches, refs))| {
+            let at = format!("spec.rules[{i}]");
+            let matches = matches
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(m, mat)| convert_match(&mut c, &format!("{at}.matches[{m}]"), mat))
+                .collect();
+            let refs = refs.unwrap_or_default();
+            RouteRule {
+                matches,
+                backend_refs: backend_refs(&mut c, key, &at, refs, &mut backends),
+            }
+        })
+        .collect();
+    c.finish(Route {
+        name,
+        parents,
+        rules,
+        backends,
+    })
+}
+
+/// The Services a route attaches to (GAMMA). Refs to Gateways are not the
+/// mesh's business and are skipped.
+fn parent_services(c: &mut Check, route: &Key, refs: Vec<impl Into<ServiceRef>>) -> Vec<Key> {
+    let mut parents = Vec::new();
+    for (i, p) in refs.into_iter().map(Into::into).enumerate() {
+        // A parentRef's kind defaults to Gateway.
+        if !p.is_service("Gateway") {
+            continue;
+        }
+        if p.name.is_empty() {
+            c.err(format!("spec.parentRefs[{i}].name"), "must not be empty");
+        }
+        parents.push(Key {
+            namespace: p.namespace.unwrap_or_else(|| route.namespace.clone()),
+            name: p.name,
+        });
+    }
+    parents
+}
+
+/// A rule's weighted backends, each also added to `backends`.
+fn backend_refs(
     c: &mut Check,
     route: &Key,
     at: &str,
-    rule: HttpRouteRules,
+    refs: Vec<impl Into<ServiceRef>>,
     backends: &mut Vec<(Key, u16)>,
-) -> RouteRule {
-    let matches = rule
-        .matches
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(m, mat)| convert_match(c, &format!("{at}.matches[{m}]"), mat))
-        .collect();
-    let mut refs = Vec::new();
-    for (b, r) in rule
-        .backend_refs
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+) -> Vec<BackendRef> {
+    let mut out = Vec::new();
+    for (b, r) in refs.into_iter().map(Into::into).enumerate() {
         let field = format!("{at}.backendRefs[{b}]");
-        let kind_ok = r.kind.as_deref().is_none_or(|k| k == "Service")
-            && r.group.as_deref().is_none_or(str::is_empty);
-        if !kind_ok {
+        if !r.is_service("Service") {
             c.err(
                 format!("{field}.kind"),
                 "only Service backends are supported",
@@ -824,24 +942,50 @@ fn convert_rule(
             namespace: route.namespace.clone(),
             name: r.name,
         };
-        refs.push(BackendRef {
+        out.push(BackendRef {
             name: backend_name(&service, port),
             weight,
         });
         backends.push((service, port));
     }
-    RouteRule {
-        matches,
-        backend_refs: refs,
+    out
+}
+
+fn check_regex(c: &mut Check, field: String, pattern: &str) {
+    if let Err(e) = regex::Regex::new(pattern) {
+        c.err(field, format!("invalid regular expression: {e}"));
     }
 }
 
+/// A header or query parameter match's type, its regular expression
+/// checked.
+fn value_match(c: &mut Check, field: String, regex: bool, value: &str) -> ValueMatchType {
+    if regex {
+        check_regex(c, field, value);
+        ValueMatchType::RegularExpression
+    } else {
+        ValueMatchType::Exact
+    }
+}
+
+/// A match's header matches, each given as name, value and whether the
+/// value is a regular expression.
+fn header_matches(
+    c: &mut Check,
+    at: &str,
+    headers: impl Iterator<Item = (String, String, bool)>,
+) -> Vec<HeaderMatch> {
+    headers
+        .enumerate()
+        .map(|(h, (name, value, regex))| HeaderMatch {
+            kind: value_match(c, format!("{at}.headers[{h}].value"), regex, &value),
+            name,
+            value,
+        })
+        .collect()
+}
+
 fn convert_match(c: &mut Check, at: &str, m: HttpRouteRulesMatches) -> RouteMatch {
-    let regex = |c: &mut Check, field: String, pattern: &str| {
-        if let Err(e) = regex::Regex::new(pattern) {
-            c.err(field, format!("invalid regular expression: {e}"));
-        }
-    };
     let path = m.path.map(|p| {
         let kind = match p.r#type {
             Some(HttpRouteRulesMatchesPathType::Exact) => PathMatchType::Exact,
@@ -852,50 +996,31 @@ fn convert_match(c: &mut Check, at: &str, m: HttpRouteRulesMatches) -> RouteMatc
         };
         let value = p.value.unwrap_or_else(|| "/".to_owned());
         if kind == PathMatchType::RegularExpression {
-            regex(c, format!("{at}.path.value"), &value);
+            check_regex(c, format!("{at}.path.value"), &value);
         } else if !value.starts_with('/') {
             c.err(format!("{at}.path.value"), "must start with '/'");
         }
         PathMatch { kind, value }
     });
-    let headers = m
-        .headers
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-        .map(|(h, hm)| {
-            let kind = match hm.r#type {
-                Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => {
-                    regex(c, format!("{at}.headers[{h}].value"), &hm.value);
-                    ValueMatchType::RegularExpression
-                }
-                _ => ValueMatchType::Exact,
-            };
-            HeaderMatch {
-                kind,
-                name: hm.name,
-                value: hm.value,
-            }
-        })
-        .collect();
+    let headers = m.headers.unwrap_or_default().into_iter().map(|h| {
+        let regex = h.r#type == Some(HttpRouteRulesMatchesHeadersType::RegularExpression);
+        (h.name, h.value, regex)
+    });
+    let headers = header_matches(c, at, headers);
     let query_params = m
         .query_params
         .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(q, qm)| {
-            let kind = match qm.r#type {
-                Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => {
-                    regex(c, format!("{at}.queryParams[{q}].value"), &qm.value);
-                    ValueMatchType::RegularExpression
-                }
-                _ => ValueMatchType::Exact,
-            };
-            QueryParamMatch {
-                kind,
-                name: qm.name,
-                value: qm.value,
-            }
+        .map(|(q, qm)| QueryParamMatch {
+            kind: value_match(
+                c,
+                format!("{at}.queryParams[{q}].value"),
+                qm.r#type == Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression),
+                &qm.value,
+            ),
+            name: qm.name,
+            value: qm.value,
         })
         .collect();
     let method = m.method.map(|meth| {
@@ -911,6 +1036,70 @@ fn convert_match(c: &mut Check, at: &str, m: HttpRouteRulesMatches) -> RouteMatc
         query_params,
         method,
     }
+}
+
+/// A GRPCRoute match as an HTTP match: a gRPC call is a POST to
+/// `/<package.Service>/<Method>`, so its method match is a path match.
+fn convert_grpc_match(c: &mut Check, at: &str, m: GrpcRouteRulesMatches) -> RouteMatch {
+    let path = m
+        .method
+        .map(|meth| grpc_path(c, &format!("{at}.method"), meth));
+    let headers = m.headers.unwrap_or_default().into_iter().map(|h| {
+        let regex = h.r#type == Some(GrpcRouteRulesMatchesHeadersType::RegularExpression);
+        (h.name, h.value, regex)
+    });
+    let headers = header_matches(c, at, headers);
+    // No HTTP method: gRPC calls are all POSTs.
+    RouteMatch {
+        path,
+        headers,
+        query_params: Vec::new(),
+        method: None,
+    }
+}
+
+/// The path match of a gRPC method match.
+///
+/// Exact: service and method give the path `/S/M` exactly; the service
+/// alone a prefix `/S/` (the proxy matches prefixes by whole segments, so
+/// `/S/` does not match `/Sx/...`); the method alone a regular expression
+/// for any service. RegularExpression: `/(S)/(M)`, an absent part matching
+/// any one segment.
+fn grpc_path(c: &mut Check, at: &str, m: GrpcRouteRulesMatchesMethod) -> PathMatch {
+    let regex = m.r#type == Some(GrpcRouteRulesMatchesMethodType::RegularExpression);
+    let service = m.service.filter(|s| !s.is_empty());
+    let method = m.method.filter(|s| !s.is_empty());
+    if service.is_none() && method.is_none() {
+        c.err(at, "set service, method or both");
+    }
+    for (field, part) in [("service", &service), ("method", &method)] {
+        let Some(part) = part else { continue };
+        if regex {
+            check_regex(c, format!("{at}.{field}"), part);
+        } else if part.contains('/') {
+            c.err(
+                format!("{at}.{field}"),
+                format!("{part:?} must not contain '/'"),
+            );
+        }
+    }
+    let (kind, value) = match (regex, service, method) {
+        (true, s, m) => (
+            PathMatchType::RegularExpression,
+            format!(
+                "/({})/({})",
+                s.as_deref().unwrap_or("[^/]+"),
+                m.as_deref().unwrap_or("[^/]+")
+            ),
+        ),
+        (false, Some(s), Some(m)) => (PathMatchType::Exact, format!("/{s}/{m}")),
+        (false, Some(s), None) => (PathMatchType::PathPrefix, format!("/{s}/")),
+        (false, None, m) => (
+            PathMatchType::RegularExpression,
+            format!("/[^/]+/{}", regex::escape(m.as_deref().unwrap_or_default())),
+        ),
+    };
+    PathMatch { kind, value }
 }
 
 impl Kind for DestinationPolicy {

@@ -22,6 +22,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -303,16 +304,16 @@ fn apply(index: &mut Index, object: Object) -> Result<Changed, Refused> {
         Object::PeerAuthentication(o) => index.apply(o),
         Object::AuthorizationPolicy(o) => index.apply(o),
         Object::RateLimitPolicy(o) => index.apply(o),
+        Object::GrpcRoute(o) => index.apply(o),
         // `ObjectId::of` lets only the kinds above in.
-        Object::ServiceAccount(_) | Object::GrpcRoute(_) => Ok(Changed::default()),
+        Object::ServiceAccount(_) => Ok(Changed::default()),
     }
 }
 
 impl ObjectId {
-    /// The identity of an object the index holds; `None` for the kinds
-    /// that are read and validated but not indexed (ServiceAccounts:
-    /// identities come from the Pods' service account names; GRPCRoute
-    /// arrives with the resilience work).
+    /// The identity of an object the index holds; `None` for the kind
+    /// that is read and validated but not indexed (ServiceAccounts:
+    /// identities come from the Pods' service account names).
     fn of(object: &Object) -> Option<ObjectId> {
         let rank = match object {
             Object::Service(_) => 0,
@@ -323,7 +324,8 @@ impl ObjectId {
             Object::PeerAuthentication(_) => 5,
             Object::AuthorizationPolicy(_) => 6,
             Object::RateLimitPolicy(_) => 7,
-            Object::ServiceAccount(_) | Object::GrpcRoute(_) => return None,
+            Object::GrpcRoute(_) => 8,
+            Object::ServiceAccount(_) => return None,
         };
         Some(ObjectId {
             rank,
@@ -343,7 +345,8 @@ impl ObjectId {
             4 => delete::<Pod>(index, &self.key),
             5 => delete::<PeerAuthentication>(index, &self.key),
             6 => delete::<AuthorizationPolicy>(index, &self.key),
-            _ => delete::<RateLimitPolicy>(index, &self.key),
+            7 => delete::<RateLimitPolicy>(index, &self.key),
+            _ => delete::<GrpcRoute>(index, &self.key),
         }
     }
 }

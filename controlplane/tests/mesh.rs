@@ -5,7 +5,8 @@
 //! Covers loading a service on first use, the bounded wait and its 503,
 //! NACKs of config the proxy cannot apply, and, under continuous load with
 //! zero failed requests: a weight change, a broken YAML edit, and the
-//! control plane killed for 10 s and brought back.
+//! control plane killed for 10 s and brought back. And gRPC calls split
+//! by a GRPCRoute.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,10 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::{ConfigDir, ControlPlane, DEADLINE, write};
 use controlplane::discovery::SyncState;
+use http_body_util::{BodyExt, Full};
 use proxy::Proxy;
-use proxy::testutil::{discovered_proxy, echo_server, get, h1_client};
+use proxy::testutil::{discovered_proxy, echo_server, get, h1_client, h2_client};
 
 /// Services `reviews`, `reviews-v1` and `reviews-v2` in `bookinfo`, the
 /// versions each with one endpoint.
@@ -194,6 +197,75 @@ async fn config_the_proxy_cannot_apply_is_nacked_and_the_last_good_one_kept() {
     assert!(proxy.snapshot().service_in("bookinfo", "clash").is_none());
     let (status, _, body) = get(&mut client, "/", "reviews:9080").await;
     assert_eq!(status, 200, "the last good config still serves: {body}");
+}
+
+/// A GRPCRoute on `reviews` splitting `reviews.Reviews/Get` 1:1 over v1
+/// and v2, and sending the rest of `reviews.Reviews` to v2.
+const GRPC_SPLIT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+     metadata: { name: reviews-grpc, namespace: bookinfo }\n\
+     spec:\n  parentRefs: [{ group: \"\", kind: Service, name: reviews, port: 9080 }]\n  \
+     rules:\n  - matches: [{ method: { service: reviews.Reviews, method: Get } }]\n    \
+     backendRefs:\n    - { name: reviews-v1, port: 9080, weight: 1 }\n    \
+     - { name: reviews-v2, port: 9080, weight: 1 }\n  \
+     - matches: [{ method: { service: reviews.Reviews } }]\n    \
+     backendRefs: [{ name: reviews-v2, port: 9080 }]\n";
+
+/// Makes a unary gRPC call to `reviews` and returns the version that
+/// answered and the HTTP version it was reached with.
+async fn grpc_call(
+    client: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    path: &str,
+) -> (String, String) {
+    // One empty message: compressed flag 0, length 0.
+    let req = http::Request::post(format!("http://reviews:9080{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+        .unwrap();
+    client.ready().await.unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200, "{path}");
+    let served = resp.headers()["x-served-by"].to_str().unwrap().to_owned();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["path"], path);
+    (served, echo["version"].as_str().unwrap().to_owned())
+}
+
+#[tokio::test]
+async fn grpc_calls_follow_a_grpc_route_split_ahead_of_the_http_route() {
+    let config = ConfigDir::new("grpc");
+    let dir = config.path();
+    let v1 = echo_server("reviews-v1").await;
+    let v2 = echo_server("reviews-v2").await;
+    // Ports named `grpc`: the proxy speaks HTTP/2 to the versions.
+    let grpc_ports = services(v1, v2).replace("name: http,", "name: grpc,");
+    write(dir, "services.yaml", &grpc_ports);
+    // The catch-all HTTPRoute sends everything else to v1.
+    write(dir, "route.yaml", &split(100, 0));
+    write(dir, "grpc.yaml", GRPC_SPLIT);
+    let cp = ControlPlane::start(dir);
+    let proxy = discovered_proxy(cp.discovery, "productpage", "bookinfo").await;
+    ready(&proxy).await;
+    let mut client = h2_client(proxy.listener_addr("out").unwrap()).await;
+
+    let mut by_version = BTreeMap::new();
+    for _ in 0..40 {
+        let (served, version) = grpc_call(&mut client, "/reviews.Reviews/Get").await;
+        assert_eq!(version, "HTTP/2.0");
+        *by_version.entry(served).or_insert(0) += 1;
+    }
+    // 1:1 over 40 calls: each version gets some (all on one: p = 2^-39).
+    assert_eq!(by_version.len(), 2, "{by_version:?}");
+
+    // The service alone matches its other methods, by whole segments.
+    for (path, version) in [
+        ("/reviews.Reviews/List", "reviews-v2"),
+        ("/reviews.ReviewsX/Get", "reviews-v1"),
+        ("/other.Service/Get", "reviews-v1"),
+    ] {
+        assert_eq!(grpc_call(&mut client, path).await.0, version, "{path}");
+    }
 }
 
 /// Clients sending requests to `reviews` through the proxy, counting

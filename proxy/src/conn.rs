@@ -271,7 +271,10 @@ impl Conn {
 
     /// `svc` with its config loaded: itself, or for a pending service the
     /// entry that arrives from the control plane.
-    async fn loaded(&self, svc: &Arc<ServiceEntry>) -> Result<Arc<ServiceEntry>, DestError> {
+    pub(crate) async fn loaded(
+        &self,
+        svc: &Arc<ServiceEntry>,
+    ) -> Result<Arc<ServiceEntry>, DestError> {
         if svc.pending {
             self.shared.load(svc).await
         } else {

@@ -146,7 +146,7 @@ async fn handle(
     };
     let mut dims = dims;
 
-    if !outbound && let Err(refusal) = admit(&conn, &snap, &req) {
+    if !outbound && let Err(refusal) = admit(&conn, &snap, &req).await {
         let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
         let mut resp = local(refusal.status, &refusal.message, record);
         if let Some(secs) = refusal.retry_after {
@@ -177,7 +177,7 @@ struct Refusal {
 
 /// The workload's inbound policy for one request: authorization (DENY
 /// first, then ALLOW), then rate limits. Refusals are counted by policy.
-fn admit(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Result<(), Refusal> {
+async fn admit(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Result<(), Refusal> {
     if !snap.authorizer.is_empty() {
         let request = crate::authz::Request::http(
             conn.peer_identity.as_deref(),
@@ -197,7 +197,11 @@ fn admit(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Result<(), Re
         }
     }
     if !snap.rate_limits.is_empty() {
-        let route = inbound_route(snap, req);
+        let route = if snap.rate_limits.has_route_limits() {
+            inbound_route(conn, snap, req).await
+        } else {
+            None
+        };
         if let Err(limited) = snap
             .rate_limits
             .check(route.as_deref(), tokio::time::Instant::now())
@@ -219,10 +223,13 @@ fn admit(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Result<(), Re
 }
 
 /// The route an inbound request matches among the routes of the service
-/// it addressed (by `Host`), for per-route rate limits.
-fn inbound_route(snap: &Snapshot, req: &Request<Incoming>) -> Option<Arc<str>> {
+/// it addressed (by `Host`), for per-route rate limits. A sidecar holds
+/// the services it never called itself as pending (names only), so the
+/// addressed service is loaded first, as an outbound request would load
+/// it; if that fails, only the workload-wide limits apply.
+async fn inbound_route(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) -> Option<Arc<str>> {
     let (host, port) = authority(req).and_then(|a| parse_authority(a, 80))?;
-    let svc = snap.service_by_host(&host, port)?;
+    let svc = conn.loaded(snap.service_by_host(&host, port)?).await.ok()?;
     let parts = RequestParts {
         method: req.method(),
         path: req.uri().path(),

@@ -165,6 +165,11 @@ impl RateLimits {
         }
     }
 
+    /// Whether some limit counts only the requests of one route.
+    pub fn has_route_limits(&self) -> bool {
+        self.limiters.iter().any(|l| l.limit.route.is_some())
+    }
+
     /// The limits of a new config, keeping the bucket of every limit that
     /// is unchanged, so that a config update neither refills nor empties
     /// them.

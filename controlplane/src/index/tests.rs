@@ -442,3 +442,230 @@ fn one_service_entry_is_one_of_service_entries() {
     }
     assert_eq!(index.service_entry(&key("bookinfo", "nope")), None);
 }
+
+fn grpc_route(ns: &str, name: &str, parent: &str, body: &str) -> GrpcRoute {
+    obj(&format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+         metadata: {{ name: {name}, namespace: {ns} }}\n\
+         spec:\n  parentRefs: [{{ group: \"\", kind: Service, name: {parent}, namespace: bookinfo }}]\n{body}"
+    ))
+}
+
+/// Applies GRPCRoute `bookinfo/grpc` on reviews, one rule with one match
+/// `method` to reviews-v1.
+fn apply_grpc(index: &mut Index, method: &str) -> Result<Changed, Refused> {
+    index.apply(grpc_route(
+        "bookinfo",
+        "grpc",
+        "reviews",
+        &format!(
+            "  rules:\n  - matches: [{{ method: {method} }}]\n    backendRefs: [{{ name: reviews-v1, port: 9080 }}]\n"
+        ),
+    ))
+}
+
+/// reviews as a client in `client_ns` sees it.
+fn reviews(index: &Index, client_ns: &str) -> Outbound {
+    index
+        .outbound(&key("bookinfo", "reviews"), client_ns)
+        .unwrap()
+}
+
+fn route_names(index: &Index, client_ns: &str) -> Vec<String> {
+    let routes = reviews(index, client_ns).service.routes;
+    routes.into_iter().map(|r| r.name).collect()
+}
+
+/// The path match of the first match of the first route's first rule.
+fn first_path(index: &Index) -> PathMatch {
+    let routes = reviews(index, "default").service.routes;
+    routes[0].rules[0].matches[0].path.clone().unwrap()
+}
+
+fn path(kind: PathMatchType, value: &str) -> PathMatch {
+    PathMatch {
+        kind,
+        value: value.into(),
+    }
+}
+
+#[test]
+fn grpc_route_splits_a_method_by_weight() {
+    let mut index = mesh();
+    let body = "  rules:\n  - matches:\n    - method: { service: pkg.Svc, method: Method }\n      headers: [{ name: x-canary, value: \"yes\" }]\n\
+                \x20   backendRefs:\n    - { name: reviews-v1, port: 9080, weight: 90 }\n    - { name: reviews-v2, port: 9080, weight: 10 }\n";
+    let changed = index
+        .apply(grpc_route("bookinfo", "grpc-split", "reviews", body))
+        .unwrap();
+    assert_eq!(
+        changed.services,
+        BTreeSet::from([key("bookinfo", "reviews")])
+    );
+    assert_eq!(route_names(&index, "default"), ["grpcroute/grpc-split"]);
+    let o = reviews(&index, "default");
+    assert_eq!(
+        o.service.routes[0].rules[0].matches,
+        [RouteMatch {
+            path: Some(path(PathMatchType::Exact, "/pkg.Svc/Method")),
+            headers: vec![HeaderMatch {
+                kind: ValueMatchType::Exact,
+                name: "x-canary".into(),
+                value: "yes".into(),
+            }],
+            query_params: Vec::new(),
+            method: None,
+        }]
+    );
+    assert_eq!(
+        backends_of(&o),
+        [
+            ("reviews-v1.bookinfo:9080".to_owned(), 90),
+            ("reviews-v2.bookinfo:9080".to_owned(), 10),
+        ]
+    );
+    index.proxy_config("default").validate().unwrap();
+}
+
+#[test]
+fn grpc_method_matches_become_path_matches() {
+    let mut index = mesh();
+    let cases = [
+        (
+            "{ service: pkg.Svc }",
+            path(PathMatchType::PathPrefix, "/pkg.Svc/"),
+        ),
+        (
+            "{ type: Exact, method: Get.Me }",
+            path(PathMatchType::RegularExpression, "/[^/]+/Get\\.Me"),
+        ),
+        (
+            "{ type: RegularExpression, service: 'pkg\\.v[12]\\.Svc', method: 'Get|List' }",
+            path(
+                PathMatchType::RegularExpression,
+                "/(pkg\\.v[12]\\.Svc)/(Get|List)",
+            ),
+        ),
+        (
+            "{ type: RegularExpression, method: 'List.*' }",
+            path(PathMatchType::RegularExpression, "/([^/]+)/(List.*)"),
+        ),
+    ];
+    for (method, want) in cases {
+        apply_grpc(&mut index, method).unwrap_or_else(|e| panic!("{method}: {e}"));
+        assert_eq!(first_path(&index), want, "{method}");
+        index.proxy_config("default").validate().unwrap();
+    }
+
+    // No matches: every call.
+    let all = "  rules:\n  - backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(grpc_route("bookinfo", "grpc", "reviews", all))
+        .unwrap();
+    let routes = reviews(&index, "default").service.routes;
+    assert!(routes[0].rules[0].matches.is_empty());
+}
+
+#[test]
+fn invalid_grpc_route_is_refused_naming_the_field_and_the_last_good_version_stays() {
+    let mut index = mesh();
+    let good = "{ service: pkg.Svc, method: Get }";
+    apply_grpc(&mut index, good).unwrap();
+    let cases = [
+        (
+            "{ type: Exact }",
+            "spec.rules[0].matches[0].method: set service, method or both",
+        ),
+        (
+            "{ service: pkg/Svc, method: Get }",
+            "spec.rules[0].matches[0].method.service: \"pkg/Svc\" must not contain '/'",
+        ),
+        (
+            "{ service: pkg.Svc, method: a/b }",
+            "spec.rules[0].matches[0].method.method: \"a/b\" must not contain '/'",
+        ),
+        (
+            "{ type: RegularExpression, service: 'pkg(' }",
+            "spec.rules[0].matches[0].method.service: invalid regular expression",
+        ),
+    ];
+    for (method, want) in cases {
+        let err = apply_grpc(&mut index, method).unwrap_err();
+        let messages: Vec<String> = err.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 1, "{messages:?}");
+        assert!(
+            messages[0].starts_with(&format!("GRPCRoute \"bookinfo/grpc\": {want}")),
+            "{messages:?}"
+        );
+        assert_eq!(index.errors().count(), 1);
+        assert_eq!(
+            first_path(&index),
+            path(PathMatchType::Exact, "/pkg.Svc/Get"),
+            "the last good version stays"
+        );
+    }
+    let bad_header = "  rules:\n  - matches: [{ headers: [{ type: RegularExpression, name: x, value: '(' }] }]\n";
+    let err = index
+        .apply(grpc_route("bookinfo", "grpc", "reviews", bad_header))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("spec.rules[0].matches[0].headers[0].value: invalid regular expression"),
+        "{err}"
+    );
+    apply_grpc(&mut index, good).unwrap();
+    assert_eq!(index.errors().count(), 0);
+}
+
+#[test]
+fn grpc_routes_come_before_http_routes_and_may_share_their_names() {
+    let mut index = mesh();
+    // Same namespace and name for both kinds; the catch-all HTTPRoute
+    // would sort first by name.
+    let grpc = "  rules:\n  - matches: [{ method: { service: pkg.Svc } }]\n    backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "reviews", "reviews", SPLIT))
+        .unwrap();
+    index
+        .apply(grpc_route("bookinfo", "reviews", "reviews", grpc))
+        .unwrap();
+    assert_eq!(
+        route_names(&index, "default"),
+        ["grpcroute/reviews", "reviews"]
+    );
+    assert_eq!(
+        first_path(&index),
+        path(PathMatchType::PathPrefix, "/pkg.Svc/")
+    );
+    index.proxy_config("default").validate().unwrap();
+
+    // A consumer GRPCRoute replaces both producer routes for its namespace.
+    let svc = key("bookinfo", "reviews");
+    index
+        .apply(grpc_route("shop", "mine", "reviews", grpc))
+        .unwrap();
+    assert!(index.consumer_routes(&svc, "shop"));
+    assert_eq!(route_names(&index, "shop"), ["grpcroute/mine"]);
+
+    // Deleting the GRPCRoute leaves the HTTPRoute of the same name.
+    let changed = index.delete::<GrpcRoute>(&key("bookinfo", "reviews"));
+    assert_eq!(changed.services, BTreeSet::from([svc]));
+    assert_eq!(route_names(&index, "default"), ["reviews"]);
+    assert_eq!(backends_of(&reviews(&index, "default")).len(), 3);
+}
+
+#[test]
+fn deleting_a_grpc_route_removes_its_routes() {
+    let mut index = mesh();
+    apply_grpc(&mut index, "{ service: pkg.Svc, method: Get }").unwrap();
+    let changed = index.delete::<GrpcRoute>(&key("bookinfo", "grpc"));
+    assert_eq!(
+        changed.services,
+        BTreeSet::from([key("bookinfo", "reviews")])
+    );
+    assert!(route_names(&index, "default").is_empty());
+    assert_eq!(
+        index.delete::<HttpRoute>(&key("bookinfo", "grpc")),
+        Changed::default(),
+        "an HTTPRoute of that name never existed"
+    );
+}

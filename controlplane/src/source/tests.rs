@@ -90,6 +90,34 @@ fn broken_file_is_reported_with_line_and_keeps_its_previous_objects() {
 }
 
 #[test]
+fn a_grpc_route_file_is_applied_and_its_removal_removes_the_route() {
+    let tmp = tempdir("grpc");
+    let dir = tmp.path();
+    std::fs::write(dir.join("mesh.yaml"), MESH).unwrap();
+    // Shares its namespace and name with ROUTE_V2's HTTPRoute.
+    let grpc = ROUTE_V2
+        .replace("kind: HTTPRoute", "kind: GRPCRoute")
+        .replace(
+            "  - backendRefs:",
+            "  - matches: [{ method: { service: pkg.Svc } }]\n    backendRefs:",
+        );
+    std::fs::write(dir.join("grpc.yaml"), grpc).unwrap();
+    std::fs::write(dir.join("route.yaml"), ROUTE_V2).unwrap();
+    let mut source = DirSource::new(dir);
+    let mut index = Index::default();
+    let scan = source.scan(&mut index);
+    assert!(scan.file_errors.is_empty(), "{:?}", scan.file_errors);
+    assert!(scan.refused.is_empty(), "{:?}", scan.refused);
+    assert_eq!(routes(&index), 2, "both kinds, though of one name");
+
+    std::fs::remove_file(dir.join("grpc.yaml")).unwrap();
+    let scan = source.scan(&mut index);
+    assert_eq!(routes(&index), 1);
+    let names: Vec<_> = scan.changed.services.iter().map(|k| &k.name).collect();
+    assert_eq!(names, ["reviews"]);
+}
+
+#[test]
 fn invalid_objects_are_refused_by_the_index_with_their_fields() {
     let tmp = tempdir("invalid");
     let dir = tmp.path();
