@@ -10,11 +10,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{ConfigDir, ControlPlane, DEADLINE, write};
+use common::{ConfigDir, ControlPlane, DEADLINE, service_index_request, write};
 use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;
-use mesh_proto::discovery::v1::{
-    DiscoveryRequest, DiscoveryResponse, Node, TYPE_SERVICE_INDEX, WILDCARD,
-};
+use mesh_proto::discovery::v1::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -66,19 +64,7 @@ async fn serves_the_directory_and_follows_its_edits() {
     .await
     .expect("control plane never listened");
     let (tx, rx) = mpsc::channel(4);
-    tx.send(DiscoveryRequest {
-        node: Some(Node {
-            id: "test-proxy".into(),
-            workload: "productpage".into(),
-            namespace: "bookinfo".into(),
-            ..Default::default()
-        }),
-        type_url: TYPE_SERVICE_INDEX.into(),
-        subscribe: vec![WILDCARD.into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    tx.send(service_index_request("test-proxy")).await.unwrap();
     let mut responses = client
         .stream(ReceiverStream::new(rx))
         .await

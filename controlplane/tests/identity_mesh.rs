@@ -344,18 +344,7 @@ async fn post(addr: SocketAddr, path: &str) -> String {
 async fn service_index(
     channel: tonic::transport::Channel,
 ) -> Result<mesh_proto::discovery::v1::DiscoveryResponse, tonic::Status> {
-    use mesh_proto::discovery::v1::{DiscoveryRequest, Node, TYPE_SERVICE_INDEX, WILDCARD};
-    let request = DiscoveryRequest {
-        node: Some(Node {
-            id: "tls-test".into(),
-            workload: "productpage".into(),
-            namespace: "bookinfo".into(),
-            ..Default::default()
-        }),
-        type_url: TYPE_SERVICE_INDEX.into(),
-        subscribe: vec![WILDCARD.into()],
-        ..Default::default()
-    };
+    let request = common::service_index_request("tls-test");
     let mut client = mesh_proto::discovery::v1::discovery_client::DiscoveryClient::new(channel);
     let mut responses = client
         .stream(tokio_stream::StreamExt::chain(

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use controlplane::discovery::ProxyStatus;
+use mesh_proto::discovery::v1::{DiscoveryRequest, Node, TYPE_SERVICE_INDEX, WILDCARD};
 use tempfile::TempDir;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
@@ -16,6 +17,22 @@ use tokio::sync::mpsc;
 /// Bounds every wait, so that a hang fails the test; nothing asserts on
 /// how fast anything is.
 pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The first request of a proxy `id` of productpage in `bookinfo`: the
+/// wildcard service index.
+pub fn service_index_request(id: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(Node {
+            id: id.into(),
+            workload: "productpage".into(),
+            namespace: "bookinfo".into(),
+            ..Default::default()
+        }),
+        type_url: TYPE_SERVICE_INDEX.into(),
+        subscribe: vec![WILDCARD.into()],
+        ..Default::default()
+    }
+}
 
 /// A free loopback port.
 pub fn free_port() -> SocketAddr {
