@@ -128,6 +128,15 @@ pub trait Changes {
     fn changed(&self) -> Option<&Changed>;
 }
 
+/// How much of each proxy's state a status carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Sync state, NACKs and counts.
+    Summary,
+    /// Also every subscribed name and every resource version sent.
+    Full,
+}
+
 /// A snapshot of one connected proxy, for `/debug/proxies` and
 /// `meshctl proxy-status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,10 +164,19 @@ pub struct ProxyStatus {
 pub struct TypeStatus {
     /// Subscribed to every resource of the type.
     pub wildcard: bool,
-    /// Resource names subscribed explicitly.
+    /// Resource names subscribed explicitly (empty in a summary).
+    #[serde(default)]
     pub subscribed: Vec<String>,
-    /// What the proxy was last sent, by resource name.
+    /// How many names are subscribed explicitly.
+    #[serde(default)]
+    pub subscribed_count: usize,
+    /// What the proxy was last sent, by resource name (empty in a
+    /// summary).
+    #[serde(default)]
     pub sent: BTreeMap<String, ResourceStatus>,
+    /// How many resources the proxy was last sent.
+    #[serde(default)]
+    pub sent_count: usize,
     /// The nonce of the last response sent.
     pub last_nonce: Option<String>,
     /// The nonce of the last response ACKed.
@@ -374,8 +392,25 @@ impl Server {
 
     /// Every connected proxy, by stream.
     pub fn debug_proxies(&self) -> Vec<ProxyStatus> {
+        self.proxy_statuses(Detail::Full, |_| true)
+    }
+
+    /// Every connected proxy's status, with or without the resource
+    /// lists: at 10,000 services a wildcard type alone lists 10,000 names
+    /// per proxy, so `/debug/proxies` gives counts unless asked for more.
+    pub fn proxy_statuses(
+        &self,
+        detail: Detail,
+        select: impl Fn(&str) -> bool,
+    ) -> Vec<ProxyStatus> {
         let proxies: Vec<_> = lock(&self.shared.proxies).values().cloned().collect();
-        proxies.iter().map(|p| lock(p).status()).collect()
+        proxies
+            .iter()
+            .filter_map(|p| {
+                let p = lock(p);
+                select(p.node_id()).then(|| p.status(detail))
+            })
+            .collect()
     }
 }
 

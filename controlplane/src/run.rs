@@ -297,15 +297,13 @@ fn rotate(server: &Server, ca: &Ca, query: Option<&str>) -> Response<Full<Bytes>
 }
 
 fn form_overlap(query: Option<&str>) -> Result<Option<Duration>, String> {
-    let Some(query) = query else { return Ok(None) };
-    for pair in query.split('&') {
-        if let Some(v) = pair.strip_prefix("overlap=") {
-            return humantime::parse_duration(v)
-                .map(Some)
-                .map_err(|e| format!("overlap={v:?} is not a duration (like 48h): {e}"));
-        }
+    let query = query.unwrap_or_default().as_bytes();
+    match form_urlencoded::parse(query).find(|(key, _)| key == "overlap") {
+        Some((_, v)) => humantime::parse_duration(&v)
+            .map(Some)
+            .map_err(|e| format!("overlap={v:?} is not a duration (like 48h): {e}")),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 async fn admin(
@@ -341,6 +339,25 @@ async fn admin(
     }
 }
 
+/// `GET /debug/proxies`: every proxy's sync state and counts;
+/// `?detail=true` adds each subscribed name and resource version, and
+/// `?id=NODE` gives one proxy in full.
+fn debug_proxies(server: &Server, query: Option<&str>) -> Vec<discovery::ProxyStatus> {
+    let mut detail = discovery::Detail::Summary;
+    let mut id = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "detail" if value == "true" => detail = discovery::Detail::Full,
+            "id" => {
+                detail = discovery::Detail::Full;
+                id = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    server.proxy_statuses(detail, |node| id.as_deref().is_none_or(|id| id == node))
+}
+
 fn route(
     server: &Server,
     recorder: &PrometheusHandle,
@@ -360,7 +377,10 @@ fn route(
             "text/plain; version=0.0.4",
             recorder.render(),
         ),
-        "/debug/proxies" => json(serde_json::to_string_pretty(&server.debug_proxies())),
+        "/debug/proxies" => json(serde_json::to_string_pretty(&debug_proxies(
+            server,
+            req.uri().query(),
+        ))),
         "/debug/errors" => json(serde_json::to_string_pretty(&server.read(|index| {
             index
                 .errors()

@@ -16,8 +16,8 @@ use tonic::Status;
 use super::cache::Table;
 use super::resources::{Affected, Computed, Type};
 use super::{
-    Applied, Error, NackStatus, ProxyStatus, ResourceStatus, Shared, Since, State, SyncState,
-    TypeStatus, lock,
+    Applied, Detail, Error, NackStatus, ProxyStatus, ResourceStatus, Shared, Since, State,
+    SyncState, TypeStatus, lock,
 };
 use crate::index::Key;
 
@@ -434,7 +434,11 @@ impl Proxy {
         Some(base.table.clone())
     }
 
-    pub(super) fn status(&self) -> ProxyStatus {
+    pub(super) fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
+    pub(super) fn status(&self, detail: Detail) -> ProxyStatus {
         ProxyStatus {
             id: self.node.id.clone(),
             workload: self.node.workload.clone(),
@@ -444,7 +448,7 @@ impl Proxy {
             types: self
                 .types
                 .iter()
-                .map(|(ty, st)| (ty.short().to_owned(), st.status()))
+                .map(|(ty, st)| (ty.short().to_owned(), st.status(detail)))
                 .collect(),
         }
     }
@@ -679,7 +683,7 @@ impl TypeState {
         }
     }
 
-    fn status(&self) -> TypeStatus {
+    fn status(&self, detail: Detail) -> TypeStatus {
         let nonce = |n: u64| n.to_string();
         let sync = match self.last_nonce {
             None => SyncState::Idle,
@@ -689,23 +693,33 @@ impl TypeState {
             Some(last) if self.acked_nonce == Some(last) => SyncState::Synced,
             Some(_) => SyncState::Pending,
         };
+        let full = detail == Detail::Full;
         TypeStatus {
             wildcard: self.wildcard,
-            subscribed: self.names.iter().cloned().collect(),
-            sent: self
-                .held
-                .entries()
-                .map(|(name, s)| {
-                    (
-                        name.to_owned(),
-                        ResourceStatus {
-                            version: s.version.map(str::to_owned),
-                            nonce: nonce(s.nonce),
-                            state: s.applied,
-                        },
-                    )
-                })
-                .collect(),
+            subscribed: if full {
+                self.names.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            subscribed_count: self.names.len(),
+            sent: if full {
+                self.held
+                    .entries()
+                    .map(|(name, s)| {
+                        (
+                            name.to_owned(),
+                            ResourceStatus {
+                                version: s.version.map(str::to_owned),
+                                nonce: nonce(s.nonce),
+                                state: s.applied,
+                            },
+                        )
+                    })
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+            sent_count: self.held.entries().count(),
             last_nonce: self.last_nonce.map(nonce),
             acked_nonce: self.acked_nonce.map(nonce),
             sync,

@@ -504,6 +504,21 @@ async fn wildcard_streams_share_one_service_index() {
         assert_eq!(t.sent.len(), 4);
         assert_eq!(t.sync, SyncState::Synced);
     }
+
+    // The summary keeps the state and counts but lists no names; one
+    // proxy can be asked for by id.
+    let summary = server.proxy_statuses(Detail::Summary, |_| true);
+    assert_eq!(summary.len(), 2);
+    for p in &summary {
+        let t = &p.types["ServiceIndex"];
+        assert!(t.sent.is_empty() && t.subscribed.is_empty(), "{t:?}");
+        assert_eq!((t.sent_count, t.sync), (4, SyncState::Synced));
+        assert!(t.wildcard);
+    }
+    let one = server.proxy_statuses(Detail::Full, |id| id == "b");
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].id, "b");
+    assert_eq!(one[0].types["ServiceIndex"].sent.len(), 4);
 }
 
 #[tokio::test(start_paused = true)]

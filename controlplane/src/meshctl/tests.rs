@@ -7,7 +7,9 @@ fn type_status(sync: SyncState, nack: Option<&str>) -> TypeStatus {
     TypeStatus {
         wildcard: false,
         subscribed: Vec::new(),
+        subscribed_count: 0,
         sent: BTreeMap::new(),
+        sent_count: 0,
         last_nonce: None,
         acked_nonce: None,
         sync,

@@ -180,9 +180,9 @@ impl ControlPlane {
         .unwrap_or_else(|_| panic!("GET {path} from the control plane never answered"))
     }
 
-    /// Its `/debug/proxies`.
+    /// Its `/debug/proxies`, in full.
     pub async fn proxies(&self) -> Vec<ProxyStatus> {
-        serde_json::from_str(&self.admin_get("/debug/proxies").await).unwrap()
+        serde_json::from_str(&self.admin_get("/debug/proxies?detail=true").await).unwrap()
     }
 }
 
