@@ -212,7 +212,11 @@ pub fn incoming(
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(refusal)) => refusal.report(peer),
-                    Err(_) => Refusal::Failed("no TLS handshake within 10s".into()).report(peer),
+                    Err(_) => Refusal::Failed(format!(
+                        "no TLS handshake within {}",
+                        humantime::format_duration(HANDSHAKE_TIMEOUT)
+                    ))
+                    .report(peer),
                 }
             });
         }

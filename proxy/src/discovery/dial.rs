@@ -78,13 +78,7 @@ impl Dialer {
         };
         let host = match server_name {
             Some(name) => name.to_owned(),
-            None => endpoint
-                .uri()
-                .host()
-                .ok_or_else(|| bad("no host".into()))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
+            None => host(endpoint.uri()).ok_or_else(|| bad("no host".into()))?,
         };
         let server_name = ServerName::try_from(host.clone())
             .map_err(|e| bad(format!("{host:?} is not a server name: {e}")))?;
@@ -190,6 +184,16 @@ fn endpoint(addr: &str) -> Result<Endpoint, AddrError> {
         .keep_alive_timeout(KEEPALIVE))
 }
 
+/// The host of `uri`, an IPv6 address without its brackets.
+fn host(uri: &Uri) -> Option<String> {
+    let host = uri.host()?;
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
+}
+
 /// An error and its causes, `: `-separated (tonic's transport error says
 /// only "transport error" by itself).
 fn chain(e: &dyn std::error::Error) -> String {
@@ -224,12 +228,7 @@ impl tonic::codegen::Service<Uri> for Connect {
     fn call(&mut self, uri: Uri) -> Connecting {
         let (connector, server_name) = (self.connector.clone(), self.server_name.clone());
         Box::pin(async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::other("no host"))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
+            let host = host(&uri).ok_or_else(|| io::Error::other("no host"))?;
             let port = uri.port_u16().unwrap_or(15012);
             let tcp = TcpStream::connect((host.as_str(), port)).await?;
             tcp.set_nodelay(true)?;
