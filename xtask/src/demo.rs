@@ -6,7 +6,6 @@
 //! CI, the build step.
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -30,7 +29,7 @@ pub struct Args {
 
 /// Builds, then becomes `meshctl demo` (exec), so Ctrl-C reaches it alone.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let root = workspace_root()?;
+    let root = crate::workspace_root()?;
     let profile = if args.release { "release" } else { "debug" };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
@@ -70,11 +69,4 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let err = demo.exec();
     Err(err).with_context(|| format!("cannot run {}", meshctl.display()))
-}
-
-fn workspace_root() -> anyhow::Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }
