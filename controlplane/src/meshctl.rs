@@ -1,5 +1,7 @@
 //! `meshctl`'s commands as library code, so tests drive them directly.
 
+pub mod bookinfo;
+
 use std::fmt::Write;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -47,6 +47,8 @@ struct Product {
     description: &'static str,
     uid: u32,
     ports: &'static [u16],
+    /// Default arguments.
+    cmd: &'static [&'static str],
 }
 
 /// The project's images. The injector joins once it has a binary.
@@ -59,6 +61,7 @@ const PRODUCTS: &[Product] = &[
         // The capture rules exempt the proxy's own UID.
         uid: 1337,
         ports: &[15001, 15006, 15020, 15021],
+        cmd: &[],
     },
     Product {
         name: "controlplane",
@@ -67,6 +70,7 @@ const PRODUCTS: &[Product] = &[
         description: "Trellis control plane: discovery, CA",
         uid: 65532,
         ports: &[15012, 15014],
+        cmd: &[],
     },
     Product {
         name: "bookinfo",
@@ -75,6 +79,8 @@ const PRODUCTS: &[Product] = &[
         description: "The bookinfo demo app: productpage, details, reviews, ratings",
         uid: 65532,
         ports: &[9080],
+        // The subcommand picks the service; alone it says which there are.
+        cmd: &["--help"],
     },
 ];
 
@@ -160,7 +166,7 @@ pub fn build_products(root: &Path, out: &Path, build: bool) -> anyhow::Result<Ve
             rootfs,
             user: format!("{0}:{0}", product.uid),
             entrypoint: vec![format!("/usr/local/bin/{}", product.binary)],
-            cmd: vec![],
+            cmd: product.cmd.iter().map(|a| a.to_string()).collect(),
             ports: product.ports.to_vec(),
             labels: labels(product.name, product.description),
         };
@@ -228,12 +234,18 @@ pub fn harness_images(layout: &Layout) -> anyhow::Result<()> {
     }
     let busybox = layout.images.join("busybox.tar");
     if !busybox.is_file() {
-        crate::cluster::sh::run(Command::new("apt-get").current_dir(work.path()).args([
-            "download",
-            "-qq",
-            "busybox-static",
-        ]))
-        .context("cannot download Debian's busybox-static")?;
+        let download = || {
+            crate::cluster::sh::run(Command::new("apt-get").current_dir(work.path()).args([
+                "download",
+                "-qq",
+                "busybox-static",
+            ]))
+        };
+        if download().is_err() {
+            // The package lists may be stale or missing on a new machine.
+            crate::cluster::sh::run(Command::new("apt-get").args(["update", "-qq"]))?;
+            download().context("cannot download Debian's busybox-static")?;
+        }
         let deb = std::fs::read_dir(work.path())?
             .flatten()
             .map(|e| e.path())

@@ -13,9 +13,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cli;
 pub mod details;
 pub mod http;
-pub mod mesh;
 pub mod productpage;
 pub mod ratings;
 pub mod reviews;

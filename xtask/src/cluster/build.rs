@@ -45,6 +45,7 @@ const RUN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "/usr/sbin/iptables"),
     ("iproute2", "/usr/bin/ip"),
     ("conntrack", "/usr/sbin/conntrack"),
+    ("curl", "/usr/bin/curl"),
     ("gcc", "/usr/bin/gcc"),
     ("libc6-dev", "/usr/lib/x86_64-linux-gnu/libc.a"),
 ];

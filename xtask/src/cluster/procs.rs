@@ -182,3 +182,52 @@ pub fn strays(marks: &[String]) -> Vec<(u32, String)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(dir: &std::path::Path) -> Layout {
+        Layout {
+            k8s: dir.join("k8s"),
+            bin: dir.join("k8s/bin"),
+            images: dir.join("images"),
+            state: dir.join("state"),
+            run: dir.join("run"),
+        }
+    }
+
+    #[test]
+    fn a_daemon_that_dies_while_waited_for_fails_with_the_end_of_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout(dir.path());
+        let daemon = Daemon::new(&layout, "etcd");
+        daemon
+            .start(Command::new("sh").args([
+                "-c",
+                "echo starting; echo 'fatal: no space left' >&2; exit 3",
+            ]))
+            .unwrap();
+        let err = daemon
+            .wait("/health", Duration::from_secs(10), || false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("etcd is not running"), "{err}");
+        assert!(err.contains("fatal: no space left"), "{err}");
+    }
+
+    #[test]
+    fn a_daemon_is_stopped_by_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = layout(dir.path());
+        let daemon = Daemon::new(&layout, "kubelet");
+        daemon.start(Command::new("sleep").arg("60")).unwrap();
+        let pid = daemon.pid().expect("it runs");
+        // Starting it again while it runs is a no-op.
+        daemon.start(Command::new("sleep").arg("60")).unwrap();
+        assert_eq!(daemon.pid(), Some(pid));
+        daemon.stop(Duration::from_secs(5));
+        assert!(!alive(pid));
+        assert_eq!(daemon.pid(), None);
+    }
+}

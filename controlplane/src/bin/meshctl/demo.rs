@@ -3,7 +3,7 @@
 //! (no-root) mode.
 //!
 //! It writes the mesh as Kubernetes YAML into `<dir>/mesh/` (from
-//! `bookinfo::mesh::mesh_objects`) and each proxy's bootstrap (listeners
+//! `controlplane::meshctl::bookinfo::mesh_objects`) and each proxy's bootstrap (listeners
 //! and its local app) into `<dir>/proxies/`, then starts
 //! `trellis-controlplane` over `<dir>/mesh/`, the six apps and six proxies
 //! fed by the control plane, waits until all are ready and prints the
@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bookinfo::mesh::{self, Sidecar, Workload};
 use controlplane::discovery::SyncState;
+use controlplane::meshctl::bookinfo::{self as mesh, Sidecar, Workload};
 use tokio::process::Command;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 

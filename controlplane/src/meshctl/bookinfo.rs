@@ -4,7 +4,7 @@
 //! - fed by the control plane (`meshctl demo`): [`mesh_objects`] are the
 //!   Kubernetes objects of the mesh for `trellis-controlplane --config-dir`,
 //!   and [`bootstrap`] is each proxy's own part (listeners, the local app);
-//! - static (`tests/mesh.rs`): [`local_configs`] are complete proxy
+//! - static (`tests/bookinfo_mesh.rs`): [`local_configs`] are complete proxy
 //!   configs, for proxies run without a control plane.
 //!
 //! Both come from the same workload table and routes, so they cannot
@@ -37,7 +37,7 @@ use mesh_api::{
     RouteRule, Service, ServicePort,
 };
 
-use crate::reviews::{RATINGS_UNAVAILABLE, StarColor};
+use bookinfo::reviews::{RATINGS_UNAVAILABLE, StarColor};
 
 /// The port clients use for every mesh service (`http://details:9080`).
 pub const MESH_PORT: u16 = 9080;

@@ -1,5 +1,5 @@
-//! The real `bookinfo` binary, one process per workload, each behind a
-//! Trellis proxy run in-process, wired by `bookinfo::mesh::local_configs`:
+//! Bookinfo's services, started from the command line the `bookinfo`
+//! binary takes, each behind a Trellis proxy run in-process, wired by `controlplane::meshctl::bookinfo::local_configs`:
 //! the same builder `cargo xtask demo` uses. Fetches the product page
 //! through productpage's inbound proxy and checks the page, that every
 //! reviews version answers, and the proxies' request metrics.
@@ -11,15 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bookinfo::mesh::{self, Sidecar, Workload};
+use bookinfo::cli::Cli;
+use clap::Parser;
+
+use controlplane::meshctl::bookinfo::{self as mesh, Sidecar, Workload};
 use proxy::settings::Settings;
 use proxy::testutil::{get, h1_client, sample, scrape};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 
 /// Product pages to fetch. With the 80/10/10 split, the chance that v2 or v3
 /// never answers is 2 × 0.9^150 ≈ 3e-7, so the reachability check does not
@@ -57,7 +56,7 @@ async fn productpage_reaches_every_reviews_version_through_the_mesh() {
         proxies.push(proxy::start(Settings::for_tests(), config).await.unwrap());
     }
 
-    // 2. The apps, as child processes calling out through their proxies.
+    // 2. The apps, calling out through their proxies.
     let mut apps = Vec::new();
     let mut sidecars = Vec::new();
     for (workload, proxy) in mesh::WORKLOADS.into_iter().zip(&proxies) {
@@ -187,98 +186,31 @@ async fn productpage_reaches_every_reviews_version_through_the_mesh() {
     drop(apps);
 }
 
-/// A `bookinfo` child process, killed when dropped. Its output is kept and
-/// printed if the test fails.
+/// A bookinfo service run in-process from the same command line the
+/// binary takes (`bookinfo::cli`), on a free port; stopped when dropped.
 struct App {
-    workload: Workload,
     addr: SocketAddr,
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl App {
-    /// Starts `workload` on a free port and waits until it listens.
+    /// Starts `workload`, calling out through `outbound`.
     async fn start(workload: Workload, outbound: SocketAddr) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bookinfo"))
-            .args(workload.app_args(ANY_PORT, outbound))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .env_remove("HTTP_PROXY")
-            .env_remove("http_proxy")
-            .env_remove("NO_PROXY")
-            .env_remove("no_proxy")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
+        let args =
+            std::iter::once("bookinfo".to_owned()).chain(workload.app_args(ANY_PORT, outbound));
+        let (_, config, _) = Cli::try_parse_from(args)
+            .unwrap_or_else(|e| panic!("{}: {e}", workload.name))
+            .into_parts()
             .unwrap();
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        // Drain both pipes for the whole run: a full pipe would block the
-        // app's logging and so the app.
-        collect(child.stdout.take().unwrap(), output.clone(), Some(tx));
-        collect(child.stderr.take().unwrap(), output.clone(), None);
-        let mut app = Self {
-            workload,
-            addr: ANY_PORT,
-            child,
-            output,
-        };
-        let addr = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
-        match addr {
-            Ok(Some(addr)) => app.addr = addr,
-            _ => panic!("{} did not log its listening address", workload.name),
-        }
-        app
+        let listener = tokio::net::TcpListener::bind(ANY_PORT).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(bookinfo::serve(config, listener));
+        Self { addr, task }
     }
 }
 
 impl Drop for App {
     fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        if std::thread::panicking() {
-            let output = self.output.lock().unwrap_or_else(|e| e.into_inner());
-            eprintln!(
-                "--- {} ({}) output ---\n{}",
-                self.workload.name,
-                self.addr,
-                output.join("\n")
-            );
-        }
+        self.task.abort();
     }
-}
-
-/// Keeps the lines of `pipe` in `output`; sends the app's address on
-/// `listening` when it logs it.
-fn collect(
-    pipe: impl AsyncRead + Unpin + Send + 'static,
-    output: Arc<Mutex<Vec<String>>>,
-    mut listening: Option<tokio::sync::mpsc::UnboundedSender<SocketAddr>>,
-) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(addr) = listening_addr(&line)
-                && let Some(tx) = listening.take()
-            {
-                let _ = tx.send(addr);
-            }
-            output.lock().unwrap().push(line);
-        }
-    });
-}
-
-/// The address in bookinfo's startup line, `... listening addr=127.0.0.1:PORT
-/// config=...`. Read leniently, so colors around the field name do not
-/// matter.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(" listening ")?..];
-    let rest = &rest[rest.find("127.0.0.1:")?..];
-    let end = rest
-        .char_indices()
-        .skip("127.0.0.1:".len())
-        .find(|(_, c)| !c.is_ascii_digit())
-        .map_or(rest.len(), |(i, _)| i);
-    rest[..end].parse().ok()
 }
