@@ -262,9 +262,8 @@ pub fn up(layout: &Layout) -> anyhow::Result<PathBuf> {
             Ok(layout.kubeconfig())
         }
         Err(err) => {
-            eprintln!("cluster: up failed: {err:#}");
             eprintln!(
-                "cluster: bringing down what started (logs stay in {})",
+                "cluster: up failed; bringing down what started (logs stay in {})",
                 layout.state.join("logs").display()
             );
             if let Err(down_err) = down(layout) {
