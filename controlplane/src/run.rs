@@ -27,6 +27,7 @@ use crate::index::Index;
 use crate::serving::{self, ServingCert};
 use crate::settings::{Settings, SettingsError};
 use crate::source::DirSource;
+use crate::source::kubernetes::{self, KubeError, Readiness};
 
 /// The pause after each read of the directory: events meanwhile make one
 /// more read, so a burst of writes is read at most once per pause.
@@ -71,15 +72,18 @@ pub enum StartError {
     /// The bootstrap tokens file is unusable.
     #[error(transparent)]
     Tokens(#[from] TokensError),
+    /// The Kubernetes source could not start.
+    #[error(transparent)]
+    Kubernetes(#[from] KubeError),
 }
 
 /// Opens the CA, binds the servers, reads the config directory once, and
 /// serves until the process ends.
 pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
-    if !settings.config_dir.is_dir() {
-        return Err(StartError::NotADirectory(
-            settings.config_dir.display().to_string(),
-        ));
+    if let Some(dir) = &settings.config_dir
+        && !dir.is_dir()
+    {
+        return Err(StartError::NotADirectory(dir.display().to_string()));
     }
     let ca = Arc::new(open_ca(settings)?);
     let serving = ServingCert::new(ca.clone(), settings.discovery_names.clone())
@@ -106,10 +110,18 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     index.set_trust_domain(ca.trust_domain());
     let _ = index.set_trust_bundle(ca.trust_bundle_pem());
     let server = Server::new(index, config);
-    let mut source = DirSource::new(&settings.config_dir);
-    report(&server.update(|index| source.scan(index)));
-
-    tokio::spawn(watch(source, server.clone()));
+    let readiness = match &settings.config_dir {
+        Some(dir) => {
+            let mut source = DirSource::new(dir);
+            report(&server.update(|index| source.scan(index)));
+            tokio::spawn(watch(source, server.clone()));
+            None
+        }
+        None => {
+            let client = kubernetes::client().await?;
+            Some(kubernetes::start(client, server.clone()).await?)
+        }
+    };
     let identity = IdentityService::new(ca.clone(), authenticator);
     // Discovery and identity share the port: a proxy dials one address.
     let grpc = tonic::transport::Server::builder()
@@ -134,9 +146,14 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
         recorder,
         ca.clone(),
         issuances,
+        readiness,
     ));
     tokio::spawn(refresh_trust_bundle(server.clone(), ca.clone()));
-    info!(%discovery_addr, %admin_addr, dir = %settings.config_dir.display(),
+    let source = match &settings.config_dir {
+        Some(dir) => format!("directory {}", dir.display()),
+        None => "the Kubernetes API".to_owned(),
+    };
+    info!(%discovery_addr, %admin_addr, %source,
           trust_domain = %ca.trust_domain(), plaintext_discovery = plaintext,
           "control plane serving");
     Ok(ControlPlane {
@@ -312,6 +329,7 @@ async fn admin(
     recorder: PrometheusHandle,
     ca: Arc<Ca>,
     issuances: Arc<crate::identity::Issuances>,
+    readiness: Option<Readiness>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -320,16 +338,27 @@ async fn admin(
         };
         let (server, recorder, ca) = (server.clone(), recorder.clone(), ca.clone());
         let issuances = issuances.clone();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp =
-                    if req.method() == hyper::Method::POST && req.uri().path() == "/ca/rotate" {
-                        rotate(&server, &ca, req.uri().query())
-                    } else if req.uri().path() == "/debug/identities" {
-                        identities(&ca, &issuances)
+                let resp = if req.uri().path() == "/healthz/ready" {
+                    // The file source reads its directory before serving.
+                    if readiness.as_ref().is_none_or(Readiness::ready) {
+                        reply(StatusCode::OK, "text/plain", "ready\n")
                     } else {
-                        route(&server, &recorder, &req)
-                    };
+                        reply(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "not ready: a Kubernetes watcher has not listed its kind yet\n",
+                        )
+                    }
+                } else if req.method() == hyper::Method::POST && req.uri().path() == "/ca/rotate" {
+                    rotate(&server, &ca, req.uri().query())
+                } else if req.uri().path() == "/debug/identities" {
+                    identities(&ca, &issuances)
+                } else {
+                    route(&server, &recorder, &req)
+                };
                 std::future::ready(Ok::<_, Infallible>(resp))
             });
             let _ = hyper::server::conn::http1::Builder::new()

@@ -27,8 +27,18 @@ pub const DEFAULT_CA_DIR_SUFFIX: &str = "-ca";
 pub struct Settings {
     /// Directory of Kubernetes YAML (Services, EndpointSlices, HTTPRoutes,
     /// trellis.dev policies): the file source. It is watched.
-    #[arg(long, env = "TRELLIS_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    #[arg(
+        long,
+        env = "TRELLIS_CONFIG_DIR",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pub config_dir: Option<PathBuf>,
+    /// Read the mesh from the Kubernetes API instead of a directory: the
+    /// in-cluster service account, or the kubeconfig in KUBECONFIG
+    /// (`~/.kube/config`).
+    #[arg(long, env = "TRELLIS_KUBERNETES")]
+    pub kubernetes: bool,
     /// Discovery server address (gRPC).
     #[arg(long, env = "TRELLIS_DISCOVERY_ADDR", default_value = DEFAULT_DISCOVERY_ADDR)]
     pub discovery_addr: SocketAddr,
@@ -95,7 +105,8 @@ impl Settings {
     pub fn for_tests(config_dir: PathBuf) -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
-            config_dir,
+            config_dir: Some(config_dir),
+            kubernetes: false,
             discovery_addr: any,
             admin_addr: any,
             push_interval: Duration::from_millis(100),
@@ -120,13 +131,15 @@ impl Settings {
         if let Some(dir) = &self.ca_dir {
             return Ok(dir.clone());
         }
+        let Some(dir) = &self.config_dir else {
+            return Err(SettingsError::NoDefaultCaDir(
+                "(none: --kubernetes)".to_owned(),
+            ));
+        };
         // `.` and `..` have no name of their own: name the real directory.
-        let config_dir = match self.config_dir.file_name() {
-            Some(_) => self.config_dir.clone(),
-            None => self
-                .config_dir
-                .canonicalize()
-                .unwrap_or_else(|_| self.config_dir.clone()),
+        let config_dir = match dir.file_name() {
+            Some(_) => dir.clone(),
+            None => dir.canonicalize().unwrap_or_else(|_| dir.clone()),
         };
         match config_dir.file_name() {
             Some(name) => {
@@ -134,9 +147,7 @@ impl Settings {
                 name.push(DEFAULT_CA_DIR_SUFFIX);
                 Ok(config_dir.with_file_name(name))
             }
-            None => Err(SettingsError::NoDefaultCaDir(
-                self.config_dir.display().to_string(),
-            )),
+            None => Err(SettingsError::NoDefaultCaDir(dir.display().to_string())),
         }
     }
 
@@ -222,12 +233,12 @@ mod tests {
         );
 
         let trailing = Settings {
-            config_dir: "/srv/mesh/".into(),
+            config_dir: Some("/srv/mesh/".into()),
             ..settings.clone()
         };
         assert_eq!(trailing.ca_dir().unwrap(), PathBuf::from("/srv/mesh-ca"));
         let root = Settings {
-            config_dir: "/".into(),
+            config_dir: Some("/".into()),
             ..settings
         };
         assert!(root.ca_dir().unwrap_err().to_string().contains("--ca-dir"));
