@@ -28,7 +28,7 @@ use anyhow::{Context, bail};
 use crate::images;
 use net::{API_PORT, NODE_IP, Snapshot};
 use pki::Pki;
-use procs::Daemon;
+use procs::{Daemon, wait_all};
 
 /// The Kubernetes version the harness builds and runs.
 pub const K8S_VERSION: &str = "1.20.2";
@@ -484,35 +484,6 @@ fn start(layout: &Layout, before: &Snapshot) -> anyhow::Result<()> {
         },
     )?;
     Ok(())
-}
-
-/// Polls `ready`, failing (with its log) as soon as any daemon dies.
-fn wait_all(
-    daemons: &[Daemon],
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if ready() {
-            return Ok(());
-        }
-        for d in daemons {
-            d.check()?;
-        }
-        if Instant::now() > deadline {
-            let logs: Vec<String> = daemons
-                .iter()
-                .map(|d| d.log().display().to_string())
-                .collect();
-            bail!(
-                "timed out after {timeout:?} waiting until {what}; the logs: {}",
-                logs.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
 }
 
 fn node_ready(layout: &Layout) -> bool {

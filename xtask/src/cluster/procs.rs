@@ -88,23 +88,9 @@ impl<'a> Daemon<'a> {
         &self,
         what: &str,
         timeout: Duration,
-        mut ready: impl FnMut() -> bool,
+        ready: impl FnMut() -> bool,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if ready() {
-                return Ok(());
-            }
-            self.check()?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not become ready ({what}) within {timeout:?}{}",
-                    self.name,
-                    sh::log_tail(&self.log())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_all(std::slice::from_ref(self), what, timeout, ready)
     }
 
     /// SIGTERM, then SIGKILL after `grace`; forgets the PID.
@@ -113,6 +99,47 @@ impl<'a> Daemon<'a> {
             terminate(pid, grace);
         }
         let _ = std::fs::remove_file(self.pid_file());
+    }
+}
+
+/// Polls `ready` every 200 ms until it holds. Fails as soon as one of
+/// `daemons` is not running, with the end of its log, or when `timeout`
+/// passes, with the end of the log of a lone daemon (else where the logs
+/// are).
+pub fn wait_all(
+    daemons: &[Daemon],
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        for daemon in daemons {
+            daemon.check()?;
+        }
+        if Instant::now() > deadline {
+            match daemons {
+                [daemon] => bail!(
+                    "{} did not become ready ({what}) within {timeout:?}{}",
+                    daemon.name,
+                    sh::log_tail(&daemon.log())
+                ),
+                _ => {
+                    let logs: Vec<String> = daemons
+                        .iter()
+                        .map(|d| d.log().display().to_string())
+                        .collect();
+                    bail!(
+                        "timed out after {timeout:?} waiting until {what}; the logs: {}",
+                        logs.join(" ")
+                    )
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
