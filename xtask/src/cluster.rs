@@ -152,7 +152,7 @@ impl Layout {
         self.state.join("before-up.json")
     }
 
-    /// A binary of the cluster: ours in the cache, or Debian's.
+    /// One of the Kubernetes binaries built into the cache.
     fn k8s(&self, name: &str) -> Command {
         Command::new(self.bin.join(name))
     }
@@ -499,33 +499,16 @@ fn node_ready(layout: &Layout) -> bool {
 
 /// Server-side apply of YAML as the cluster admin.
 fn apply(layout: &Layout, yaml: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = layout
-        .kubectl()
-        .args([
+    sh::run_with_input(
+        layout.kubectl().args([
             "apply",
             "--server-side",
             "--field-manager=trellis-cluster",
             "-f",
             "-",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(yaml.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+        ]),
+        yaml,
+    )
 }
 
 /// A GET with curl; the body when the answer is 2xx.

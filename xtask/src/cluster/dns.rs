@@ -38,7 +38,8 @@ pub struct Args {
     listen: SocketAddr,
 }
 
-/// `namespace/name` → the addresses a name resolves to.
+/// The Services and Endpoints the answers come from, shared by the
+/// watchers and the listeners.
 type Zone = Arc<RwLock<Records>>;
 
 #[derive(Default)]

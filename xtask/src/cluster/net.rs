@@ -367,26 +367,8 @@ fn iptables_undo(table: &str, now: &BTreeSet<String>, then: &BTreeSet<String>) -
 }
 
 fn restore_iptables(bin: &str, script: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut child = Command::new(bin)
-        .args(["-w", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {bin}"))?;
-    child
-        .stdin
-        .take()
-        .context("no stdin")?
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{bin} failed: {} (script:\n{script})",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    sh::run_with_input(Command::new(bin).args(["-w", "--noflush"]), script)
+        .with_context(|| format!("the script was:\n{script}"))
 }
 
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {

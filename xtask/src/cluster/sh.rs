@@ -32,6 +32,33 @@ pub fn output(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `cmd` with `input` on its stdin; on failure the error quotes
+/// its stderr.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    child
+        .stdin
+        .take()
+        .context("the child's stdin is not piped")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `cmd` and tells whether it succeeded, ignoring its output: for
 /// clean-up steps whose target may already be gone.
 pub fn try_run(cmd: &mut Command) -> bool {
