@@ -20,9 +20,11 @@
 //! which the tests use; the plain forms read the system clock.
 
 mod auth;
+mod secret;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tokenreview;
 
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,10 +42,12 @@ use x509_parser::prelude::FromDer;
 pub use auth::{
     AuthFuture, Authenticator, BootstrapTokens, NoAuthenticator, TokensError, bearer_token,
 };
+pub use secret::{DEFAULT_CA_SECRET, MANAGED_BY_LABEL, SecretKeyStore};
 pub use store::{
     FileKeyStore, MemoryKeyStore, PREVIOUS_ROOTS_FILE, PreviousRoot, ROOT_CERT_FILE, ROOT_KEY_FILE,
     RootMaterial, StoreError,
 };
+pub use tokenreview::{DEFAULT_TOKEN_AUDIENCE, TokenReviewAuthenticator, identity_of};
 
 /// The trust domain when none is configured.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -244,6 +248,12 @@ pub trait KeyStore: Send + Sync {
     fn load(&self) -> Result<Option<RootMaterial>, StoreError>;
     /// Replaces the stored roots.
     fn store(&self, material: &RootMaterial) -> Result<(), StoreError>;
+    /// Stores `material` if nothing is stored yet. When another writer
+    /// stored roots first (another replica starting at the same time),
+    /// returns theirs and stores nothing.
+    fn create(&self, material: &RootMaterial) -> Result<Option<RootMaterial>, StoreError> {
+        self.store(material).map(|()| None)
+    }
     /// Where the roots are kept, for logs and errors.
     fn describe(&self) -> String;
 }
@@ -408,15 +418,28 @@ impl Ca {
                     signer,
                     previous: Vec::new(),
                 };
-                store.store(&roots.material())?;
-                info!(
-                    store = %store.describe(),
-                    root = %roots.signer.info.subject,
-                    serial = %roots.signer.info.serial,
-                    expires = %humantime::format_rfc3339_seconds(roots.signer.info.not_after),
-                    "CA root created"
-                );
-                roots
+                match store.create(&roots.material())? {
+                    None => {
+                        info!(
+                            store = %store.describe(),
+                            root = %roots.signer.info.subject,
+                            serial = %roots.signer.info.serial,
+                            expires = %humantime::format_rfc3339_seconds(roots.signer.info.not_after),
+                            "CA root created"
+                        );
+                        roots
+                    }
+                    Some(theirs) => {
+                        let roots = Roots::from_material(theirs, now, &store.describe())?;
+                        info!(
+                            store = %store.describe(),
+                            root = %roots.signer.info.subject,
+                            serial = %roots.signer.info.serial,
+                            "another replica created the CA root first; using it"
+                        );
+                        roots
+                    }
+                }
             }
         };
         Ok(Self {

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod discovery;
 pub mod identity;
 pub mod index;
+pub mod install;
 pub mod meshctl;
 pub mod run;
 pub mod serving;

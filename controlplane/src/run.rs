@@ -19,13 +19,13 @@ use tracing::{info, warn};
 
 use crate::ca::{
     Authenticator, BootstrapTokens, Ca, CaError, FileKeyStore, KeyStore, MemoryKeyStore,
-    NoAuthenticator, TokensError,
+    NoAuthenticator, SecretKeyStore, TokenReviewAuthenticator, TokensError,
 };
 use crate::discovery::{self, Server};
 use crate::identity::IdentityService;
 use crate::index::Index;
 use crate::serving::{self, ServingCert};
-use crate::settings::{Settings, SettingsError};
+use crate::settings::{CaStore, Settings, SettingsError};
 use crate::source::DirSource;
 use crate::source::kubernetes::{self, KubeError, Readiness};
 
@@ -85,10 +85,14 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     {
         return Err(StartError::NotADirectory(dir.display().to_string()));
     }
-    let ca = Arc::new(open_ca(settings)?);
+    let client = match settings.kubernetes {
+        true => Some(kubernetes::client().await?),
+        false => None,
+    };
+    let ca = Arc::new(open_ca(settings, client.as_ref())?);
     let serving = ServingCert::new(ca.clone(), settings.discovery_names.clone())
         .map_err(|e| SettingsError::Invalid("--discovery-names", e.to_string()))?;
-    let authenticator = authenticator(settings)?;
+    let authenticator = authenticator(settings, client.as_ref())?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -110,17 +114,21 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     index.set_trust_domain(ca.trust_domain());
     let _ = index.set_trust_bundle(ca.trust_bundle_pem());
     let server = Server::new(index, config);
-    let readiness = match &settings.config_dir {
-        Some(dir) => {
+    let readiness = match (&settings.config_dir, client) {
+        (Some(dir), _) => {
             let mut source = DirSource::new(dir);
             report(&server.update(|index| source.scan(index)));
             tokio::spawn(watch(source, server.clone()));
             None
         }
-        None => {
-            let client = kubernetes::client().await?;
+        (None, Some(client)) => {
+            tokio::spawn(kubernetes::publish_trust_bundle(
+                client.clone(),
+                server.clone(),
+            ));
             Some(kubernetes::start(client, server.clone()).await?)
         }
+        (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
     };
     let identity = IdentityService::new(ca.clone(), authenticator);
     // Discovery and identity share the port: a proxy dials one address.
@@ -165,12 +173,15 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
 }
 
 /// The CA on the key store the settings choose.
-fn open_ca(settings: &Settings) -> Result<Ca, StartError> {
+fn open_ca(settings: &Settings, client: Option<&kube::Client>) -> Result<Ca, StartError> {
     let config = settings.ca_config()?;
-    let store: Box<dyn KeyStore> = if settings.ca_in_memory {
-        Box::new(MemoryKeyStore::default())
-    } else {
-        Box::new(FileKeyStore::new(settings.ca_dir()?))
+    let store: Box<dyn KeyStore> = match (settings.ca_store()?, client) {
+        (CaStore::Memory, _) => Box::new(MemoryKeyStore::default()),
+        (CaStore::Dir(dir), _) => Box::new(FileKeyStore::new(dir)),
+        (CaStore::Secret(namespace, name), Some(client)) => {
+            Box::new(SecretKeyStore::new(client.clone(), &namespace, &name).map_err(CaError::from)?)
+        }
+        (CaStore::Secret(..), None) => unreachable!("a Secret store comes with --kubernetes"),
     };
     info!(
         trust_domain = %config.trust_domain,
@@ -182,9 +193,19 @@ fn open_ca(settings: &Settings) -> Result<Ca, StartError> {
     Ok(Ca::open(config, store)?)
 }
 
-/// The bootstrap tokens, or without them an authenticator that refuses
-/// everyone.
-fn authenticator(settings: &Settings) -> Result<Arc<dyn Authenticator>, StartError> {
+/// The bootstrap tokens, else on Kubernetes TokenReviews, else an
+/// authenticator that refuses everyone.
+fn authenticator(
+    settings: &Settings,
+    client: Option<&kube::Client>,
+) -> Result<Arc<dyn Authenticator>, StartError> {
+    if let (None, Some(client)) = (&settings.bootstrap_tokens, client) {
+        info!(audience = %settings.token_audience, "proving identities with TokenReviews of service-account tokens");
+        return Ok(Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            settings.token_audience.clone(),
+        )));
+    }
     let Some(path) = &settings.bootstrap_tokens else {
         warn!(
             "no --bootstrap-tokens: the CA refuses every Sign call; pass a tokens file to let proxies get certificates"
@@ -247,7 +268,12 @@ async fn watch(mut source: DirSource, server: Server) {
         // scan, so a burst costs a scan per DEBOUNCE. A file caught half
         // written keeps its last good objects until that next scan.
         let scan = server.update(|index| source.scan(index));
-        if !scan.changed.services.is_empty() || !scan.file_errors.is_empty() {
+        // A file is re-read only when it changed, so each refusal is
+        // logged once per edit.
+        if !scan.changed.services.is_empty()
+            || !scan.file_errors.is_empty()
+            || !scan.refused.is_empty()
+        {
             report(&scan);
         }
         tokio::time::sleep(DEBOUNCE).await;
@@ -332,7 +358,7 @@ async fn admin(
     readiness: Option<Readiness>,
 ) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -353,7 +379,17 @@ async fn admin(
                         )
                     }
                 } else if req.method() == hyper::Method::POST && req.uri().path() == "/ca/rotate" {
-                    rotate(&server, &ca, req.uri().query())
+                    // The admin port serves probes and metrics to the
+                    // cluster; changing the CA is for the node itself.
+                    if peer.ip().is_loopback() {
+                        rotate(&server, &ca, req.uri().query())
+                    } else {
+                        reply(
+                            StatusCode::FORBIDDEN,
+                            "text/plain",
+                            "POST /ca/rotate is accepted from loopback only: run it in the control plane's pod (kubectl exec, or kubectl port-forward)\n",
+                        )
+                    }
                 } else if req.uri().path() == "/debug/identities" {
                     identities(&ca, &issuances)
                 } else {

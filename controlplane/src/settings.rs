@@ -10,6 +10,8 @@ pub const DEFAULT_DISCOVERY_ADDR: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
 /// Default push interval during bursts of changes.
 pub const DEFAULT_PUSH_INTERVAL: &str = "100ms";
+/// Default namespace of the control plane on Kubernetes.
+pub const DEFAULT_NAMESPACE: &str = "trellis-system";
 /// Default trust domain of workload identities.
 pub const DEFAULT_TRUST_DOMAIN: &str = crate::ca::DEFAULT_TRUST_DOMAIN;
 /// Default lifetime of a workload certificate.
@@ -36,9 +38,26 @@ pub struct Settings {
     pub config_dir: Option<PathBuf>,
     /// Read the mesh from the Kubernetes API instead of a directory: the
     /// in-cluster service account, or the kubeconfig in KUBECONFIG
-    /// (`~/.kube/config`).
+    /// (`~/.kube/config`). The CA then keeps its root in the Secret
+    /// `--ca-secret` (unless `--ca-dir` is given) and proves proxies'
+    /// identities with TokenReviews of their service-account tokens
+    /// (unless `--bootstrap-tokens` is given).
     #[arg(long, env = "TRELLIS_KUBERNETES")]
     pub kubernetes: bool,
+    /// The control plane's own namespace on Kubernetes, where its Secret
+    /// lives (in a pod: from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+    /// The Secret in `--namespace` holding the CA's root on Kubernetes:
+    /// keys `root-cert.pem`, `root-key.pem` and `previous-roots.yaml`.
+    /// Created with a new root if absent; create it first to sign with a
+    /// root of your own.
+    #[arg(long, env = "TRELLIS_CA_SECRET", default_value = crate::ca::DEFAULT_CA_SECRET)]
+    pub ca_secret: String,
+    /// The audience proxies' service-account tokens must be issued for
+    /// (the `audience` of their projected token volume).
+    #[arg(long, env = "TRELLIS_TOKEN_AUDIENCE", default_value = crate::ca::DEFAULT_TOKEN_AUDIENCE)]
+    pub token_audience: String,
     /// Discovery server address (gRPC).
     #[arg(long, env = "TRELLIS_DISCOVERY_ADDR", default_value = DEFAULT_DISCOVERY_ADDR)]
     pub discovery_addr: SocketAddr,
@@ -100,6 +119,17 @@ pub struct Settings {
     pub ca_in_memory: bool,
 }
 
+/// Where the CA keeps its root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaStore {
+    /// Memory only (tests).
+    Memory,
+    /// A directory.
+    Dir(PathBuf),
+    /// A Secret: `(namespace, name)`.
+    Secret(String, String),
+}
+
 impl Settings {
     /// Settings for tests: servers on free loopback ports.
     pub fn for_tests(config_dir: PathBuf) -> Self {
@@ -107,6 +137,9 @@ impl Settings {
         Self {
             config_dir: Some(config_dir),
             kubernetes: false,
+            namespace: DEFAULT_NAMESPACE.into(),
+            ca_secret: crate::ca::DEFAULT_CA_SECRET.into(),
+            token_audience: crate::ca::DEFAULT_TOKEN_AUDIENCE.into(),
             discovery_addr: any,
             admin_addr: any,
             push_interval: Duration::from_millis(100),
@@ -122,6 +155,21 @@ impl Settings {
                 .collect(),
             plaintext_discovery: true,
             ca_in_memory: true,
+        }
+    }
+
+    /// Where the CA keeps its root: memory in tests, `--ca-dir` when
+    /// given, a Secret on Kubernetes, else the default CA directory.
+    pub fn ca_store(&self) -> Result<CaStore, SettingsError> {
+        if self.ca_in_memory {
+            Ok(CaStore::Memory)
+        } else if self.kubernetes && self.ca_dir.is_none() {
+            Ok(CaStore::Secret(
+                self.namespace.clone(),
+                self.ca_secret.clone(),
+            ))
+        } else {
+            self.ca_dir().map(CaStore::Dir)
         }
     }
 
@@ -242,6 +290,24 @@ mod tests {
             ..settings
         };
         assert!(root.ca_dir().unwrap_err().to_string().contains("--ca-dir"));
+    }
+
+    #[test]
+    fn on_kubernetes_the_root_is_in_a_secret_unless_a_directory_is_named() {
+        let parse = |args: &[&str]| {
+            let args = ["trellis-controlplane", "--kubernetes"].iter().chain(args);
+            <Cli as clap::Parser>::try_parse_from(args)
+                .unwrap()
+                .settings
+        };
+        let settings = parse(&["--namespace", "mesh"]);
+        assert_eq!(
+            settings.ca_store().unwrap(),
+            CaStore::Secret("mesh".into(), "trellis-ca".into())
+        );
+        assert_eq!(settings.token_audience, "trellis-ca");
+        let dir = parse(&["--ca-dir", "/var/lib/ca"]);
+        assert_eq!(dir.ca_store().unwrap(), CaStore::Dir("/var/lib/ca".into()));
     }
 
     #[test]

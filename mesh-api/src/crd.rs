@@ -385,13 +385,89 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     ]
 }
 
+/// The Gateway API version whose types the Gateway CRDs below come from
+/// (the `gateway-api` crate's), recorded on them as upstream does.
+pub const GATEWAY_API_BUNDLE_VERSION: &str = "v1.5.1";
+
+/// The API review that approved the Gateway API group, as upstream's CRDs
+/// name it.
+const GATEWAY_API_APPROVAL: &str = "https://github.com/kubernetes-sigs/gateway-api/pull/1538";
+
+/// The Gateway API CRDs the mesh reads (HTTPRoute and GRPCRoute, the GAMMA
+/// route kinds), from the `gateway-api` crate's types rather than the
+/// upstream YAML: upstream's standard channel validates with CEL
+/// (`x-kubernetes-validations`), which servers before 1.25 do not run, so
+/// on them it would install a CRD that silently checks less than it says.
+/// These carry the same structural schemas; the mesh checks the rest
+/// itself (and reports what it refuses).
+pub fn gateway_crds() -> Vec<CustomResourceDefinition> {
+    use gateway_api::apis::standard::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+    let mut crds = vec![HttpRoute::crd(), GrpcRoute::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                drop_null_enum_values(schema);
+            }
+        }
+        crd.metadata.annotations = Some(BTreeMap::from([
+            (
+                // `*.k8s.io` groups are protected: the API server wants
+                // the approved API review, which upstream names.
+                "api-approved.kubernetes.io".to_owned(),
+                GATEWAY_API_APPROVAL.to_owned(),
+            ),
+            (
+                "gateway.networking.k8s.io/bundle-version".to_owned(),
+                GATEWAY_API_BUNDLE_VERSION.to_owned(),
+            ),
+            (
+                "gateway.networking.k8s.io/channel".to_owned(),
+                "standard".to_owned(),
+            ),
+        ]));
+    }
+    crds
+}
+
+/// Removes `null` from every `enum` under `schema`. The generated types
+/// list it for optional enums (`nullable` already allows it), and an API
+/// server before 1.25 cannot compare such a schema with itself, so it
+/// refuses the CRD ("per-version schemas may not all be set to identical
+/// values").
+fn drop_null_enum_values(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaPropsOrArray;
+    if let Some(values) = &mut schema.enum_ {
+        values.retain(|v| !v.0.is_null());
+    }
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        drop_null_enum_values(child);
+    }
+    match &mut schema.items {
+        Some(JSONSchemaPropsOrArray::Schema(item)) => drop_null_enum_values(item),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => {
+            items.iter_mut().for_each(drop_null_enum_values)
+        }
+        None => {}
+    }
+    for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of] {
+        list.iter_mut().flatten().for_each(drop_null_enum_values);
+    }
+}
+
 /// The CRD manifests that `cargo xtask codegen` writes to `deploy/crds/`:
 /// `(file name, YAML text)` pairs, the file named
-/// `<plural>.trellis.dev.yaml` and the text starting with
-/// [`MANIFEST_HEADER`].
+/// `<plural>.<group>.yaml` and the text starting with
+/// [`MANIFEST_HEADER`]. The Trellis CRDs and [`gateway_crds`].
 pub fn manifests() -> Result<Vec<(String, String)>, serde_yaml::Error> {
     crds()
         .iter()
+        .chain(&gateway_crds())
         .map(|crd| {
             let file_name = format!("{}.{}.yaml", crd.spec.names.plural, crd.spec.group);
             let yaml = serde_yaml::to_string(crd)?;

@@ -60,6 +60,19 @@ pub struct ParseError {
     pub reason: String,
 }
 
+/// The name of the proxy container in a meshed pod: a pod with a
+/// container (or, for native sidecars, an init container) of this name has
+/// a Trellis sidecar.
+pub const PROXY_CONTAINER: &str = "trellis-proxy";
+
+/// The ConfigMap the control plane publishes in every namespace with
+/// meshed pods: the mesh's trust bundle, which proxies mount to verify the
+/// control plane.
+pub const TRUST_BUNDLE_CONFIGMAP: &str = "trellis-ca-root";
+
+/// The key of [`TRUST_BUNDLE_CONFIGMAP`] holding the roots, PEM.
+pub const TRUST_BUNDLE_KEY: &str = "root-cert.pem";
+
 /// The `(apiVersion, kind)` pairs that [`parse_documents`] reads.
 pub const KINDS: [(&str, &str); 10] = [
     ("v1", "Service"),

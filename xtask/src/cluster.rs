@@ -32,6 +32,9 @@ use procs::{Daemon, wait_all};
 
 /// The Kubernetes version the harness builds and runs.
 pub const K8S_VERSION: &str = "1.20.2";
+/// The revision of our build of it: bumped when the build changes, so
+/// that a cached build from before is rebuilt (and removed).
+pub const BUILD_REVISION: &str = "b2";
 /// How long each daemon may take to serve once started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the node may take to turn Ready after the kubelet started.
@@ -85,7 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Where the harness keeps things.
 pub struct Layout {
-    /// Kubernetes' build: `<cache>/k8s-1.20.2`.
+    /// Kubernetes' build: `<cache>/k8s-1.20.2-b2`.
     pub k8s: PathBuf,
     /// The built binaries.
     pub bin: PathBuf,
@@ -110,7 +113,7 @@ impl Layout {
         let state = std::env::var_os("TRELLIS_CLUSTER_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/lib/trellis-cluster"));
-        let k8s = cache.join(format!("k8s-{K8S_VERSION}"));
+        let k8s = cache.join(format!("k8s-{K8S_VERSION}-{BUILD_REVISION}"));
         Ok(Self {
             bin: k8s.join("bin"),
             k8s,

@@ -14,16 +14,21 @@ pub fn run() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask's manifest directory has no parent")?;
-    crds(&root.join("deploy/crds"))
+    let crds = mesh_api::crd::manifests().context("rendering the CRDs as YAML")?;
+    write_dir(&root.join("deploy/crds"), &crds)?;
+    let install =
+        controlplane::install::manifests().context("rendering the install manifests as YAML")?;
+    write_dir(&root.join("deploy/install"), &install)
 }
 
-/// Writes `mesh_api::crd::manifests()` to `dir`, and removes YAML files
-/// there that no CRD produces any more.
-fn crds(dir: &Path) -> anyhow::Result<()> {
-    let manifests = mesh_api::crd::manifests().context("rendering the CRDs as YAML")?;
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for (name, yaml) in &manifests {
+/// Writes `manifests` (relative path, text) under `dir`, and removes YAML
+/// files there that none of them is any more.
+fn write_dir(dir: &Path, manifests: &[(String, String)]) -> anyhow::Result<()> {
+    for (name, yaml) in manifests {
         let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
         // Unchanged files keep their modification time.
         if fs::read_to_string(&path).ok().as_deref() == Some(yaml.as_str()) {
             continue;
@@ -31,15 +36,22 @@ fn crds(dir: &Path) -> anyhow::Result<()> {
         fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        let stale = path.extension().is_some_and(|e| e == "yaml")
-            && !manifests
-                .iter()
-                .any(|(name, _)| path.file_name().is_some_and(|f| f == name.as_str()));
-        if stale {
-            fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-            println!("removed stale {}", path.display());
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(current) = dirs.pop() {
+        let entries =
+            fs::read_dir(&current).with_context(|| format!("reading {}", current.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let stale = path.extension().is_some_and(|e| e == "yaml")
+                && !manifests.iter().any(|(name, _)| dir.join(name) == path);
+            if stale {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                println!("removed stale {}", path.display());
+            }
         }
     }
     Ok(())

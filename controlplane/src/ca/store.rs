@@ -1,6 +1,6 @@
 //! Where the CA keeps its roots: a directory of PEM files in local mode,
-//! or memory in tests. (A Kubernetes Secret comes with the Kubernetes
-//! install, behind the same [`KeyStore`] trait.)
+//! or memory in tests. (On Kubernetes, a Secret:
+//! [`SecretKeyStore`](super::SecretKeyStore).)
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -87,6 +87,14 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
         /// What is wrong, with its line.
+        reason: String,
+    },
+    /// The Kubernetes Secret could not be read or written, or is unusable.
+    #[error("the CA's Secret {secret}: {reason}")]
+    Kubernetes {
+        /// `namespace/name`.
+        secret: String,
+        /// What is wrong.
         reason: String,
     },
 }
@@ -245,13 +253,11 @@ impl KeyStore for FileKeyStore {
         // Leftovers of an interrupted store must not be committed with
         // this one.
         self.recover()?;
-        let previous = serde_yaml::to_string(&PreviousRoots {
-            previous_roots: material.previous.clone(),
-        })
-        .map_err(|e| StoreError::Previous {
-            path: self.path(PREVIOUS_ROOTS_FILE),
-            reason: e.to_string(),
-        })?;
+        let previous =
+            format_previous(&material.previous).map_err(|reason| StoreError::Previous {
+                path: self.path(PREVIOUS_ROOTS_FILE),
+                reason,
+            })?;
         self.write_new(PREVIOUS_ROOTS_FILE, 0o644, &previous)?;
         self.write_new(ROOT_KEY_FILE, 0o600, &material.key_pem)?;
         self.write_new(ROOT_CERT_FILE, 0o644, &material.cert_pem)?;
@@ -274,7 +280,16 @@ struct PreviousRoots {
     previous_roots: Vec<PreviousRoot>,
 }
 
-fn parse_previous(text: &str) -> Result<Vec<PreviousRoot>, String> {
+/// The text of [`PREVIOUS_ROOTS_FILE`] listing `previous`.
+pub(super) fn format_previous(previous: &[PreviousRoot]) -> Result<String, String> {
+    serde_yaml::to_string(&PreviousRoots {
+        previous_roots: previous.to_vec(),
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// `previous` from the text of [`PREVIOUS_ROOTS_FILE`].
+pub(super) fn parse_previous(text: &str) -> Result<Vec<PreviousRoot>, String> {
     serde_yaml::from_str::<PreviousRoots>(text)
         .map(|p| p.previous_roots)
         .map_err(|e| match e.location() {

@@ -53,6 +53,8 @@ pub fn trust_bundle_key() -> Key {
 pub struct PodEntry {
     labels: BTreeMap<String, String>,
     service_account: String,
+    /// Whether it has a Trellis proxy ([`mesh_api::k8s::PROXY_CONTAINER`]).
+    meshed: bool,
 }
 
 /// A PeerAuthentication as the index keeps it.
@@ -106,6 +108,16 @@ impl Index {
     /// The trust bundle; empty when no CA has set one.
     pub fn trust_bundle(&self) -> &[String] {
         &self.workloads.trust_bundle
+    }
+
+    /// The namespaces with at least one meshed pod.
+    pub fn meshed_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.workloads
+            .pods
+            .iter()
+            .filter(|(_, pod)| pod.meshed)
+            .map(|(key, _)| key.namespace.clone())
+            .collect()
     }
 
     /// The SPIFFE ID of pod `name` in `namespace`, from its service
@@ -237,9 +249,16 @@ impl Kind for Pod {
                 reason: format!("{service_account:?} is not a valid service account name"),
             }]);
         }
+        let meshed = self.spec.as_ref().is_some_and(|spec| {
+            spec.containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .any(|c| c.name == mesh_api::k8s::PROXY_CONTAINER)
+        });
         Ok(PodEntry {
             labels: self.metadata.labels.unwrap_or_default(),
             service_account,
+            meshed,
         })
     }
 

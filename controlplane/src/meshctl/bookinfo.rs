@@ -288,7 +288,7 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
 }
 
 /// The HTTPRoute that splits `reviews` by `weights` (backend, weight).
-pub fn reviews_route_yaml(weights: &[(&str, u32)]) -> String {
+pub fn reviews_route_yaml<W: std::fmt::Display>(weights: &[(&str, W)]) -> String {
     let refs: String = weights
         .iter()
         .map(|(name, weight)| {

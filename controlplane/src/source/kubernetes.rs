@@ -34,6 +34,10 @@ use tracing::{info, warn};
 use crate::discovery::Server;
 use crate::index::{Kind, SERVICE_NAME_LABEL, key_of};
 
+mod bundle;
+
+pub use bundle::{FIELD_MANAGER, publish_trust_bundle};
+
 /// The Kubernetes source could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {

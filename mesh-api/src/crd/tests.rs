@@ -309,13 +309,20 @@ fn manifests_are_named_for_the_crd_and_carry_the_header() {
             "peerauthentications.trellis.dev.yaml",
             "authorizationpolicies.trellis.dev.yaml",
             "ratelimitpolicies.trellis.dev.yaml",
+            "httproutes.gateway.networking.k8s.io.yaml",
+            "grpcroutes.gateway.networking.k8s.io.yaml",
         ]
     );
     for (name, yaml) in &manifests {
         assert!(yaml.starts_with(&format!("{MANIFEST_HEADER}\n")), "{name}");
         let crd: CustomResourceDefinition = serde_yaml::from_str(yaml).unwrap();
-        assert_eq!(crd.spec.group, GROUP);
-        assert_eq!(crd.spec.versions[0].name, VERSION);
+        let (group, version) = if name.contains(GATEWAY_API_GROUP) {
+            (GATEWAY_API_GROUP, "v1")
+        } else {
+            (GROUP, VERSION)
+        };
+        assert_eq!(crd.spec.group, group);
+        assert_eq!(crd.spec.versions[0].name, version);
         assert_eq!(format!("{}.yaml", crd.metadata.name.unwrap()), *name);
     }
 }
@@ -437,4 +444,18 @@ fn rate_limit_schema_checks_the_period_and_minimums() {
     let target = &spec["properties"]["targetRef"]["properties"];
     assert_eq!(target["kind"]["default"], "HTTPRoute");
     assert_eq!(target["group"]["default"], "gateway.networking.k8s.io");
+}
+
+#[test]
+fn the_gateway_crds_list_no_null_in_an_enum_and_carry_the_api_approval() {
+    for crd in gateway_crds() {
+        let text = serde_json::to_string(&crd).unwrap();
+        assert!(
+            !text.contains(",null]") && !text.contains("[null"),
+            "{}",
+            crd.metadata.name.unwrap_or_default()
+        );
+        let annotations = crd.metadata.annotations.unwrap_or_default();
+        assert!(annotations.contains_key("api-approved.kubernetes.io"));
+    }
 }

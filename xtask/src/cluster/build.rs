@@ -3,7 +3,7 @@
 //! 1.20.2 built from Debian bookworm's `kubernetes` source package, which
 //! carries its Go dependencies in `vendor/`.
 //!
-//! The build runs once into `<cache>/k8s-1.20.2/bin/`; the source tree and
+//! The build runs once into `<cache>/k8s-1.20.2-b2/bin/`; the source tree and
 //! Go's build cache are removed after a build that succeeded, so the cache
 //! holds only the six binaries (about 300 MB).
 
@@ -69,7 +69,27 @@ pub fn ensure(layout: &Layout) -> anyhow::Result<()> {
     if built {
         return Ok(());
     }
-    build(layout)
+    build(layout)?;
+    remove_older_builds(layout);
+    Ok(())
+}
+
+/// Removes the cache's other builds of Kubernetes (older revisions),
+/// which nothing uses any more.
+fn remove_older_builds(layout: &Layout) {
+    let (Some(cache), Some(current)) = (layout.k8s.parent(), layout.k8s.file_name()) else {
+        return;
+    };
+    for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        if name != current && name.to_string_lossy().starts_with("k8s-") {
+            println!(
+                "cluster: removing the older build {}",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 fn missing(packages: &[(&'static str, &str)]) -> Vec<&'static str> {
@@ -261,7 +281,11 @@ fn deb_src_entries() -> anyhow::Result<String> {
 /// reflect2 v1.0.1 (vendored) declares `reflect.mapiterinit` as returning
 /// the iterator; since Go 1.18 the runtime fills a caller-allocated one,
 /// and the old declaration crashes the API server on the first custom
-/// resource it stores. reflect2 v1.0.2 made this change.
+/// resource it stores. The caller's iterator must also have the runtime's
+/// full layout (v1.0.1 declares only its first two fields, and the
+/// runtime writes past them: the API server crashes on the first watch
+/// event of a custom resource with labels). reflect2 v1.0.2 made both
+/// changes.
 fn patch_reflect2(source: &Path) -> anyhow::Result<()> {
     let dir = source.join("vendor/github.com/modern-go/reflect2");
     let edits = [
@@ -274,6 +298,11 @@ fn patch_reflect2(source: &Path) -> anyhow::Result<()> {
             "unsafe_map.go",
             "\treturn &UnsafeMapIterator{\n\t\thiter:      mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj)),",
             "\tvar it hiter\n\tmapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), &it)\n\treturn &UnsafeMapIterator{\n\t\thiter:      &it,",
+        ),
+        (
+            "unsafe_link.go",
+            "\tvalue unsafe.Pointer // Must be in second position (see cmd/internal/gc/range.go).\n\t// rest fields are ignored\n}",
+            "\tvalue unsafe.Pointer // Must be in second position (see cmd/internal/gc/range.go).\n\t// The rest of the runtime's hiter (Go 1.18+), which mapiterinit fills.\n\tt           unsafe.Pointer\n\th           unsafe.Pointer\n\tbuckets     unsafe.Pointer\n\tbptr        unsafe.Pointer\n\toverflow    *[]unsafe.Pointer\n\toldoverflow *[]unsafe.Pointer\n\tstartBucket uintptr\n\toffset      uint8\n\twrapped     bool\n\tB           uint8\n\ti           uint8\n\tbucket      uintptr\n\tcheckBucket uintptr\n}",
         ),
     ];
     for (file, old, new) in edits {

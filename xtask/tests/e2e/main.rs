@@ -11,4 +11,5 @@
 
 mod bookinfo;
 mod controlplane;
+mod mesh;
 mod support;

@@ -76,6 +76,7 @@ impl Cluster {
         let ns = TestNamespace {
             client: self.client.clone(),
             name,
+            owned: true,
         };
         // Pods cannot be created before the namespace's default
         // ServiceAccount exists.
@@ -90,14 +91,90 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Server-side apply of every document in `yaml`, each namespaced
+    /// object into the namespace it names.
+    pub async fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        apply(&self.client, None, yaml).await
+    }
+}
+
+/// Server-side apply of every document in `yaml`; a namespaced object
+/// that names no namespace goes to `namespace`.
+async fn apply(client: &Client, namespace: Option<&str>, yaml: &str) -> anyhow::Result<()> {
+    for document in serde_yaml::Deserializer::from_str(yaml) {
+        let value = serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(
+            document,
+        )?)?;
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_json::from_value(value.clone())?;
+        let types = object
+            .types
+            .as_ref()
+            .context("a document without apiVersion and kind")?;
+        let (group, version) = match types.api_version.split_once('/') {
+            Some((g, v)) => (g, v),
+            None => ("", types.api_version.as_str()),
+        };
+        let gvk = GroupVersionKind::gvk(group, version, &types.kind);
+        let (resource, caps) = call(pinned_kind(client, &gvk)).await?;
+        let name = object
+            .metadata
+            .name
+            .clone()
+            .context("a document without a name")?;
+        let api: Api<DynamicObject> = if caps.scope == Scope::Namespaced {
+            let ns = object
+                .metadata
+                .namespace
+                .as_deref()
+                .or(namespace)
+                .with_context(|| format!("{} {name} names no namespace", types.kind))?;
+            Api::namespaced_with(client.clone(), ns, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        let applied = tokio::time::timeout(
+            API_TIMEOUT,
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&value),
+            ),
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "the API server did not answer the apply of {} {name}",
+                types.kind
+            )
+        })?;
+        applied.map_err(|err| anyhow::anyhow!("cannot apply {} {name}: {err:?}", types.kind))?;
+    }
+    Ok(())
+}
+
 /// A test's namespace; deleted (without waiting) when dropped, so a
 /// failed test cleans up too.
 pub struct TestNamespace {
     pub client: Client,
     pub name: String,
+    /// Whether the test made it (and deletes it).
+    owned: bool,
 }
 
 impl TestNamespace {
+    /// A handle on a namespace the test did not make, which is left alone.
+    pub fn existing(client: &Client, name: &str) -> Self {
+        Self {
+            client: client.clone(),
+            name: name.to_owned(),
+            owned: false,
+        }
+    }
+
     pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -107,55 +184,10 @@ impl TestNamespace {
     }
 
     /// Server-side apply of every document in `yaml` into this namespace
-    /// (cluster-scoped kinds as they are).
+    /// (cluster-scoped kinds as they are, and objects that name a
+    /// namespace in theirs).
     pub async fn apply(&self, yaml: &str) -> anyhow::Result<()> {
-        for document in serde_yaml::Deserializer::from_str(yaml) {
-            let value = serde_json::to_value(
-                <serde_yaml::Value as serde::Deserialize>::deserialize(document)?,
-            )?;
-            if value.is_null() {
-                continue;
-            }
-            let object: DynamicObject = serde_json::from_value(value.clone())?;
-            let types = object
-                .types
-                .as_ref()
-                .context("a document without apiVersion and kind")?;
-            let (group, version) = match types.api_version.split_once('/') {
-                Some((g, v)) => (g, v),
-                None => ("", types.api_version.as_str()),
-            };
-            let gvk = GroupVersionKind::gvk(group, version, &types.kind);
-            let (resource, caps) = call(pinned_kind(&self.client, &gvk)).await?;
-            let name = object
-                .metadata
-                .name
-                .clone()
-                .context("a document without a name")?;
-            let api: Api<DynamicObject> = if caps.scope == Scope::Namespaced {
-                Api::namespaced_with(self.client.clone(), &self.name, &resource)
-            } else {
-                Api::all_with(self.client.clone(), &resource)
-            };
-            let applied = tokio::time::timeout(
-                API_TIMEOUT,
-                api.patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&value),
-                ),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "the API server did not answer the apply of {} {name}",
-                    types.kind
-                )
-            })?;
-            applied
-                .map_err(|err| anyhow::anyhow!("cannot apply {} {name}: {err:?}", types.kind))?;
-        }
-        Ok(())
+        apply(&self.client, Some(&self.name), yaml).await
     }
 
     /// Waits until every Deployment has rolled out: the newest generation
@@ -352,6 +384,9 @@ impl TestNamespace {
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let client = self.client.clone();
         let name = self.name.clone();
         eprintln!("deleting namespace {name}");
@@ -424,4 +459,20 @@ pub fn root() -> PathBuf {
     std::env::var_os("TRELLIS_E2E_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
+/// A plain HTTP/1.0 GET: the status and body, if anything answers.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
 }

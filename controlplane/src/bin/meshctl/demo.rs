@@ -455,13 +455,17 @@ impl Demo {
         let mut check = tokio::time::interval(CHECK_INTERVAL);
         let mut last: BTreeMap<String, Counts> = BTreeMap::new();
         let mut last_error = String::new();
+        let mut refused: Vec<String> = Vec::new();
         loop {
             tokio::select! {
                 () = stop.recv() => {
                     println!("\ndemo: stopping");
                     return Ok(Finish::Interrupted);
                 }
-                _ = check.tick() => children.check_running()?,
+                _ = check.tick() => {
+                    children.check_running()?;
+                    self.print_refusals(&mut refused).await;
+                }
                 _ = summary.tick() => match self.reviews_split().await {
                     Ok(counts) => {
                         if counts != last {
@@ -480,6 +484,47 @@ impl Demo {
                 },
             }
         }
+    }
+
+    /// Prints what the control plane refuses when that changes, so that a
+    /// user who saves a bad edit sees why it did not apply.
+    async fn print_refusals(&self, last: &mut Vec<String>) {
+        let Ok(now) = self.refusals().await else {
+            return;
+        };
+        if now == *last {
+            return;
+        }
+        for line in now.iter().filter(|l| !last.contains(l)) {
+            println!("refused: {line} (the proxies keep its last good version)");
+        }
+        if now.is_empty() {
+            println!("refused: nothing any more; every object applies");
+        }
+        *last = now;
+    }
+
+    /// `kind object: field: reason` for every object the control plane
+    /// refuses, from its `/debug/errors`.
+    async fn refusals(&self) -> anyhow::Result<Vec<String>> {
+        let (status, body) = http::get(loopback(self.controlplane.admin), "/debug/errors").await?;
+        if status != 200 {
+            bail!("GET /debug/errors answered {status}");
+        }
+        let errors: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        let mut lines: Vec<String> = errors
+            .iter()
+            .flat_map(|e| {
+                let kind = e["kind"].as_str().unwrap_or_default().to_owned();
+                e["errors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(move |m| Some(format!("{kind} {}", m.as_str()?)))
+            })
+            .collect();
+        lines.sort();
+        Ok(lines)
     }
 
     /// Requests to `reviews` per destination workload, as productpage's
@@ -628,6 +673,28 @@ impl Demo {
     /// Rewrites the route to send everything to reviews-v3 and checks that
     /// the pages follow, as a user editing the file would see.
     async fn smoke_route_edit(&self) -> anyhow::Result<()> {
+        // A bad weight first: refused, named by field, the old split kept.
+        let bad = [
+            ("reviews-v1", -5i32),
+            ("reviews-v2", 0),
+            ("reviews-v3", 100),
+        ];
+        write_file(&self.route_path(), &mesh::reviews_route_yaml(&bad))?;
+        let started = Instant::now();
+        let refusal = loop {
+            let refusals = self.refusals().await?;
+            if let Some(line) = refusals.iter().find(|l| l.contains(".weight")) {
+                break line.clone();
+            }
+            if started.elapsed() > SHIFT_TIMEOUT {
+                bail!(
+                    "smoke: {SHIFT_TIMEOUT:?} after writing a negative weight, the control plane refuses nothing: {refusals:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!("smoke: a negative weight is refused: {refusal}");
+
         let only_v3 = [("reviews-v1", 0), ("reviews-v2", 0), ("reviews-v3", 100)];
         let started = Instant::now();
         write_file(&self.route_path(), &mesh::reviews_route_yaml(&only_v3))?;
@@ -653,6 +720,10 @@ impl Demo {
             self.route_path().display(),
             started.elapsed().as_millis()
         );
+        let left = self.refusals().await?;
+        if !left.is_empty() {
+            bail!("smoke: the fixed route is still refused: {left:?}");
+        }
         Ok(())
     }
 }
