@@ -504,7 +504,7 @@ impl Demo {
         *last = now;
     }
 
-    /// `kind object: field: reason` for every object the control plane
+    /// `object: field: reason` for every object the control plane
     /// refuses, from its `/debug/errors`.
     async fn refusals(&self) -> anyhow::Result<Vec<String>> {
         let (status, body) = http::get(loopback(self.controlplane.admin), "/debug/errors").await?;
@@ -514,13 +514,13 @@ impl Demo {
         let errors: Vec<serde_json::Value> = serde_json::from_str(&body)?;
         let mut lines: Vec<String> = errors
             .iter()
+            // Each message names its object with the kind already.
             .flat_map(|e| {
-                let kind = e["kind"].as_str().unwrap_or_default().to_owned();
                 e["errors"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(move |m| Some(format!("{kind} {}", m.as_str()?)))
+                    .filter_map(|m| Some(m.as_str()?.to_owned()))
             })
             .collect();
         lines.sort();
