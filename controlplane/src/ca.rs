@@ -10,8 +10,9 @@
 //! choice, so a CSR cannot ask for more than a workload certificate.
 //!
 //! The root is a self-signed ECDSA P-256 certificate made on first start
-//! and kept by a [`KeyStore`] ([`FileKeyStore`] in local mode; an
-//! operator may put a root of their own there). [`Ca::rotate`] makes a new
+//! and kept by a [`KeyStore`] ([`FileKeyStore`] in local mode,
+//! [`SecretKeyStore`] on Kubernetes; an operator may put a root of their
+//! own there). [`Ca::rotate`] makes a new
 //! root the signer and keeps the old one in the trust bundle for an
 //! overlap, so that certificates it signed keep verifying until proxies
 //! have renewed.
