@@ -28,12 +28,13 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 use gateway_api::apis::standard::grpcroutes::{
-    GrpcRoute, GrpcRouteParentRefs, GrpcRouteRulesBackendRefs, GrpcRouteRulesMatches,
-    GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethod, GrpcRouteRulesMatchesMethodType,
+    GrpcRoute, GrpcRouteParentRefs, GrpcRouteRules, GrpcRouteRulesBackendRefs,
+    GrpcRouteRulesMatches, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethod,
+    GrpcRouteRulesMatchesMethodType,
 };
 use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::api::core::v1::Service;
@@ -45,8 +46,10 @@ use mesh_api::{
     Protocol, QueryParamMatch, RouteMatch, RouteRule, ValidationError, ValueMatchType,
 };
 
+mod status;
 mod workloads;
 
+pub use status::{ParentVerdict, Verdict};
 pub use workloads::{DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE, inbound_key, trust_bundle_key};
 
 /// The label an EndpointSlice names its Service with.
@@ -730,18 +733,24 @@ impl Kind for EndpointSlice {
 }
 
 /// The [`Kind`] of a route kind: `$table` is its table, `$name` gives its
-/// model name from its key and `$convert_match` converts one of its
-/// matches. Both kinds ignore filters.
+/// model name from its key, `$convert_match` converts one of its matches
+/// and `$unsupported` refuses what a rule asks for that the mesh does not
+/// do yet (filters, timeouts), so that a route is never half applied.
 macro_rules! route_kind {
-    ($ty:ty, $kind:literal, $table:ident, $name:expr, $convert_match:expr) => {
+    ($ty:ty, $kind:literal, $table:ident, $name:expr, $convert_match:expr, $unsupported:expr) => {
         impl Kind for $ty {
             const KIND: &'static str = $kind;
             type Entry = Route;
 
             fn convert(self, key: &Key) -> Result<Route, Vec<ValidationError>> {
-                let rules = self.spec.rules.unwrap_or_default().into_iter();
+                let rules = self.spec.rules.unwrap_or_default();
+                let mut c = Check::new(Self::KIND, key);
+                for (i, rule) in rules.iter().enumerate() {
+                    $unsupported(&mut c, &format!("spec.rules[{i}]"), rule);
+                }
+                let rules = rules.into_iter();
                 convert_route(
-                    Check::new(Self::KIND, key),
+                    c,
                     key,
                     $name(key),
                     self.spec.parent_refs,
@@ -770,15 +779,54 @@ route_kind!(
     "HTTPRoute",
     routes,
     |key: &Key| key.name.clone(),
-    convert_match
+    convert_match,
+    |c: &mut Check, at: &str, rule: &HttpRouteRules| {
+        let filters = rule.filters.iter().flatten().map(|f| &f.r#type);
+        unsupported_filters(c, at, filters);
+        for (b, backend) in rule.backend_refs.iter().flatten().enumerate() {
+            let filters = backend.filters.iter().flatten().map(|f| &f.r#type);
+            unsupported_filters(c, &format!("{at}.backendRefs[{b}]"), filters);
+        }
+        if rule.timeouts.is_some() {
+            c.err(format!("{at}.timeouts"), "timeouts are not supported yet");
+        }
+    }
 );
 route_kind!(
     GrpcRoute,
     "GRPCRoute",
     grpc_routes,
     |key: &Key| grpc_route_name(&key.name),
-    convert_grpc_match
+    convert_grpc_match,
+    |c: &mut Check, at: &str, rule: &GrpcRouteRules| {
+        let filters = rule.filters.iter().flatten().map(|f| &f.r#type);
+        unsupported_filters(c, at, filters);
+        for (b, backend) in rule.backend_refs.iter().flatten().enumerate() {
+            let filters = backend.filters.iter().flatten().map(|f| &f.r#type);
+            unsupported_filters(c, &format!("{at}.backendRefs[{b}]"), filters);
+        }
+    }
 );
+
+/// Refuses every filter at `{at}.filters[i]`: the mesh applies none yet,
+/// and a route whose filters were skipped would send traffic its author
+/// did not mean.
+fn unsupported_filters<T: serde::Serialize>(
+    c: &mut Check,
+    at: &str,
+    types: impl Iterator<Item = T>,
+) {
+    for (i, kind) in types.enumerate() {
+        let name = serde_json::to_value(&kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "this".to_owned());
+        c.err(
+            format!("{at}.filters[{i}]"),
+            format!("the {name} filter is not supported yet"),
+        );
+    }
+}
 
 /// The model name of GRPCRoute `name`: `grpcroute/<name>`. An HTTPRoute
 /// keeps its plain name (the `route` metric label and the name a

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::ca::{DEFAULT_CA_SECRET, DEFAULT_TOKEN_AUDIENCE};
 use crate::settings::DEFAULT_NAMESPACE;
+use crate::source::kubernetes::LEASE_NAME;
 
 /// The name of the control plane's Deployment, Service, ServiceAccount
 /// and RBAC objects.
@@ -121,6 +122,13 @@ pub fn rbac(o: &Options) -> Vec<Value> {
                 { "apiGroups": [mesh_api::crd::GROUP], "resources": [
                     "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"
                 ], "verbs": watch() },
+                // Status and Events are written by the leader only.
+                { "apiGroups": [mesh_api::crd::GATEWAY_API_GROUP], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"] },
+                { "apiGroups": [mesh_api::crd::GROUP], "resources": [
+                    "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status"
+                ], "verbs": ["patch"] },
+                // An Event is created, and patched when it repeats.
+                { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"] },
                 { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
                 // A server-side apply that creates the object is
                 // authorized as a create, which cannot be limited to a
@@ -147,6 +155,9 @@ pub fn rbac(o: &Options) -> Vec<Value> {
                 { "apiGroups": [""], "resources": ["secrets"], "verbs": ["create"] },
                 { "apiGroups": [""], "resources": ["secrets"],
                   "resourceNames": [DEFAULT_CA_SECRET], "verbs": ["get", "update"] },
+                { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"] },
+                { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                  "resourceNames": [LEASE_NAME], "verbs": ["get", "update"] },
             ],
         }),
         json!({
@@ -224,6 +235,7 @@ pub fn deployment(o: &Options) -> Value {
                         "args": ["--kubernetes"],
                         "env": [
                             { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
                             { "name": "TRELLIS_CA_SECRET", "value": DEFAULT_CA_SECRET },
                             { "name": "TRELLIS_TOKEN_AUDIENCE", "value": DEFAULT_TOKEN_AUDIENCE },
                         ],
@@ -346,17 +358,21 @@ mod tests {
         let security = pod.containers[0].security_context.clone().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));
         let role: ClusterRole = serde_json::from_value(rbac(&o)[1].clone()).unwrap();
-        // Nothing cluster-wide may be written but the trust bundle.
+        // Nothing cluster-wide may be written but the trust bundle, the
+        // status of what the mesh reads, and Events.
         for rule in role.rules.unwrap() {
+            let resources = rule.resources.clone().unwrap_or_default();
+            let only = |names: &[&str]| resources.iter().all(|r| names.contains(&r.as_str()));
+            let statuses = resources.iter().all(|r| r.ends_with("/status"));
             for verb in &rule.verbs {
                 let allowed = ["list", "watch"].contains(&verb.as_str())
-                    || (verb == "create"
-                        && (rule.resources == Some(vec!["tokenreviews".into()])
-                            || rule.resources == Some(vec!["configmaps".into()])))
+                    || (verb == "create" && only(&["tokenreviews", "configmaps", "events"]))
                     || (verb == "patch"
-                        && rule.resource_names
-                            == Some(vec![mesh_api::k8s::TRUST_BUNDLE_CONFIGMAP.into()]));
-                assert!(allowed, "{verb} on {:?}", rule.resources);
+                        && (statuses
+                            || only(&["events"])
+                            || rule.resource_names
+                                == Some(vec![mesh_api::k8s::TRUST_BUNDLE_CONFIGMAP.into()])));
+                assert!(allowed, "{verb} on {resources:?}");
             }
         }
     }

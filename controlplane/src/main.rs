@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     info!(?settings, "starting");
-    controlplane::run::start(&settings).await?;
+    let control_plane = controlplane::run::start(&settings).await?;
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -65,5 +65,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         _ = term.recv() => info!("SIGTERM received; stopping"),
         _ = int.recv() => info!("SIGINT received; stopping"),
     }
+    control_plane.stop().await;
     Ok(())
 }

@@ -27,7 +27,7 @@ use crate::index::Index;
 use crate::serving::{self, ServingCert};
 use crate::settings::{CaStore, Settings, SettingsError};
 use crate::source::DirSource;
-use crate::source::kubernetes::{self, KubeError, Readiness};
+use crate::source::kubernetes::{self, KubeError, Leadership, Readiness};
 
 /// The pause after each read of the directory: events meanwhile make one
 /// more read, so a burst of writes is read at most once per pause.
@@ -45,6 +45,8 @@ pub struct ControlPlane {
     pub discovery_addr: SocketAddr,
     /// Where the metrics and debug server listens.
     pub admin_addr: SocketAddr,
+    /// On Kubernetes, the Lease this replica competes for.
+    lease: Option<LeaseHold>,
 }
 
 /// The control plane could not start.
@@ -114,6 +116,7 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     index.set_trust_domain(ca.trust_domain());
     let _ = index.set_trust_bundle(ca.trust_bundle_pem());
     let server = Server::new(index, config);
+    let mut lease = None;
     let readiness = match (&settings.config_dir, client) {
         (Some(dir), _) => {
             let mut source = DirSource::new(dir);
@@ -126,7 +129,31 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
                 client.clone(),
                 server.clone(),
             ));
-            Some(kubernetes::start(client, server.clone()).await?)
+            let (ready, stores) = kubernetes::start(client.clone(), server.clone()).await?;
+            let identity = replica_name();
+            let leadership = Leadership::default();
+            info!(%identity, lease = %format!("{}/{}", settings.namespace, kubernetes::LEASE_NAME),
+                  "competing for the Lease that picks the replica that writes status");
+            tokio::spawn(kubernetes::lead(
+                client.clone(),
+                settings.namespace.clone(),
+                identity.clone(),
+                leadership.clone(),
+            ));
+            let writer = kubernetes::ApiWriter::new(client.clone(), identity.clone());
+            tokio::spawn(kubernetes::write_status(
+                server.clone(),
+                stores,
+                leadership.clone(),
+                writer,
+            ));
+            lease = Some(LeaseHold {
+                client,
+                namespace: settings.namespace.clone(),
+                identity,
+                leadership,
+            });
+            Some(ready)
         }
         (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
     };
@@ -169,7 +196,35 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
         ca,
         discovery_addr,
         admin_addr,
+        lease,
     })
+}
+
+/// This replica's name in the Lease: the pod's name (`POD_NAME`, else
+/// `HOSTNAME`, which Kubernetes sets to it), else one made up.
+fn replica_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| format!("trellis-controlplane-{:08x}", rand::random::<u32>()))
+}
+
+/// What giving up the Lease takes.
+struct LeaseHold {
+    client: kube::Client,
+    namespace: String,
+    identity: String,
+    leadership: Leadership,
+}
+
+impl ControlPlane {
+    /// Stops leading, releasing the Lease, so that another replica writes
+    /// status at once. The servers stop with the process.
+    pub async fn stop(&self) {
+        if let Some(l) = &self.lease {
+            kubernetes::release(l.client.clone(), &l.namespace, &l.identity, &l.leadership).await;
+        }
+    }
 }
 
 /// The CA on the key store the settings choose.

@@ -256,6 +256,36 @@ fn not_ready_endpoints_are_left_out() {
 }
 
 #[test]
+fn filters_and_timeouts_are_refused_not_skipped() {
+    let mut index = mesh();
+    let filtered = "  rules:\n  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: { set: [{ name: x, value: y }] }\n\
+                    \x20   backendRefs:\n    - name: reviews-v1\n      port: 9080\n      filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: reviews-v2, port: 9080 } } }]\n\
+                    \x20   timeouts: { request: 5s }\n";
+    let err = index
+        .apply(route("bookinfo", "filtered", "reviews", filtered))
+        .unwrap_err();
+    let fields: Vec<(&str, &str)> = err
+        .errors
+        .iter()
+        .map(|e| (e.field.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            (
+                "spec.rules[0].filters[0]",
+                "the RequestHeaderModifier filter is not supported yet"
+            ),
+            (
+                "spec.rules[0].backendRefs[0].filters[0]",
+                "the RequestMirror filter is not supported yet"
+            ),
+            ("spec.rules[0].timeouts", "timeouts are not supported yet"),
+        ]
+    );
+}
+
+#[test]
 fn invalid_route_is_refused_naming_the_field_and_the_last_good_version_stays() {
     let mut index = mesh();
     index

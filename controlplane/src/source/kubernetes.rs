@@ -1,8 +1,7 @@
 //! The Kubernetes source: a kube-rs watcher per kind, each event turned
 //! into the index's `apply` or `delete`, and each (re)list into one
 //! `reset` of that kind, so that an object deleted while a watch was down
-//! is gone after the relist. Nothing is cached here: the index is the only
-//! copy of the cluster the control plane holds.
+//! is gone after the relist.
 //!
 //! Which API to watch is decided once at start, from what the server
 //! serves, and logged: EndpointSlices from `discovery.k8s.io/v1`, else
@@ -12,6 +11,11 @@
 //!
 //! Watch errors are retried with kube-rs's default backoff. Readiness
 //! waits until every watcher has listed its kind once.
+//!
+//! The index keeps only what the mesh needs of each object. Routes and
+//! policies are also kept whole (but for their managed fields) in stores
+//! for the status writer ([`status`]), which needs their spec as the user
+//! wrote it and their current status; only the leader ([`lease`]) writes.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -19,15 +23,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::{Stream, StreamExt};
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::{Api, Client, Resource};
-use mesh_api::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
@@ -35,8 +37,12 @@ use crate::discovery::Server;
 use crate::index::{Kind, SERVICE_NAME_LABEL, key_of};
 
 mod bundle;
+mod lease;
+mod status;
 
 pub use bundle::{FIELD_MANAGER, publish_trust_bundle};
+pub use lease::{LEASE_DURATION, LEASE_NAME, Leadership, lead, release};
+pub use status::{ApiWriter, CONTROLLER_NAME, Reported, Stores, Writer, reconcile, write_status};
 
 /// The Kubernetes source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +148,9 @@ pub async fn discover(client: &Client) -> Result<Apis, KubeError> {
 }
 
 /// Starts a watcher per kind the server serves, feeding `server`'s index.
-pub async fn start(client: Client, server: Server) -> Result<Readiness, KubeError> {
+/// Returns the readiness and the watched objects whose status the mesh
+/// writes.
+pub async fn start(client: Client, server: Server) -> Result<(Readiness, Stores), KubeError> {
     let apis = discover(&client).await?;
     info!(
         endpoint_slices = ?apis.slices,
@@ -201,19 +209,45 @@ pub async fn start(client: Client, server: Server) -> Result<Readiness, KubeErro
             )));
         }
     }
+    let mut stores = Stores::default();
+    fn reported<K>(store: &mut Option<Store<K>>, (task, reader): (Task, Store<K>))
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        tokio::spawn(task);
+        *store = Some(reader);
+    }
     if apis.http_routes {
-        spawn(watch_typed::<HttpRoute>(&client, &server, &ready));
+        reported(
+            &mut stores.http_routes,
+            watch_reported(&client, &server, &ready),
+        );
     }
     if apis.grpc_routes {
-        spawn(watch_typed::<GrpcRoute>(&client, &server, &ready));
+        reported(
+            &mut stores.grpc_routes,
+            watch_reported(&client, &server, &ready),
+        );
     }
     if apis.trellis {
-        spawn(watch_typed::<DestinationPolicy>(&client, &server, &ready));
-        spawn(watch_typed::<PeerAuthentication>(&client, &server, &ready));
-        spawn(watch_typed::<AuthorizationPolicy>(&client, &server, &ready));
-        spawn(watch_typed::<RateLimitPolicy>(&client, &server, &ready));
+        reported(
+            &mut stores.destination,
+            watch_reported(&client, &server, &ready),
+        );
+        reported(
+            &mut stores.peer_authentication,
+            watch_reported(&client, &server, &ready),
+        );
+        reported(
+            &mut stores.authorization,
+            watch_reported(&client, &server, &ready),
+        );
+        reported(
+            &mut stores.rate_limit,
+            watch_reported(&client, &server, &ready),
+        );
     }
-    Ok(ready)
+    Ok((ready, stores))
 }
 
 type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -227,6 +261,27 @@ where
     let events = watcher(api).default_backoff();
     Box::pin(drive(events, server.clone(), ready.clone(), Some))
 }
+
+/// A watcher of a kind whose status the mesh writes: its objects are
+/// also kept in a store, without their managed fields and kubectl's copy
+/// of the last applied object, for the status writer.
+fn watch_reported<K>(client: &Client, server: &Server, ready: &Readiness) -> (Task, Store<K>)
+where
+    K: Kind + Reported,
+{
+    let api = Api::<K>::all(client.clone());
+    let (reader, writer) = reflector::store();
+    let events = watcher(api).default_backoff().modify(|object| {
+        object.managed_fields_mut().clear();
+        object.annotations_mut().remove(LAST_APPLIED);
+    });
+    let events = reflector::reflector(writer, events);
+    let task: Task = Box::pin(drive(events, server.clone(), ready.clone(), Some));
+    (task, reader)
+}
+
+/// The annotation `kubectl apply` keeps the whole last applied object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 fn watcher<T>(api: Api<T>) -> impl Stream<Item = Result<Event<T>, watcher::Error>> + Send
 where
