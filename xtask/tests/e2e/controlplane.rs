@@ -2,7 +2,7 @@
 //! watchers fill the index (a Service with its ClusterIP, its endpoints
 //! from the v1beta1 EndpointSlices a 1.20 server serves), proxies get them
 //! over discovery, and a relist after the control plane was down removes
-//! what was deleted meanwhile.
+//! what was deleted meanwhile (a Service and an HTTPRoute).
 //!
 //! The control plane runs on the node here, with the admin kubeconfig; as
 //! a Deployment in the cluster it comes with the install manifests.
@@ -14,10 +14,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context;
 use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;
 use mesh_proto::discovery::v1::{
-    DiscoveryRequest, Endpoints, Node, ServiceIndexEntry, TYPE_ENDPOINTS, TYPE_SERVICE_INDEX,
-    WILDCARD,
+    DiscoveryRequest, Endpoints, Node, OutboundService, ServiceIndexEntry, TYPE_ENDPOINTS,
+    TYPE_OUTBOUND_SERVICE, TYPE_SERVICE_INDEX, WILDCARD,
 };
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,6 +46,16 @@ spec:
   selector: { app: nothing }
   ports:
     - { name: http, port: 9080, targetPort: 9080, protocol: TCP }
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: doomed
+spec:
+  parentRefs: [{ group: "", kind: Service, name: details, port: 9080 }]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /details } }]
+      backendRefs: [{ name: details, port: 9080 }]
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -186,6 +197,15 @@ async fn first_response(
     Ok(response.resources.into_iter().map(|r| r.body).collect())
 }
 
+/// The names of the routes on `service` (`ns/name`), as a proxy gets
+/// them.
+async fn route_names(addr: SocketAddr, service: &str) -> anyhow::Result<Vec<String>> {
+    let bodies = first_response(addr, TYPE_OUTBOUND_SERVICE, &[service]).await?;
+    let body = bodies.first().context("no OutboundService")?;
+    let outbound = OutboundService::decode(body.as_slice())?;
+    Ok(outbound.routes.into_iter().map(|r| r.name).collect())
+}
+
 /// The services of namespace `ns` in the service index, with addresses.
 async fn services(addr: SocketAddr, ns: &str) -> anyhow::Result<BTreeSet<(String, Vec<String>)>> {
     let bodies = first_response(addr, TYPE_SERVICE_INDEX, &[WILDCARD]).await?;
@@ -204,6 +224,8 @@ async fn services(addr: SocketAddr, ns: &str) -> anyhow::Result<BTreeSet<(String
 #[ignore = "needs a cluster: run `cargo xtask e2e` (as root)"]
 async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_deleted_meanwhile() {
     let cluster = Cluster::from_env().await.unwrap();
+    // The Gateway API CRDs, for the route.
+    crate::mesh::install(&cluster).await.unwrap();
     let ns = cluster.namespace("controlplane").await.unwrap();
     ns.apply(MANIFEST).await.unwrap();
     ns.wait_rollouts(Duration::from_secs(120)).await.unwrap();
@@ -265,10 +287,29 @@ async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_delet
         "controlplane: {ns_name}/details at {details_ip} with endpoint {endpoint}, from the API server"
     );
 
-    // Down: delete a Service meanwhile. Up again: the relist drops it.
+    let details = format!("{ns_name}/details");
+    let details_ref = details.as_str();
+    wait_for("the route on details", SEEN_TIMEOUT, || async move {
+        Ok(route_names(discovery, details_ref).await? == ["doomed"])
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.log_text()));
+
+    // Down: delete a Service and a route meanwhile. Up again: the relist
+    // drops them.
     cp.kill();
     let services_api: kube::Api<k8s_openapi::api::core::v1::Service> = ns.api();
     crate::support::call(services_api.delete("doomed", &Default::default()))
+        .await
+        .unwrap();
+    let resource = kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+    ));
+    let routes: kube::Api<kube::api::DynamicObject> =
+        kube::Api::namespaced_with(ns.client.clone(), &ns_name, &resource);
+    crate::support::call(routes.delete("doomed", &Default::default()))
         .await
         .unwrap();
     let mut cp = ControlPlane::start(dir.path(), discovery, admin);
@@ -281,7 +322,11 @@ async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_delet
         "after the relist: {seen:?}\n{}",
         cp.log_text()
     );
-    println!("controlplane: restarted after doomed was deleted; the index holds {names:?}");
+    let routes = route_names(discovery, details_ref).await.unwrap();
+    assert!(routes.is_empty(), "the deleted route survived: {routes:?}");
+    println!(
+        "controlplane: restarted after Service doomed and HTTPRoute doomed were deleted; the index holds {names:?} and no route"
+    );
     drop(cp);
     ns.delete(Duration::from_secs(90)).await.unwrap();
 }

@@ -12,4 +12,5 @@
 mod bookinfo;
 mod controlplane;
 mod mesh;
+mod status;
 mod support;

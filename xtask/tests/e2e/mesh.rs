@@ -22,13 +22,13 @@ use tokio::sync::OnceCell;
 use crate::support::{Cluster, TestNamespace, call, http_get, is_ready, root, wait_for};
 
 /// Where `deploy/install` puts the mesh.
-const MESH_NAMESPACE: &str = "trellis-system";
+pub const MESH_NAMESPACE: &str = "trellis-system";
 /// The control plane's Deployment and Service.
 const CONTROLPLANE: &str = "trellis-controlplane";
 /// The name in the control plane's serving certificate.
 const CONTROLPLANE_HOST: &str = "trellis-controlplane.trellis-system.svc.cluster.local";
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(180);
-const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(180);
 const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(90);
 
 static INSTALLED: OnceCell<()> = OnceCell::const_new();
@@ -113,7 +113,7 @@ fn read(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The control plane's pods.
-async fn controlplane_pods(cluster: &Cluster) -> anyhow::Result<Vec<Pod>> {
+pub async fn controlplane_pods(cluster: &Cluster) -> anyhow::Result<Vec<Pod>> {
     TestNamespace::existing(&cluster.client, MESH_NAMESPACE)
         .pods(&format!("app={CONTROLPLANE}"))
         .await
@@ -214,7 +214,7 @@ const PROXY: &str = r#"
 /// A reviews version: its Service, its ServiceAccount (shared), its
 /// bootstrap (the inbound listener on 9080 in front of the app on
 /// 127.0.0.1:9081) and its Deployment.
-fn reviews(namespace: &str, version: &str) -> String {
+pub fn reviews(namespace: &str, version: &str) -> String {
     let workload = format!("reviews-{version}");
     let manifest = r#"
 apiVersion: v1
@@ -273,7 +273,7 @@ spec:
 /// its full name: the proxy resolves a bare `reviews` to the first
 /// Service of that name in any namespace (a bug, next to fix). busybox's
 /// `wget -T` crashes in this static build, so there is no timeout flag.
-fn client(namespace: &str) -> String {
+pub fn client(namespace: &str) -> String {
     let manifest = r#"
 apiVersion: v1
 kind: ConfigMap
@@ -329,7 +329,7 @@ spec:
 }
 
 /// The HTTPRoute on Service `reviews` splitting over the versions.
-fn route(v1: u32, v2: u32) -> String {
+pub fn route(v1: u32, v2: u32) -> String {
     format!(
         r#"
 apiVersion: gateway.networking.k8s.io/v1
@@ -345,7 +345,7 @@ spec:
     )
 }
 
-const ACCOUNTS_AND_SERVICE: &str = r#"
+pub const ACCOUNTS_AND_SERVICE: &str = r#"
 apiVersion: v1
 kind: ServiceAccount
 metadata: { name: client }
@@ -363,7 +363,7 @@ spec:
 "#;
 
 /// The client's lines so far.
-async fn client_lines(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
+pub async fn client_lines(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
     let pods = ns.pods("app=client").await?;
     let pod = pods.first().context("no client pod")?;
     let api: Api<Pod> = ns.api();
@@ -377,7 +377,7 @@ async fn client_lines(ns: &TestNamespace) -> anyhow::Result<Vec<String>> {
 
 /// Waits until the last `n` lines all say `ok <version>`; returns how
 /// many lines there were then.
-async fn until_all(ns: &TestNamespace, version: &str, n: usize) -> anyhow::Result<usize> {
+pub async fn until_all(ns: &TestNamespace, version: &str, n: usize) -> anyhow::Result<usize> {
     let want = format!("ok {version}");
     let seen = std::sync::Mutex::new(0);
     let (want, seen_ref) = (&want, &seen);

@@ -120,7 +120,7 @@ async fn round(
     seen: &mut Option<Seen>,
 ) -> Result<bool, kube::Error> {
     let Some(lease) = api.get_opt(LEASE_NAME).await? else {
-        let lease = record(None, identity, 0, namespace);
+        let lease = record(None, identity, 0, namespace, None);
         return match api.create(&PostParams::default(), &lease).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
@@ -153,10 +153,8 @@ async fn round(
         return Ok(false);
     }
     let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
-    let mut next = record(Some(&lease), identity, transitions, namespace);
-    if mine {
-        next.spec.as_mut().expect("record sets a spec").acquire_time = spec.acquire_time;
-    }
+    let acquired = if mine { spec.acquire_time } else { None };
+    let next = record(Some(&lease), identity, transitions, namespace, acquired);
     match api.replace(LEASE_NAME, &PostParams::default(), &next).await {
         Ok(_) => {
             if !mine {
@@ -174,9 +172,16 @@ async fn round(
     }
 }
 
-/// The Lease held by `identity` from now, replacing `current` (its
-/// resourceVersion guards the write).
-fn record(current: Option<&Lease>, identity: &str, transitions: i32, namespace: &str) -> Lease {
+/// The Lease held by `identity`, renewed now and acquired at `acquired`
+/// (else now), replacing `current` (its resourceVersion guards the
+/// write).
+fn record(
+    current: Option<&Lease>,
+    identity: &str,
+    transitions: i32,
+    namespace: &str,
+    acquired: Option<MicroTime>,
+) -> Lease {
     let now = MicroTime(Timestamp::now());
     let metadata = match current {
         Some(lease) => lease.metadata.clone(),
@@ -192,7 +197,7 @@ fn record(current: Option<&Lease>, identity: &str, transitions: i32, namespace: 
         spec: Some(LeaseSpec {
             holder_identity: Some(identity.to_owned()),
             lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
-            acquire_time: Some(now.clone()),
+            acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
             renew_time: Some(now),
             lease_transitions: Some(transitions),
             ..Default::default()

@@ -7,11 +7,16 @@ use kube::runtime::watcher;
 use super::*;
 use crate::discovery::Config;
 
+/// A status patch: the object's name and the status.
+type Patched = (String, Value);
+/// An Event: the object's name, whether a warning, the reason, the note.
+type Evented = (String, bool, String, String);
+
 /// A [`Writer`] that records what it is asked to write.
 #[derive(Default)]
 struct Recorded {
-    patches: Mutex<Vec<(String, Value)>>,
-    events: Mutex<Vec<(String, bool, String, String)>>,
+    patches: Mutex<Vec<Patched>>,
+    events: Mutex<Vec<Evented>>,
 }
 
 impl Writer for Recorded {
@@ -44,7 +49,7 @@ impl Writer for Recorded {
 }
 
 impl Recorded {
-    fn take(&self) -> (Vec<(String, Value)>, Vec<(String, bool, String, String)>) {
+    fn take(&self) -> (Vec<Patched>, Vec<Evented>) {
         let patches = std::mem::take(&mut *self.patches.lock().unwrap());
         let events = std::mem::take(&mut *self.events.lock().unwrap());
         (patches, events)
