@@ -165,7 +165,14 @@ impl Snapshot {
             by_name
                 .entry(s.name.clone())
                 .or_insert_with(|| entry.clone());
+            // A bare name means a service of the proxy's own namespace, as
+            // in cluster DNS (whose search path starts there); longer names
+            // carry their namespace.
+            let local = s.namespace == config.workload.namespace;
             for h in s.all_hostnames() {
+                if h == s.name && !local {
+                    continue;
+                }
                 by_host.entry(h).or_insert_with(|| entry.clone());
             }
             for a in &s.addresses {
@@ -249,5 +256,40 @@ impl ServiceEntry {
     /// The declared protocol of `port`.
     pub fn protocol(&self, port: u16) -> Protocol {
         self.port(port).map_or(Protocol::Auto, |p| p.protocol)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use mesh_api::ProxyConfig;
+
+    use super::Snapshot;
+
+    #[test]
+    fn a_bare_name_is_a_service_of_the_proxys_own_namespace() {
+        let config = ProxyConfig::from_yaml(
+            "workload: { name: client, namespace: shop }\n\
+             services:\n\
+             - { name: reviews, namespace: aaa, ports: [{ port: 9080 }], backend: aaa }\n\
+             - { name: reviews, namespace: shop, ports: [{ port: 9080 }], backend: shop }\n\
+             - { name: ratings, namespace: aaa, ports: [{ port: 9080 }], backend: aaa }\n\
+             backends: [{ name: aaa, endpoints: [] }, { name: shop, endpoints: [] }]\n",
+        )
+        .unwrap();
+        let snap = Snapshot::build(config, &HashSet::new(), None, 1).unwrap();
+        let namespace = |host| {
+            snap.service_by_host(host, 9080)
+                .map(|s| s.namespace.to_string())
+        };
+        assert_eq!(namespace("reviews").as_deref(), Some("shop"));
+        assert_eq!(namespace("reviews.aaa").as_deref(), Some("aaa"));
+        assert_eq!(
+            namespace("reviews.aaa.svc.cluster.local").as_deref(),
+            Some("aaa")
+        );
+        assert_eq!(namespace("ratings"), None, "not in the proxy's namespace");
+        assert_eq!(namespace("ratings.aaa").as_deref(), Some("aaa"));
     }
 }

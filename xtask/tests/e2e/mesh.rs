@@ -270,9 +270,9 @@ spec:
 /// once its proxy is ready. The request goes to the listener with the
 /// service in its Host header (a static busybox cannot resolve names, so
 /// it cannot use the listener as an HTTP proxy for `http://reviews`), by
-/// its full name: the proxy resolves a bare `reviews` to the first
-/// Service of that name in any namespace (a bug, next to fix). busybox's
-/// `wget -T` crashes in this static build, so there is no timeout flag.
+/// its short name, which the proxy resolves in its own namespace as
+/// cluster DNS would. busybox's `wget -T` crashes in this static build,
+/// so there is no timeout flag.
 pub fn client(namespace: &str) -> String {
     let manifest = r#"
 apiVersion: v1
@@ -305,7 +305,7 @@ spec:
             - |
               until wget -q -O /dev/null http://127.0.0.1:15021/healthz/ready 2>/dev/null; do sleep 0.2; done
               while true; do
-                if body=$(wget -q -O- --header "Host: reviews.@NS@.svc.cluster.local:9080" http://127.0.0.1:15001/reviews/0 2>&1); then
+                if body=$(wget -q -O- --header "Host: reviews:9080" http://127.0.0.1:15001/reviews/0 2>&1); then
                   case "$body" in
                     *'"version":"v1"'*) echo "ok v1" ;;
                     *'"version":"v2"'*) echo "ok v2" ;;
@@ -456,6 +456,58 @@ async fn meshed_pods_prove_identities_by_token_review_talk_mtls_and_follow_a_wei
         let id = format!("spiffe://cluster.local/ns/{}/sa/{account}", ns.name);
         assert!(identities.contains(&id), "{id} not issued: {identities}");
     }
+
+    // meshctl sees every proxy, whichever replica it is connected to,
+    // through the API server.
+    let meshctl = root().join("target/release/meshctl");
+    let out = std::process::Command::new(&meshctl)
+        .arg("proxy-status")
+        .env(
+            "KUBECONFIG",
+            std::env::var_os(crate::support::KUBECONFIG_ENV).unwrap(),
+        )
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", meshctl.display()));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "meshctl proxy-status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for workload in ["client", "reviews-v1", "reviews-v2"] {
+        let row = table
+            .lines()
+            .find(|l| l.contains(&format!(" {}/{workload} ", ns.name)))
+            .unwrap_or_else(|| panic!("no row for {workload}:\n{table}"));
+        assert!(row.contains("SYNCED"), "{row}");
+        assert!(row.contains("spiffe://"), "no identity in {row}");
+    }
+    println!("meshctl proxy-status, through the API server:\n{table}");
+    // The node is this machine: the replicas' memory with this mesh, for
+    // the benchmark notes.
+    println!("control plane RSS: {}", controlplane_rss().join(", "));
+}
+
+/// `VmRSS` of every trellis-controlplane process on this machine.
+fn controlplane_rss() -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = entry.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        // The kernel keeps 15 bytes of the name.
+        if !comm.starts_with("trellis-control") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(rss) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
+            out.push(format!(
+                "pid {} {}",
+                entry.file_name().to_string_lossy(),
+                rss.trim()
+            ));
+        }
+    }
+    out
 }
 
 /// A token for `account` from the TokenRequest API.

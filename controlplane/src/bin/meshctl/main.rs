@@ -1,5 +1,6 @@
 //! `meshctl`: the Trellis command line.
 
+mod cluster;
 mod demo;
 
 use std::process::ExitCode;
@@ -10,8 +11,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-/// Default control plane metrics and debug address.
-const DEFAULT_CONTROLPLANE: &str = "127.0.0.1:15014";
+/// The control plane's namespace on Kubernetes.
+const DEFAULT_NAMESPACE: &str = "trellis-system";
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "The Trellis command line")]
@@ -26,20 +27,34 @@ enum Command {
     /// each workload, on 127.0.0.1. Ctrl-C stops everything.
     Demo(demo::Args),
     /// The proxies connected to the control plane and their sync state.
+    /// Without --controlplane, those of every replica in the cluster of
+    /// the current kubeconfig context, read through the API server.
     ProxyStatus {
-        /// The control plane's metrics and debug address.
-        #[arg(long, env = "TRELLIS_CONTROLPLANE", default_value = DEFAULT_CONTROLPLANE)]
-        controlplane: String,
+        /// A control plane's metrics and debug address (HOST:PORT), such
+        /// as the local mesh's.
+        #[arg(long, env = "TRELLIS_CONTROLPLANE")]
+        controlplane: Option<String>,
+        /// The control plane's namespace on Kubernetes.
+        #[arg(long, default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
     },
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
-        Command::ProxyStatus { controlplane } => runtime().and_then(|rt| {
+        Command::ProxyStatus {
+            controlplane,
+            namespace,
+        } => runtime().and_then(|rt| {
             let (proxies, identities) = rt.block_on(async {
-                let proxies = fetch_proxies(&controlplane).await?;
-                anyhow::Ok((proxies, fetch_identities(&controlplane).await))
+                match controlplane {
+                    Some(addr) => {
+                        let proxies = fetch_proxies(&addr).await?;
+                        anyhow::Ok((proxies, fetch_identities(&addr).await))
+                    }
+                    None => cluster::proxies(&namespace).await,
+                }
             })?;
             print!(
                 "{}",
