@@ -304,6 +304,11 @@ impl Index {
         (changed, refused)
     }
 
+    /// Why the object `key` of `kind` is refused, if it is.
+    pub fn refusal(&self, kind: &'static str, key: &Key) -> Option<&[ValidationError]> {
+        self.errors.get(&(kind, key.clone())).map(Vec::as_slice)
+    }
+
     /// The objects currently refused, with their errors.
     pub fn errors(&self) -> impl Iterator<Item = (&'static str, &Key, &[ValidationError])> {
         self.errors

@@ -200,13 +200,16 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     })
 }
 
-/// This replica's name in the Lease: the pod's name (`POD_NAME`, else
-/// `HOSTNAME`, which Kubernetes sets to it), else one made up.
+/// This process's name in the Lease: the pod's name (`POD_NAME`, else
+/// `HOSTNAME`, which Kubernetes sets to it) and a random suffix, as
+/// client-go does: a container restarted in the same pod is another
+/// process and must not take the Lease its predecessor held for its own.
 fn replica_name() -> String {
-    ["POD_NAME", "HOSTNAME"]
+    let pod = ["POD_NAME", "HOSTNAME"]
         .into_iter()
         .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| format!("trellis-controlplane-{:08x}", rand::random::<u32>()))
+        .unwrap_or_else(|| "trellis-controlplane".to_owned());
+    format!("{pod}_{:08x}", rand::random::<u32>())
 }
 
 /// What giving up the Lease takes.

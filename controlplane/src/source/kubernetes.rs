@@ -326,9 +326,19 @@ pub async fn drive<T, K, S>(
                 }
             }
             Ok(Event::Apply(object)) => {
-                if let Some(object) = convert(object)
-                    && let Err(refused) = server.update(|index| index.apply(object))
-                {
+                let Some(object) = convert(object) else {
+                    continue;
+                };
+                // An object comes back unchanged but for its status (which
+                // the leader writes): its refusal is said once.
+                let result = server.update(|index| {
+                    let key = key_of(object.meta());
+                    let before = index.refusal(K::KIND, &key).map(<[_]>::to_vec);
+                    index
+                        .apply(object)
+                        .map_err(|r| (before.as_ref() == Some(&r.errors), r))
+                });
+                if let Err((false, refused)) = result {
                     warn!("{refused}");
                 }
             }
