@@ -54,58 +54,38 @@ pub struct ParentVerdict {
     pub resolved_refs: Verdict,
 }
 
+/// `Index::$method` for route kind `$ty`: the verdicts of one route, one
+/// per Service parent; parents of other kinds (Gateways) are not the
+/// mesh's to judge. The two kinds' generated types share these fields.
+macro_rules! route_verdicts {
+    ($($method:ident($ty:ty)),*) => {
+        impl Index {$(
+            #[doc = concat!("The verdicts of a ", stringify!($ty), ", one per Service parent.")]
+            pub fn $method(&self, route: &$ty) -> Vec<ParentVerdict> {
+                let parents = route.spec.parent_refs.iter().flatten();
+                let rules = route.spec.rules.iter().flatten().enumerate();
+                let backends = rules.flat_map(|(i, rule)| {
+                    let refs = rule.backend_refs.iter().flatten().enumerate();
+                    refs.map(move |(b, r)| {
+                        (format!("spec.rules[{i}].backendRefs[{b}]"), r.clone().into())
+                    })
+                });
+                self.route_verdicts(
+                    route,
+                    parents.map(|p| p.clone().into()).collect(),
+                    backends.collect(),
+                )
+            }
+        )*}
+    };
+}
+
+route_verdicts!(
+    http_route_verdicts(HttpRoute),
+    grpc_route_verdicts(GrpcRoute)
+);
+
 impl Index {
-    /// The verdicts of an HTTPRoute, one per Service parent; parents of
-    /// other kinds (Gateways) are not the mesh's to judge.
-    pub fn http_route_verdicts(&self, route: &HttpRoute) -> Vec<ParentVerdict> {
-        let parents = route.spec.parent_refs.iter().flatten();
-        let backends = route
-            .spec
-            .rules
-            .iter()
-            .flatten()
-            .enumerate()
-            .flat_map(|(i, rule)| {
-                let refs = rule.backend_refs.iter().flatten().enumerate();
-                refs.map(move |(b, r)| {
-                    (
-                        format!("spec.rules[{i}].backendRefs[{b}]"),
-                        r.clone().into(),
-                    )
-                })
-            });
-        self.route_verdicts(
-            route,
-            parents.map(|p| p.clone().into()).collect(),
-            backends.collect(),
-        )
-    }
-
-    /// [`Index::http_route_verdicts`] of a GRPCRoute.
-    pub fn grpc_route_verdicts(&self, route: &GrpcRoute) -> Vec<ParentVerdict> {
-        let parents = route.spec.parent_refs.iter().flatten();
-        let backends = route
-            .spec
-            .rules
-            .iter()
-            .flatten()
-            .enumerate()
-            .flat_map(|(i, rule)| {
-                let refs = rule.backend_refs.iter().flatten().enumerate();
-                refs.map(move |(b, r)| {
-                    (
-                        format!("spec.rules[{i}].backendRefs[{b}]"),
-                        r.clone().into(),
-                    )
-                })
-            });
-        self.route_verdicts(
-            route,
-            parents.map(|p| p.clone().into()).collect(),
-            backends.collect(),
-        )
-    }
-
     /// Whether the index takes a policy as it is.
     pub fn policy_verdict<K: Kind + Clone>(&self, policy: &K) -> Verdict {
         let key = key_of(policy.meta());

@@ -394,18 +394,46 @@ pub async fn until_all(ns: &TestNamespace, version: &str, n: usize) -> anyhow::R
     Ok(*seen.lock().unwrap())
 }
 
+/// A namespace named from `prefix` with the meshed reviews v1 and v2
+/// behind an HTTPRoute that sends everything to v1, and the looping
+/// client, all rolled out.
+pub async fn meshed_reviews(cluster: &Cluster, prefix: &str) -> anyhow::Result<TestNamespace> {
+    let ns = cluster.namespace(prefix).await?;
+    ns.apply(ACCOUNTS_AND_SERVICE).await?;
+    ns.apply(&route(100, 0)).await?;
+    ns.apply(&reviews(&ns.name, "v1")).await?;
+    ns.apply(&reviews(&ns.name, "v2")).await?;
+    ns.apply(&client(&ns.name)).await?;
+    ns.wait_rollouts(ROLLOUT_TIMEOUT).await?;
+    Ok(ns)
+}
+
+/// Asserts that none of the client's requests from line `from` on
+/// failed; returns every line and how many there were since `from`.
+pub async fn none_failed_since(
+    ns: &TestNamespace,
+    from: usize,
+    during: &str,
+) -> (Vec<String>, usize) {
+    let lines = client_lines(ns).await.unwrap();
+    let window = &lines[from..];
+    let failed: Vec<&String> = window.iter().filter(|l| !l.starts_with("ok ")).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed {during}: {failed:?}",
+        failed.len(),
+        window.len()
+    );
+    let count = window.len();
+    (lines, count)
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster: run with `cargo xtask e2e`"]
 async fn meshed_pods_prove_identities_by_token_review_talk_mtls_and_follow_a_weight_change() {
     let cluster = Cluster::from_env().await.unwrap();
     install(&cluster).await.unwrap();
-    let ns = cluster.namespace("mesh").await.unwrap();
-    ns.apply(ACCOUNTS_AND_SERVICE).await.unwrap();
-    ns.apply(&route(100, 0)).await.unwrap();
-    ns.apply(&reviews(&ns.name, "v1")).await.unwrap();
-    ns.apply(&reviews(&ns.name, "v2")).await.unwrap();
-    ns.apply(&client(&ns.name)).await.unwrap();
-    ns.wait_rollouts(ROLLOUT_TIMEOUT).await.unwrap();
+    let ns = meshed_reviews(&cluster, "mesh").await.unwrap();
 
     // The control plane published its root where the proxies mount it.
     let config_maps: Api<ConfigMap> = ns.api();
@@ -416,22 +444,13 @@ async fn meshed_pods_prove_identities_by_token_review_talk_mtls_and_follow_a_wei
     let before = until_all(&ns, "v1", 20).await.unwrap();
     ns.apply(&route(0, 100)).await.unwrap();
     until_all(&ns, "v2", 20).await.unwrap();
-    let lines = client_lines(&ns).await.unwrap();
-    let window = &lines[before..];
-    let failed: Vec<&String> = window.iter().filter(|l| !l.starts_with("ok ")).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed across the weight change: {failed:?}",
-        failed.len(),
-        window.len()
-    );
+    let (lines, window) = none_failed_since(&ns, before, "across the weight change").await;
     let earlier = lines[..before]
         .iter()
         .filter(|l| !l.starts_with("ok "))
         .count();
     eprintln!(
-        "{} requests across the weight change, none failed ({earlier} failed before the route applied, while the proxies started)",
-        window.len()
+        "{window} requests across the weight change, none failed ({earlier} failed before the route applied, while the proxies started)"
     );
 
     // The hops are mutual TLS: the callee's inbound counted TLS requests.

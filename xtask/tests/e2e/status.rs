@@ -13,8 +13,8 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
 use serde_json::Value;
 
 use crate::mesh::{
-    ACCOUNTS_AND_SERVICE, MESH_NAMESPACE, ROLLOUT_TIMEOUT, client, client_lines, controlplane_pods,
-    install, reviews, route, until_all,
+    MESH_NAMESPACE, ROLLOUT_TIMEOUT, controlplane_pods, install, meshed_reviews, none_failed_since,
+    route, until_all,
 };
 use crate::support::{Cluster, TestNamespace, call, wait_for};
 
@@ -290,13 +290,7 @@ async fn leader(cluster: &Cluster) -> anyhow::Result<String> {
 async fn killing_the_leader_replica_fails_no_request_and_status_writing_moves_to_the_other() {
     let cluster = Cluster::from_env().await.unwrap();
     install(&cluster).await.unwrap();
-    let ns = cluster.namespace("leader").await.unwrap();
-    ns.apply(ACCOUNTS_AND_SERVICE).await.unwrap();
-    ns.apply(&route(100, 0)).await.unwrap();
-    ns.apply(&reviews(&ns.name, "v1")).await.unwrap();
-    ns.apply(&reviews(&ns.name, "v2")).await.unwrap();
-    ns.apply(&client(&ns.name)).await.unwrap();
-    ns.wait_rollouts(ROLLOUT_TIMEOUT).await.unwrap();
+    let ns = meshed_reviews(&cluster, "leader").await.unwrap();
     let before = until_all(&ns, "v1", 20).await.unwrap();
 
     // Killed: SIGKILL to the leader's process on the node (this machine),
@@ -338,18 +332,9 @@ async fn killing_the_leader_replica_fails_no_request_and_status_writing_moves_to
     ns.apply(&route(0, 100)).await.unwrap();
     wait_route_condition(&ns, "reviews", "Accepted", "True").await;
     until_all(&ns, "v2", 20).await.unwrap();
-    let lines = client_lines(&ns).await.unwrap();
-    let window = &lines[before..];
-    let failed: Vec<&String> = window.iter().filter(|l| !l.starts_with("ok ")).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed while the leader was killed: {failed:?}",
-        failed.len(),
-        window.len()
-    );
+    let (_, window) = none_failed_since(&ns, before, "while the leader was killed").await;
     println!(
-        "leader: {} requests while the leader was killed and the route changed, none failed",
-        window.len()
+        "leader: {window} requests while the leader was killed and the route changed, none failed"
     );
     // Two replicas again for the tests after this one.
     TestNamespace::existing(&cluster.client, MESH_NAMESPACE)

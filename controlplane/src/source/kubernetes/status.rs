@@ -419,41 +419,24 @@ fn route_desired<R: Serialize>(
     (route_status(current, ours), accepted)
 }
 
-impl Reported for HttpRoute {
-    fn desired(&self, index: &Index, now: &str) -> (Value, Vec<Verdict>) {
-        let refs = self.spec.parent_refs.as_deref().unwrap_or_default();
-        let verdicts = index.http_route_verdicts(self);
-        route_desired(
-            &self.current(),
-            refs,
-            self.metadata.generation,
-            verdicts,
-            now,
-        )
-    }
+/// `Reported` for the route kinds, whose verdicts come from `$verdicts`.
+macro_rules! reported_route {
+    ($($ty:ty => $verdicts:ident),*) => {$(
+        impl Reported for $ty {
+            fn desired(&self, index: &Index, now: &str) -> (Value, Vec<Verdict>) {
+                let refs = self.spec.parent_refs.as_deref().unwrap_or_default();
+                let verdicts = index.$verdicts(self);
+                route_desired(&self.current(), refs, self.metadata.generation, verdicts, now)
+            }
 
-    fn current(&self) -> Value {
-        status_value(&self.status, json!({ "parents": [] }))
-    }
+            fn current(&self) -> Value {
+                status_value(&self.status, json!({ "parents": [] }))
+            }
+        }
+    )*};
 }
 
-impl Reported for GrpcRoute {
-    fn desired(&self, index: &Index, now: &str) -> (Value, Vec<Verdict>) {
-        let refs = self.spec.parent_refs.as_deref().unwrap_or_default();
-        let verdicts = index.grpc_route_verdicts(self);
-        route_desired(
-            &self.current(),
-            refs,
-            self.metadata.generation,
-            verdicts,
-            now,
-        )
-    }
-
-    fn current(&self) -> Value {
-        status_value(&self.status, json!({ "parents": [] }))
-    }
-}
+reported_route!(HttpRoute => http_route_verdicts, GrpcRoute => grpc_route_verdicts);
 
 fn status_value<S: Serialize>(status: &Option<S>, empty: Value) -> Value {
     status
