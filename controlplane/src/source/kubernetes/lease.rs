@@ -35,6 +35,8 @@ pub const LEASE_NAME: &str = "trellis-controlplane-leader";
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// How often a follower checks the Lease.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long giving the Lease up on shutdown may take.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Whether this replica leads. Cheap to clone and to read.
 #[derive(Debug, Clone, Default)]
@@ -206,11 +208,26 @@ fn record(
 }
 
 /// Gives the Lease up if this replica holds it, so that another takes
-/// over at once. Best effort: at worst the Lease runs out.
+/// over at once. Best effort, and bounded so as not to hold up the
+/// shutdown: at worst the Lease runs out.
 pub async fn release(client: Client, namespace: &str, identity: &str, leadership: &Leadership) {
     if !leadership.set(false) {
         return;
     }
+    let give_up = give_up(client, namespace, identity);
+    if tokio::time::timeout(RELEASE_TIMEOUT, give_up)
+        .await
+        .is_err()
+    {
+        warn!(
+            lease = LEASE_NAME,
+            "the API server did not answer in time; the Lease runs out in {}s",
+            LEASE_DURATION.as_secs()
+        );
+    }
+}
+
+async fn give_up(client: Client, namespace: &str, identity: &str) {
     let api = Api::<Lease>::namespaced(client, namespace);
     let Ok(Some(mut lease)) = api.get_opt(LEASE_NAME).await else {
         return;
