@@ -9,7 +9,9 @@
 //!
 //! An object that fails validation is refused with an error that names the
 //! object and the field; the index keeps the last good version of it, and
-//! remembers the error for status reporting ([`Index::errors`]).
+//! remembers the error (`/debug/errors` lists [`Index::errors`]). The
+//! status a route or policy gets is computed from the object itself
+//! ([`Index::http_route_verdicts`], [`Index::policy_verdict`]).
 //!
 //! Routes follow GAMMA: an HTTPRoute or GRPCRoute whose parentRef is a
 //! Service attaches to that service. A route in the service's namespace is

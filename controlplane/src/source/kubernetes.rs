@@ -14,8 +14,9 @@
 //!
 //! The index keeps only what the mesh needs of each object. Routes and
 //! policies are also kept whole (but for their managed fields) in stores
-//! for the status writer ([`status`]), which needs their spec as the user
-//! wrote it and their current status; only the leader ([`lease`]) writes.
+//! for the status writer ([`write_status`]), which needs their spec as
+//! the user wrote it and their current status; only the leader ([`lead`])
+//! writes.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;

@@ -48,9 +48,9 @@ impl Leadership {
         self.0.load(Ordering::Acquire)
     }
 
-    /// A leadership that never changes: for a single control plane that
-    /// runs without a Lease, and for tests.
-    pub fn fixed(leader: bool) -> Self {
+    /// A leadership that no Lease changes, for tests.
+    #[cfg(test)]
+    pub(crate) fn fixed(leader: bool) -> Self {
         Self(Arc::new(AtomicBool::new(leader)))
     }
 
