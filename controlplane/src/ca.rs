@@ -12,10 +12,15 @@
 //! The root is a self-signed ECDSA P-256 certificate made on first start
 //! and kept by a [`KeyStore`] ([`FileKeyStore`] in local mode,
 //! [`SecretKeyStore`] on Kubernetes; an operator may put a root of their
-//! own there). [`Ca::rotate`] makes a new
-//! root the signer and keeps the old one in the trust bundle for an
-//! overlap, so that certificates it signed keep verifying until proxies
-//! have renewed.
+//! own there).
+//!
+//! A root rotation has three steps, so that no proxy ever meets a
+//! certificate from a root it does not trust. [`Ca::prepare`] makes the
+//! next root and adds it to the trust bundle, but it signs nothing yet;
+//! [`Ca::promote`], called once every proxy holds that bundle (the
+//! [`rotation`](crate::rotation) driver checks), makes it the signer and
+//! keeps the old root trusted for the longest certificate lifetime; the
+//! old root then leaves the bundle by itself.
 //!
 //! Every method that depends on the time has an `_at` form taking `now`,
 //! which the tests use; the plain forms read the system clock.
@@ -35,7 +40,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
     SubjectPublicKeyInfo,
 };
-use tracing::{info, warn};
+use tracing::info;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
@@ -43,10 +48,10 @@ use x509_parser::prelude::FromDer;
 pub use auth::{
     AuthFuture, Authenticator, BootstrapTokens, NoAuthenticator, TokensError, bearer_token,
 };
-pub use secret::{DEFAULT_CA_SECRET, MANAGED_BY_LABEL, SecretKeyStore};
+pub use secret::{DEFAULT_CA_SECRET, MANAGED_BY_LABEL, ROTATE_ANNOTATION, SecretKeyStore};
 pub use store::{
-    FileKeyStore, MemoryKeyStore, PREVIOUS_ROOTS_FILE, PreviousRoot, ROOT_CERT_FILE, ROOT_KEY_FILE,
-    RootMaterial, StoreError,
+    FileKeyStore, MemoryKeyStore, NEXT_CERT_FILE, NEXT_KEY_FILE, NextRoot, PREVIOUS_ROOTS_FILE,
+    PreviousRoot, ROOT_CERT_FILE, ROOT_KEY_FILE, RootMaterial, StoreError,
 };
 pub use tokenreview::{DEFAULT_TOKEN_AUDIENCE, TokenReviewAuthenticator, identity_of};
 
@@ -59,6 +64,10 @@ pub const ROOT_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How far back a certificate's `notBefore` is set, so that a peer whose
 /// clock is a little behind accepts it at once.
 pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// How much longer than the longest certificate lifetime a replaced root
+/// stays trusted: a replica that has not yet reloaded the promotion may
+/// sign with the old root for a few seconds more.
+pub const RETIRE_MARGIN: Duration = Duration::from_secs(30);
 
 /// A workload identity: a Kubernetes service account.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -257,6 +266,12 @@ pub trait KeyStore: Send + Sync {
     }
     /// Where the roots are kept, for logs and errors.
     fn describe(&self) -> String;
+    /// Whether the last load found a request to rotate the root (on
+    /// Kubernetes, an annotation on the Secret), and its text. A store
+    /// that replaces the roots drops the request.
+    fn rotation_requested(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A certificate the CA issued.
@@ -356,6 +371,9 @@ pub enum CaError {
     /// Making a new root failed.
     #[error("cannot make a CA root: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A promotion without a next root.
+    #[error("no rotation is under way: there is no next root to make the signer")]
+    NoNextRoot,
     /// The trust domain is invalid.
     #[error(transparent)]
     TrustDomain(#[from] IdentityError),
@@ -368,14 +386,18 @@ pub struct RootInfo {
     pub subject: String,
     /// Its serial number, hex.
     pub serial: String,
+    /// When it became valid.
+    pub not_before: SystemTime,
     /// When it expires.
     pub not_after: SystemTime,
 }
 
-/// The roots in force: the signer, and the roots it replaced that are
-/// still trusted. Replaced whole on a rotation, never changed in place.
+/// The roots in force: the signer, the next root while a rotation waits
+/// for every proxy to trust it, and the roots the signer replaced that
+/// are still trusted. Replaced whole, never changed in place.
 struct Roots {
-    signer: Signer,
+    signer: Arc<Signer>,
+    next: Option<Arc<Signer>>,
     previous: Vec<PreviousRoot>,
 }
 
@@ -414,9 +436,10 @@ impl Ca {
                 roots
             }
             None => {
-                let signer = Signer::generate(&config.trust_domain, now)?;
+                let signer = Arc::new(Signer::generate(&config.trust_domain, now)?);
                 let roots = Roots {
                     signer,
+                    next: None,
                     previous: Vec::new(),
                 };
                 match store.create(&roots.material())? {
@@ -599,38 +622,68 @@ impl Ca {
         self.roots().bundle(now)
     }
 
-    /// Makes a new root the signer. The current one stays in the trust
-    /// bundle for `overlap`, which should be at least the longest
-    /// certificate lifetime, so that every certificate it signed expires
-    /// before its root is dropped. Persisted before it takes effect: when
-    /// storing fails, nothing changes.
-    pub fn rotate(&self, overlap: Duration) -> Result<(), CaError> {
-        self.rotate_at(overlap, SystemTime::now())
+    /// The next root, while a rotation waits to make it the signer.
+    pub fn next_root(&self) -> Option<RootInfo> {
+        self.roots().next.as_ref().map(|n| n.info.clone())
     }
 
-    /// [`Ca::rotate`] at `now`.
-    pub fn rotate_at(&self, overlap: Duration, now: SystemTime) -> Result<(), CaError> {
+    /// Starts a rotation: makes the next root and adds it to the trust
+    /// bundle, persisted first. It signs nothing until [`Ca::promote`].
+    /// When a next root is there already (made earlier, or put in the
+    /// store by an operator), returns it and changes nothing.
+    pub fn prepare(&self) -> Result<RootInfo, CaError> {
+        self.prepare_at(SystemTime::now())
+    }
+
+    /// [`Ca::prepare`] at `now`.
+    pub fn prepare_at(&self, now: SystemTime) -> Result<RootInfo, CaError> {
         let _rotating = self.rotating.lock().unwrap_or_else(PoisonError::into_inner);
         let old = self.roots();
-        if overlap < self.config.max_ttl {
-            warn!(
-                overlap = %humantime::format_duration(overlap),
-                max_ttl = %humantime::format_duration(self.config.max_ttl),
-                "rotating the CA root with an overlap shorter than the certificate lifetime: certificates the old root signed stop verifying before they expire"
-            );
+        if let Some(next) = &old.next {
+            return Ok(next.info.clone());
         }
+        let next = Arc::new(Signer::generate(&self.config.trust_domain, now)?);
+        let info = next.info.clone();
+        let roots = Roots {
+            signer: old.signer.clone(),
+            next: Some(next),
+            previous: old.live_previous(now),
+        };
+        self.store.store(&roots.material())?;
+        info!(
+            next = %info.subject,
+            serial = %info.serial,
+            signer = %old.signer.info.serial,
+            "CA root rotation started: the next root is in the trust bundle and signs once every proxy holds it"
+        );
+        self.swap(roots);
+        Ok(info)
+    }
+
+    /// Makes the next root the signer. The one it replaces stays in the
+    /// trust bundle for the longest certificate lifetime and
+    /// [`RETIRE_MARGIN`], so that every certificate it signed expires
+    /// before it leaves. Persisted before it takes effect.
+    pub fn promote(&self) -> Result<RootInfo, CaError> {
+        self.promote_at(SystemTime::now())
+    }
+
+    /// [`Ca::promote`] at `now`.
+    pub fn promote_at(&self, now: SystemTime) -> Result<RootInfo, CaError> {
+        let _rotating = self.rotating.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.roots();
+        let Some(next) = &old.next else {
+            return Err(CaError::NoNextRoot);
+        };
+        let trusted_until = whole_seconds(later(now, self.config.max_ttl + RETIRE_MARGIN));
         let mut previous = vec![PreviousRoot {
             cert_pem: old.signer.cert_pem.clone(),
-            trusted_until: whole_seconds(later(now, overlap)),
+            trusted_until,
         }];
-        previous.extend(
-            old.previous
-                .iter()
-                .filter(|p| p.trusted_until > now)
-                .cloned(),
-        );
+        previous.extend(old.live_previous(now));
         let roots = Roots {
-            signer: Signer::generate(&self.config.trust_domain, now)?,
+            signer: next.clone(),
+            next: None,
             previous,
         };
         self.store.store(&roots.material())?;
@@ -638,11 +691,91 @@ impl Ca {
             root = %roots.signer.info.subject,
             serial = %roots.signer.info.serial,
             replaced = %old.signer.info.serial,
-            old_trusted_until = %humantime::format_rfc3339_seconds(later(now, overlap)),
-            "CA root rotated"
+            old_trusted_until = %humantime::format_rfc3339_seconds(trusted_until),
+            "CA root rotated: the new root signs"
         );
+        let info = roots.signer.info.clone();
+        self.swap(roots);
+        Ok(info)
+    }
+
+    /// Whether the signing root has used `fraction` of its lifetime, when
+    /// a rotation should start.
+    pub fn rotation_due_at(&self, fraction: f64, now: SystemTime) -> bool {
+        let info = &self.roots().signer.info;
+        let life = info
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or_default();
+        now.duration_since(info.not_before)
+            .is_ok_and(|used| used >= life.mul_f64(fraction.clamp(0.0, 1.0)))
+    }
+
+    /// Whether the key store holds a request to rotate (see
+    /// [`KeyStore::rotation_requested`]), as of the last load.
+    pub fn rotation_requested(&self) -> Option<String> {
+        self.store.rotation_requested()
+    }
+
+    /// Reads the key store again and takes what it holds when that
+    /// changed: another replica's rotation, or an operator's root. Returns
+    /// whether anything changed. A store found empty or unusable changes
+    /// nothing (and is an error): the roots in use stay.
+    pub fn reload(&self) -> Result<bool, CaError> {
+        self.reload_at(SystemTime::now())
+    }
+
+    /// [`Ca::reload`] at `now`.
+    pub fn reload_at(&self, now: SystemTime) -> Result<bool, CaError> {
+        let _rotating = self.rotating.lock().unwrap_or_else(PoisonError::into_inner);
+        let place = self.store.describe();
+        let Some(material) = self.store.load()? else {
+            return Err(CaError::BadRoot {
+                place,
+                reason: "it is empty now; keeping the roots in use (restore it, or restart the control plane to make a new root)".into(),
+            });
+        };
+        let current = self.roots();
+        if material == current.material() {
+            return Ok(false);
+        }
+        let roots = Roots::from_material(material, now, &place)?;
+        if roots.material() == current.material() {
+            return Ok(false);
+        }
+        info!(
+            store = %place,
+            root = %roots.signer.info.serial,
+            next = roots.next.as_ref().map(|n| n.info.serial.as_str()).unwrap_or("none"),
+            previous = roots.previous.len(),
+            "CA roots reloaded"
+        );
+        self.swap(roots);
+        Ok(true)
+    }
+
+    /// The roots and where a rotation stands, for `/debug/ca`.
+    pub fn status_at(&self, now: SystemTime) -> CaStatus {
+        let roots = self.roots();
+        CaStatus {
+            signer: (&roots.signer.info).into(),
+            next: roots.next.as_ref().map(|n| (&n.info).into()),
+            previous: roots
+                .previous
+                .iter()
+                .filter(|p| p.trusted_until > now)
+                .map(|p| PreviousStatus {
+                    root: root_info(&p.cert_pem)
+                        .map(|info| (&info).into())
+                        .unwrap_or_default(),
+                    trusted_until: humantime::format_rfc3339_seconds(p.trusted_until).to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    fn swap(&self, roots: Roots) {
         *self.roots.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(roots);
-        Ok(())
     }
 
     fn roots(&self) -> Arc<Roots> {
@@ -675,7 +808,16 @@ impl Roots {
             place: place.into(),
             reason,
         };
-        let signer = Signer::load(material.cert_pem, material.key_pem, now).map_err(bad)?;
+        let signer = Arc::new(Signer::load(material.cert_pem, material.key_pem, now).map_err(bad)?);
+        // A promotion interrupted before the next root's files were
+        // removed leaves the signer there twice.
+        let next = match material.next {
+            Some(next) if next.cert_pem != signer.cert_pem => Some(Arc::new(
+                Signer::load(next.cert_pem, next.key_pem, now)
+                    .map_err(|e| bad(format!("the next root: {e}")))?,
+            )),
+            _ => None,
+        };
         let mut previous = Vec::new();
         for p in material.previous {
             if p.trusted_until <= now || p.cert_pem == signer.cert_pem {
@@ -684,19 +826,38 @@ impl Roots {
             parse_cert(&p.cert_pem).map_err(|e| bad(format!("a previous root: {e}")))?;
             previous.push(p);
         }
-        Ok(Self { signer, previous })
+        Ok(Self {
+            signer,
+            next,
+            previous,
+        })
     }
 
     fn material(&self) -> RootMaterial {
         RootMaterial {
             cert_pem: self.signer.cert_pem.clone(),
             key_pem: self.signer.key_pem.clone(),
+            next: self.next.as_ref().map(|n| NextRoot {
+                cert_pem: n.cert_pem.clone(),
+                key_pem: n.key_pem.clone(),
+            }),
             previous: self.previous.clone(),
         }
     }
 
+    /// The replaced roots still trusted at `now`.
+    fn live_previous(&self, now: SystemTime) -> Vec<PreviousRoot> {
+        self.previous
+            .iter()
+            .filter(|p| p.trusted_until > now)
+            .cloned()
+            .collect()
+    }
+
+    /// The signer, the next root, then the replaced roots still trusted.
     fn bundle(&self, now: SystemTime) -> Vec<String> {
         std::iter::once(self.signer.cert_pem.clone())
+            .chain(self.next.iter().map(|n| n.cert_pem.clone()))
             .chain(
                 self.previous
                     .iter()
@@ -751,10 +912,7 @@ impl Signer {
         {
             return Err("the certificate's key usage does not allow keyCertSign".into());
         }
-        let not_after = UNIX_EPOCH
-            + Duration::from_secs(
-                u64::try_from(cert.validity().not_after.timestamp()).unwrap_or_default(),
-            );
+        let not_after = unix_time(cert.validity().not_after.timestamp());
         if not_after <= now {
             return Err(format!(
                 "the certificate expired at {}; replace it, or remove it and its key to make a new root",
@@ -766,11 +924,7 @@ impl Signer {
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err("the private key does not belong to the certificate".into());
         }
-        let info = RootInfo {
-            subject: cert.subject().to_string(),
-            serial: cert.raw_serial_as_string().replace(':', ""),
-            not_after,
-        };
+        let info = info_of(&cert);
         let issuer = Issuer::from_ca_cert_der(&der.into(), key)
             .map_err(|e| format!("rcgen cannot sign with it: {e}"))?;
         Ok(Self {
@@ -780,6 +934,71 @@ impl Signer {
             info,
         })
     }
+}
+
+/// The roots and where a rotation stands, as `/debug/ca` shows them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaStatus {
+    /// The root that signs.
+    pub signer: RootSummary,
+    /// The next root, in the bundle but not signing, during a rotation.
+    pub next: Option<RootSummary>,
+    /// Replaced roots still trusted.
+    pub previous: Vec<PreviousStatus>,
+}
+
+/// A root in a [`CaStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootSummary {
+    /// Its serial number, hex.
+    pub serial: String,
+    /// Its subject.
+    pub subject: String,
+    /// When it expires, RFC 3339.
+    pub not_after: String,
+}
+
+impl From<&RootInfo> for RootSummary {
+    fn from(info: &RootInfo) -> Self {
+        Self {
+            serial: info.serial.clone(),
+            subject: info.subject.clone(),
+            not_after: humantime::format_rfc3339_seconds(info.not_after).to_string(),
+        }
+    }
+}
+
+/// A replaced root in a [`CaStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousStatus {
+    /// The root.
+    pub root: RootSummary,
+    /// When it leaves the bundle, RFC 3339.
+    pub trusted_until: String,
+}
+
+/// The facts of a root certificate, PEM.
+pub fn root_info(pem: &str) -> Result<RootInfo, String> {
+    let der = parse_cert(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    Ok(info_of(&cert))
+}
+
+fn info_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> RootInfo {
+    RootInfo {
+        subject: cert.subject().to_string(),
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: unix_time(cert.validity().not_before.timestamp()),
+        not_after: unix_time(cert.validity().not_after.timestamp()),
+    }
+}
+
+fn unix_time(seconds: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(seconds).unwrap_or_default())
 }
 
 /// Checks that a CSR is well formed, signed by its own key, holds an ECDSA

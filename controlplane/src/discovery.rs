@@ -229,6 +229,16 @@ pub enum SyncState {
     Nacked,
 }
 
+/// See [`Server::trust_bundle_holders`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleHolders {
+    /// Proxies connected.
+    pub connected: usize,
+    /// Those that do not hold the current bundle, by node id.
+    pub behind: Vec<String>,
+}
+
 /// A NACK.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -388,6 +398,38 @@ impl Server {
         let span = tracing::info_span!("discovery", stream = id, proxy = tracing::field::Empty);
         tokio::spawn(stream::run(self.shared.clone(), id, requests, tx).instrument(span));
         rx
+    }
+
+    /// Which connected proxies have applied the trust bundle the index
+    /// holds now: how many are connected, and the node ids of those that
+    /// have not ACKed it (or do not subscribe to it). A root rotation
+    /// waits for this list to be empty.
+    pub fn trust_bundle_holders(&self) -> BundleHolders {
+        let version = self.read(|index| {
+            resources::Type::TrustBundle
+                .compute(index, mesh_proto::discovery::v1::TRUST_BUNDLE, "")
+                .map(|c| c.resource.version)
+        });
+        let proxies: Vec<_> = lock(&self.shared.proxies).values().cloned().collect();
+        let mut behind = Vec::new();
+        for p in &proxies {
+            let p = lock(p);
+            let holds = version.as_deref().is_some_and(|v| {
+                p.holds(
+                    resources::Type::TrustBundle,
+                    mesh_proto::discovery::v1::TRUST_BUNDLE,
+                    v,
+                )
+            });
+            if !holds {
+                behind.push(p.node_id().to_owned());
+            }
+        }
+        behind.sort();
+        BundleHolders {
+            connected: proxies.len(),
+            behind,
+        }
     }
 
     /// Every connected proxy, by stream.

@@ -13,6 +13,7 @@ pub mod identity;
 pub mod index;
 pub mod install;
 pub mod meshctl;
+pub mod rotation;
 pub mod run;
 pub mod serving;
 pub mod settings;

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::discovery::{ProxyStatus, SyncState};
 use crate::identity::Identities;
+use crate::rotation::Report;
 
 /// Renders `meshctl proxy-status`: one line per connected proxy with its
 /// workload, how many resource types are in sync, its NACKs, and its
@@ -64,7 +65,13 @@ pub fn proxy_status_table(
         "CERT EXPIRES IN",
         "LAST NACK",
     ];
-    let widths: Vec<usize> = (0..header.len())
+    table(&mut out, &header, rows);
+    out
+}
+
+/// Rows under `header`, in columns as wide as their widest cell.
+fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: Vec<[String; N]>) {
+    let widths: Vec<usize> = (0..N)
         .map(|i| {
             rows.iter()
                 .map(|r| r[i].len())
@@ -81,6 +88,75 @@ pub fn proxy_status_table(
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
+}
+
+/// `meshctl ca status`: the roots (as the leader, else the first replica,
+/// sees them), where a rotation stands, and per replica the bundle it
+/// serves and how many of its proxies have applied it.
+pub fn ca_status_table(reports: &[Report]) -> String {
+    let mut out = String::new();
+    let Some(main) = reports.iter().find(|r| r.leader).or(reports.first()) else {
+        return "no control plane replica answered\n".into();
+    };
+    let ca = &main.ca;
+    let mut roots = vec![[
+        "signer".to_owned(),
+        ca.signer.serial.clone(),
+        "signs certificates".to_owned(),
+        ca.signer.not_after.clone(),
+    ]];
+    if let Some(next) = &ca.next {
+        roots.push([
+            "next".to_owned(),
+            next.serial.clone(),
+            "trusted; signs once every proxy holds it".to_owned(),
+            next.not_after.clone(),
+        ]);
+    }
+    for p in &ca.previous {
+        roots.push([
+            "previous".to_owned(),
+            p.root.serial.clone(),
+            format!("trusted until {}", p.trusted_until),
+            p.root.not_after.clone(),
+        ]);
+    }
+    table(&mut out, &["ROOT", "SERIAL", "STATE", "EXPIRES"], roots);
+    let phase = match (&ca.next, ca.previous.is_empty()) {
+        (Some(_), _) => "rotation: the next root is in the trust bundle, waiting for every proxy",
+        (None, false) => {
+            "rotation: the new root signs; the old one leaves the bundle when its certificates have expired"
+        }
+        (None, true) => "no rotation under way",
+    };
+    let _ = writeln!(out, "\n{phase}");
+    if let Some(why) = &main.waiting {
+        let _ = writeln!(out, "waiting: {why}");
+    }
+    let _ = writeln!(out);
+    let rows = reports
+        .iter()
+        .map(|r| {
+            [
+                r.replica.clone(),
+                if r.leader { "yes" } else { "no" }.to_owned(),
+                r.bundle.len().to_string(),
+                r.proxies.connected.to_string(),
+                r.proxies.behind.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &[
+            "REPLICA",
+            "LEADER",
+            "ROOTS IN BUNDLE",
+            "PROXIES",
+            "NOT YET HOLDING IT",
+        ],
+        rows,
+    );
     out
 }
 

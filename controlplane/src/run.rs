@@ -24,10 +24,11 @@ use crate::ca::{
 use crate::discovery::{self, Server};
 use crate::identity::IdentityService;
 use crate::index::Index;
+use crate::rotation::{LocalGate, Rotation};
 use crate::serving::{self, ServingCert};
 use crate::settings::{CaStore, Settings, SettingsError};
 use crate::source::DirSource;
-use crate::source::kubernetes::{self, KubeError, Leadership, Readiness};
+use crate::source::kubernetes::{self, KubeError, Leadership, Readiness, ReplicaGate};
 
 /// The pause after each read of the directory: events meanwhile make one
 /// more read, so a burst of writes is read at most once per pause.
@@ -117,12 +118,15 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
     let _ = index.set_trust_bundle(ca.trust_bundle_pem());
     let server = Server::new(index, config);
     let mut lease = None;
-    let readiness = match (&settings.config_dir, client) {
+    let rotate_at = settings.root_rotate_at;
+    let (readiness, rotation) = match (&settings.config_dir, client) {
         (Some(dir), _) => {
             let mut source = DirSource::new(dir);
             report(&server.update(|index| source.scan(index)));
             tokio::spawn(watch(source, server.clone()));
-            None
+            let rotation = Rotation::new(ca.clone(), server.clone(), "local", || true, rotate_at);
+            tokio::spawn(rotation.clone().drive(LocalGate::new(rotation.clone())));
+            (None, rotation)
         }
         (None, Some(client)) => {
             tokio::spawn(kubernetes::publish_trust_bundle(
@@ -147,13 +151,27 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
                 leadership.clone(),
                 writer,
             ));
+            let leads = leadership.clone();
+            let rotation = Rotation::new(
+                ca.clone(),
+                server.clone(),
+                pod_name(),
+                move || leads.is_leader(),
+                rotate_at,
+            );
+            let gate = ReplicaGate::new(
+                client.clone(),
+                settings.namespace.clone(),
+                settings.admin_addr.port(),
+            );
+            tokio::spawn(rotation.clone().drive(gate));
             lease = Some(LeaseHold {
                 client,
                 namespace: settings.namespace.clone(),
                 identity,
                 leadership,
             });
-            Some(ready)
+            (Some(ready), rotation)
         }
         (None, None) => unreachable!("clap requires --config-dir or --kubernetes"),
     };
@@ -179,11 +197,10 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
         admin_listener,
         server.clone(),
         recorder,
-        ca.clone(),
+        rotation,
         issuances,
         readiness,
     ));
-    tokio::spawn(refresh_trust_bundle(server.clone(), ca.clone()));
     let source = match &settings.config_dir {
         Some(dir) => format!("directory {}", dir.display()),
         None => "the Kubernetes API".to_owned(),
@@ -205,11 +222,15 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
 /// client-go does: a container restarted in the same pod is another
 /// process and must not take the Lease its predecessor held for its own.
 fn replica_name() -> String {
-    let pod = ["POD_NAME", "HOSTNAME"]
+    format!("{}_{:08x}", pod_name(), rand::random::<u32>())
+}
+
+/// The pod's name: `POD_NAME`, else `HOSTNAME`.
+fn pod_name() -> String {
+    ["POD_NAME", "HOSTNAME"]
         .into_iter()
         .find_map(|var| std::env::var(var).ok().filter(|v| !v.is_empty()))
-        .unwrap_or_else(|| "trellis-controlplane".to_owned());
-    format!("{pod}_{:08x}", rand::random::<u32>())
+        .unwrap_or_else(|| "trellis-controlplane".to_owned())
 }
 
 /// What giving up the Lease takes.
@@ -338,72 +359,30 @@ async fn watch(mut source: DirSource, server: Server) {
     }
 }
 
-/// How often the trust bundle is recomputed, so that a root whose
-/// rotation overlap ended leaves the proxies' bundles.
-const BUNDLE_REFRESH: Duration = Duration::from_secs(30);
-
-/// Keeps the index's trust bundle equal to the CA's (an unchanged bundle
-/// pushes nothing).
-async fn refresh_trust_bundle(server: Server, ca: Arc<Ca>) {
-    loop {
-        tokio::time::sleep(BUNDLE_REFRESH).await;
-        server.update(|index| index.set_trust_bundle(ca.trust_bundle_pem()));
-    }
-}
-
 /// `GET /debug/identities`: the last certificate issued to each SPIFFE ID.
 fn identities(ca: &Ca, issuances: &crate::identity::Issuances) -> Response<Full<Bytes>> {
-    match serde_json::to_string_pretty(&issuances.snapshot(ca.trust_domain())) {
-        Ok(body) => reply(StatusCode::OK, "application/json", body),
+    json(serde_json::to_string_pretty(
+        &issuances.snapshot(ca.trust_domain()),
+    ))
+}
+
+/// `POST /ca/rotate`: a rotation starts now; the next root joins the
+/// trust bundle at once and signs once every proxy holds it.
+fn rotate(rotation: &Rotation) -> Response<Full<Bytes>> {
+    match rotation.start() {
+        Ok(next) => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!(
+                "rotation started: the next root {} ({}) is in the trust bundle; it signs once every proxy holds it, and the old root leaves the bundle after the longest certificate lifetime (see GET /debug/ca)\n",
+                next.subject, next.serial
+            ),
+        ),
         Err(e) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            e.to_string(),
+            format!("cannot start a rotation: {e}\n"),
         ),
-    }
-}
-
-/// `POST /ca/rotate?overlap=DURATION`: a new root signs from now on; the
-/// old one stays in every proxy's trust bundle for the overlap (default
-/// twice the longest certificate lifetime, so every certificate it signed
-/// has been renewed by then).
-fn rotate(server: &Server, ca: &Ca, query: Option<&str>) -> Response<Full<Bytes>> {
-    let overlap = match form_overlap(query) {
-        Ok(Some(d)) => d,
-        Ok(None) => ca.config().max_ttl * 2,
-        Err(e) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
-    };
-    match ca.rotate(overlap) {
-        Ok(()) => {
-            server.update(|index| index.set_trust_bundle(ca.trust_bundle_pem()));
-            let root = ca.root();
-            info!(serial = %root.serial, ?overlap, "CA root rotated");
-            reply(
-                StatusCode::OK,
-                "text/plain",
-                format!(
-                    "rotated: new root {} ({}); the old root stays trusted for {}\n",
-                    root.subject,
-                    root.serial,
-                    humantime::format_duration(overlap)
-                ),
-            )
-        }
-        Err(e) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("rotation failed: {e}\n"),
-        ),
-    }
-}
-
-fn form_overlap(query: Option<&str>) -> Result<Option<Duration>, String> {
-    let query = query.unwrap_or_default().as_bytes();
-    match form_urlencoded::parse(query).find(|(key, _)| key == "overlap") {
-        Some((_, v)) => humantime::parse_duration(&v)
-            .map(Some)
-            .map_err(|e| format!("overlap={v:?} is not a duration (like 48h): {e}")),
-        None => Ok(None),
     }
 }
 
@@ -411,7 +390,7 @@ async fn admin(
     listener: TcpListener,
     server: Server,
     recorder: PrometheusHandle,
-    ca: Arc<Ca>,
+    rotation: Rotation,
     issuances: Arc<crate::identity::Issuances>,
     readiness: Option<Readiness>,
 ) {
@@ -420,7 +399,7 @@ async fn admin(
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (server, recorder, ca) = (server.clone(), recorder.clone(), ca.clone());
+        let (server, recorder, rotation) = (server.clone(), recorder.clone(), rotation.clone());
         let issuances = issuances.clone();
         let readiness = readiness.clone();
         tokio::spawn(async move {
@@ -440,7 +419,7 @@ async fn admin(
                     // The admin port serves probes and metrics to the
                     // cluster; changing the CA is for the node itself.
                     if peer.ip().is_loopback() {
-                        rotate(&server, &ca, req.uri().query())
+                        rotate(&rotation)
                     } else {
                         reply(
                             StatusCode::FORBIDDEN,
@@ -449,7 +428,9 @@ async fn admin(
                         )
                     }
                 } else if req.uri().path() == "/debug/identities" {
-                    identities(&ca, &issuances)
+                    identities(rotation.ca(), &issuances)
+                } else if req.uri().path() == "/debug/ca" {
+                    json(serde_json::to_string_pretty(&rotation.report()))
                 } else {
                     route(&server, &recorder, &req)
                 };
@@ -481,19 +462,22 @@ fn debug_proxies(server: &Server, query: Option<&str>) -> Vec<discovery::ProxySt
     server.proxy_statuses(detail, |node| id.as_deref().is_none_or(|id| id == node))
 }
 
-fn route(
-    server: &Server,
-    recorder: &PrometheusHandle,
-    req: &Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let json = |v: serde_json::Result<String>| match v {
+fn json(v: serde_json::Result<String>) -> Response<Full<Bytes>> {
+    match v {
         Ok(body) => reply(StatusCode::OK, "application/json", body),
         Err(e) => reply(
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
             e.to_string(),
         ),
-    };
+    }
+}
+
+fn route(
+    server: &Server,
+    recorder: &PrometheusHandle,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => reply(
             StatusCode::OK,

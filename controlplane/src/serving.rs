@@ -385,7 +385,12 @@ mod tests {
         let second = leaf(&serving);
         assert_ne!(second, first);
 
-        ca.rotate(ca.config().max_ttl).unwrap();
+        ca.prepare().unwrap();
+        assert!(
+            !serving.refresh().unwrap(),
+            "the next root signs nothing yet"
+        );
+        ca.promote().unwrap();
         assert!(serving.refresh().unwrap(), "the root changed");
         let third = leaf(&serving);
         let (_, cert) = x509_parser::parse_x509_certificate(&third).unwrap();

@@ -78,7 +78,8 @@ pub struct Settings {
     #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// Directory of the CA's root: `root-cert.pem`, `root-key.pem` (mode
-    /// 0600) and `previous-roots.yaml`. Made, with a new root, on first
+    /// 0600), during a rotation `next-root-cert.pem` and
+    /// `next-root-key.pem`, and `previous-roots.yaml`. Made, with a new root, on first
     /// start; put a `root-cert.pem` and `root-key.pem` of your own there to
     /// sign with your root. Default: beside the config directory, named
     /// after it with `-ca` appended (`mesh/` -> `mesh-ca/`). Not inside it,
@@ -97,6 +98,13 @@ pub struct Settings {
     /// for a shorter certificate but never a longer one.
     #[arg(long, env = "TRELLIS_CERT_MAX_TTL", value_parser = humantime::parse_duration)]
     pub cert_max_ttl: Option<Duration>,
+    /// When the CA root has used this part of its lifetime, a rotation
+    /// starts: the next root joins every proxy's trust bundle, signs once
+    /// they all hold it, and the old root leaves the bundle after the
+    /// longest certificate lifetime. `meshctl ca rotate` starts one now.
+    #[arg(long, env = "TRELLIS_ROOT_ROTATE_AT", default_value = "80%",
+          value_parser = crate::rotation::parse_rotate_at)]
+    pub root_rotate_at: f64,
     /// YAML file of bootstrap tokens for local mode, each proving a
     /// workload identity: `tokens: [{token: ..., namespace: default,
     /// serviceAccount: productpage}]`. Without it the CA signs nothing:
@@ -148,6 +156,7 @@ impl Settings {
             ca_dir: None,
             cert_ttl: crate::ca::DEFAULT_CERT_TTL,
             cert_max_ttl: None,
+            root_rotate_at: crate::rotation::DEFAULT_ROTATE_AT,
             bootstrap_tokens: None,
             discovery_names: DEFAULT_DISCOVERY_NAMES
                 .split(',')

@@ -281,10 +281,14 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_request() {
     .await
     .expect("the server's certificate was never renewed");
 
-    // The root rotates: both proxies get a two-root bundle over discovery,
-    // then certificates from the new root at their next renewal.
-    let body = post(m.cp.admin, "/ca/rotate?overlap=1h").await;
-    assert!(body.starts_with("rotated"), "{body}");
+    // A rotation starts: both proxies get a two-root bundle over
+    // discovery; once both have applied it, the next root signs, and
+    // their next renewals come from it.
+    let body = post(m.cp.admin, "/ca/rotate").await;
+    assert!(body.starts_with("rotation started"), "{body}");
+    let report: serde_json::Value =
+        serde_json::from_str(&post_or_get(m.cp.admin, "GET", "/debug/ca").await).unwrap();
+    let next = report["ca"]["next"]["serial"].as_str().unwrap().to_owned();
     tokio::time::timeout(DEADLINE, async {
         while m.client.tls().root_count() != 2 || m.server.tls().root_count() != 2 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -292,6 +296,18 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_request() {
     })
     .await
     .expect("the two-root bundle never reached both proxies");
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let report: serde_json::Value =
+                serde_json::from_str(&post_or_get(m.cp.admin, "GET", "/debug/ca").await).unwrap();
+            if report["ca"]["signer"]["serial"] == next.as_str() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("the next root never became the signer");
     // Two more renewals each: now from the new root.
     for p in [&m.server, &m.client] {
         let before = p.tls().credentials().unwrap().expires;
@@ -324,6 +340,11 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_request() {
 
 /// `POST path` to `addr`; the body.
 async fn post(addr: SocketAddr, path: &str) -> String {
+    post_or_get(addr, "POST", path).await
+}
+
+/// `method path` to `addr`; the body.
+async fn post_or_get(addr: SocketAddr, method: &str, path: &str) -> String {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) =
@@ -331,7 +352,9 @@ async fn post(addr: SocketAddr, path: &str) -> String {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::post(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", addr.to_string())
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .unwrap();

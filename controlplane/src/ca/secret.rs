@@ -1,7 +1,12 @@
 //! The CA's roots in a Kubernetes Secret (`trellis-system/trellis-ca` by
 //! default), with the same keys as the files of a
-//! [`FileKeyStore`](super::FileKeyStore): `root-cert.pem`, `root-key.pem`
-//! and `previous-roots.yaml`.
+//! [`FileKeyStore`](super::FileKeyStore): `root-cert.pem`, `root-key.pem`,
+//! during a rotation `next-root-cert.pem` and `next-root-key.pem`, and
+//! `previous-roots.yaml`.
+//!
+//! The annotation [`ROTATE_ANNOTATION`] on the Secret asks the leader to
+//! start a rotation now (`meshctl ca rotate` sets it); the store that
+//! starts it drops the annotation.
 //!
 //! Replicas that start together agree on one root: each creates the
 //! Secret only if it is absent, and the one whose create conflicts adopts
@@ -27,11 +32,16 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 
 use super::store::{format_previous, parse_previous};
 use super::{
-    KeyStore, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE, RootMaterial, StoreError,
+    KeyStore, NEXT_CERT_FILE, NEXT_KEY_FILE, NextRoot, PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE,
+    ROOT_KEY_FILE, RootMaterial, StoreError,
 };
 
 /// The default name of the CA's Secret.
 pub const DEFAULT_CA_SECRET: &str = "trellis-ca";
+
+/// The annotation on the CA's Secret that asks for a root rotation; its
+/// value says when it was asked (for logs only).
+pub const ROTATE_ANNOTATION: &str = "trellis.dev/rotate-root";
 
 /// The label that marks the objects Trellis manages.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -45,6 +55,8 @@ pub struct SecretKeyStore {
     /// The Secret's `resourceVersion` when last read or written: a store
     /// replaces only that version.
     version: Mutex<Option<String>>,
+    /// The [`ROTATE_ANNOTATION`] of the Secret when last read.
+    requested: Mutex<Option<String>>,
 }
 
 impl SecretKeyStore {
@@ -64,6 +76,7 @@ impl SecretKeyStore {
             name: name.to_owned(),
             runtime,
             version: Mutex::new(None),
+            requested: Mutex::new(None),
         })
     }
 
@@ -93,16 +106,29 @@ impl SecretKeyStore {
     fn remember(&self, secret: &Secret) {
         *self.version.lock().unwrap_or_else(PoisonError::into_inner) =
             secret.metadata.resource_version.clone();
+        *self
+            .requested
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROTATE_ANNOTATION))
+            .cloned();
     }
 
     fn secret(&self, material: &RootMaterial) -> Result<Secret, StoreError> {
         let previous = format_previous(&material.previous).map_err(|e| self.error(e))?;
+        let next = material.next.as_ref();
         let data = [
-            (ROOT_CERT_FILE, material.cert_pem.as_str()),
-            (ROOT_KEY_FILE, material.key_pem.as_str()),
-            (PREVIOUS_ROOTS_FILE, previous.as_str()),
+            (ROOT_CERT_FILE, Some(material.cert_pem.as_str())),
+            (ROOT_KEY_FILE, Some(material.key_pem.as_str())),
+            (NEXT_CERT_FILE, next.map(|n| n.cert_pem.as_str())),
+            (NEXT_KEY_FILE, next.map(|n| n.key_pem.as_str())),
+            (PREVIOUS_ROOTS_FILE, Some(previous.as_str())),
         ]
         .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
         .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
         .collect();
         Ok(Secret {
@@ -138,24 +164,34 @@ impl SecretKeyStore {
                 })
                 .transpose()
         };
-        let (cert_pem, key_pem) = match (text(ROOT_CERT_FILE)?, text(ROOT_KEY_FILE)?) {
-            (Some(cert), Some(key)) => (cert, key),
-            (cert, _) => {
-                let (present, missing) = if cert.is_some() {
-                    (ROOT_CERT_FILE, ROOT_KEY_FILE)
-                } else {
-                    (ROOT_KEY_FILE, ROOT_CERT_FILE)
-                };
-                return Err(self.error(format!(
-                    "it has no key {missing}{}: a root needs {ROOT_CERT_FILE} and {ROOT_KEY_FILE} (add the missing key, or delete the Secret to let the CA make a new root)",
-                    if data.contains_key(present) {
-                        format!(" (only {present})")
+        let pair = |cert: &str, key: &str| -> Result<Option<(String, String)>, StoreError> {
+            match (text(cert)?, text(key)?) {
+                (Some(cert), Some(key)) => Ok(Some((cert, key))),
+                (None, None) => Ok(None),
+                (c, _) => {
+                    let (present, missing) = if c.is_some() {
+                        (cert, key)
                     } else {
-                        String::new()
-                    }
-                )));
+                        (key, cert)
+                    };
+                    Err(self.error(format!(
+                        "it has {present} but no {missing}: a root needs both (add the missing key, or remove {present}{})",
+                        if cert == ROOT_CERT_FILE {
+                            " and let the CA make a new root by deleting the Secret"
+                        } else {
+                            ""
+                        }
+                    )))
+                }
             }
         };
+        let Some((cert_pem, key_pem)) = pair(ROOT_CERT_FILE, ROOT_KEY_FILE)? else {
+            return Err(self.error(format!(
+                "it has no {ROOT_CERT_FILE} and {ROOT_KEY_FILE}: a root needs both (add them, or delete the Secret to let the CA make a new root)"
+            )));
+        };
+        let next = pair(NEXT_CERT_FILE, NEXT_KEY_FILE)?
+            .map(|(cert_pem, key_pem)| NextRoot { cert_pem, key_pem });
         let previous = match text(PREVIOUS_ROOTS_FILE)? {
             Some(yaml) if !yaml.trim().is_empty() => parse_previous(&yaml)
                 .map_err(|reason| self.error(format!("{PREVIOUS_ROOTS_FILE}: {reason}")))?,
@@ -164,6 +200,7 @@ impl SecretKeyStore {
         Ok(RootMaterial {
             cert_pem,
             key_pem,
+            next,
             previous,
         })
     }
@@ -224,6 +261,13 @@ impl KeyStore for SecretKeyStore {
     fn describe(&self) -> String {
         format!("Secret {}/{}", self.namespace, self.name)
     }
+
+    fn rotation_requested(&self) -> Option<String> {
+        self.requested
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +291,7 @@ mod tests {
         RootMaterial {
             cert_pem: "-----BEGIN CERTIFICATE-----\n...\n".into(),
             key_pem: "-----BEGIN PRIVATE KEY-----\n...\n".into(),
+            next: None,
             previous: vec![super::super::PreviousRoot {
                 cert_pem: "old".into(),
                 trusted_until: std::time::UNIX_EPOCH
@@ -265,6 +310,69 @@ mod tests {
             [PREVIOUS_ROOTS_FILE, ROOT_CERT_FILE, ROOT_KEY_FILE]
         );
         assert_eq!(store.material(&secret).unwrap(), material());
+
+        // During a rotation, the next root's two keys too.
+        let mut rotating = material();
+        rotating.next = Some(NextRoot {
+            cert_pem: "next cert".into(),
+            key_pem: "next key".into(),
+        });
+        let secret = store.secret(&rotating).unwrap();
+        assert_eq!(
+            secret
+                .data
+                .as_ref()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            [
+                NEXT_CERT_FILE,
+                NEXT_KEY_FILE,
+                PREVIOUS_ROOTS_FILE,
+                ROOT_CERT_FILE,
+                ROOT_KEY_FILE
+            ]
+        );
+        assert_eq!(store.material(&secret).unwrap(), rotating);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rotation_request_is_read_from_the_annotation_and_not_written_back() {
+        let store = store();
+        let mut secret = store.secret(&material()).unwrap();
+        assert_eq!(store.rotation_requested(), None);
+        secret.metadata.annotations = Some(BTreeMap::from([(
+            ROTATE_ANNOTATION.to_owned(),
+            "2026-12-03T18:00:00Z".to_owned(),
+        )]));
+        store.remember(&secret);
+        assert_eq!(
+            store.rotation_requested().as_deref(),
+            Some("2026-12-03T18:00:00Z")
+        );
+        // What the store writes next has no annotations: the request is
+        // answered by that write.
+        assert_eq!(
+            store.secret(&material()).unwrap().metadata.annotations,
+            None
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn half_a_next_root_is_refused_naming_both_keys() {
+        let store = store();
+        let mut secret = store.secret(&material()).unwrap();
+        secret
+            .data
+            .as_mut()
+            .unwrap()
+            .insert(NEXT_CERT_FILE.into(), ByteString(b"next".to_vec()));
+        let e = store.material(&secret).unwrap_err().to_string();
+        assert!(
+            e.contains("next-root-cert.pem but no next-root-key.pem"),
+            "{e}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -274,7 +382,7 @@ mod tests {
         secret.data.as_mut().unwrap().remove(ROOT_KEY_FILE);
         let e = store.material(&secret).unwrap_err().to_string();
         assert!(e.contains("trellis-system/trellis-ca"), "{e}");
-        assert!(e.contains("no key root-key.pem"), "{e}");
+        assert!(e.contains("root-cert.pem but no root-key.pem"), "{e}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -17,6 +17,10 @@ use super::KeyStore;
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 /// The signing root's private key, PKCS#8 PEM, mode 0600.
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// The next root's certificate, PEM, while a rotation is under way.
+pub const NEXT_CERT_FILE: &str = "next-root-cert.pem";
+/// The next root's private key, PKCS#8 PEM, mode 0600.
+pub const NEXT_KEY_FILE: &str = "next-root-key.pem";
 /// The roots a rotation replaced and until when they stay trusted, YAML.
 pub const PREVIOUS_ROOTS_FILE: &str = "previous-roots.yaml";
 /// Present while a [`FileKeyStore::store`] renames its files into place;
@@ -32,9 +36,29 @@ pub struct RootMaterial {
     pub cert_pem: String,
     /// The signing root's private key, PKCS#8 PEM.
     pub key_pem: String,
+    /// The root that signs after a rotation, already in the trust bundle.
+    pub next: Option<NextRoot>,
     /// Roots that a rotation replaced, still in the trust bundle until
     /// their overlap ends. Their keys are not kept: they sign nothing.
     pub previous: Vec<PreviousRoot>,
+}
+
+/// The next root: trusted, not yet signing.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NextRoot {
+    /// Its certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PKCS#8 PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for NextRoot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NextRoot")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[redacted]")
+            .finish()
+    }
 }
 
 /// A replaced root that is still trusted.
@@ -53,6 +77,7 @@ impl std::fmt::Debug for RootMaterial {
         f.debug_struct("RootMaterial")
             .field("cert_pem", &self.cert_pem)
             .field("key_pem", &"[redacted]")
+            .field("next", &self.next)
             .field("previous", &self.previous)
             .finish()
     }
@@ -103,12 +128,15 @@ pub enum StoreError {
 ///
 /// - [`ROOT_CERT_FILE`] (`root-cert.pem`): the signing root's certificate;
 /// - [`ROOT_KEY_FILE`] (`root-key.pem`): its PKCS#8 private key, mode 0600;
+/// - [`NEXT_CERT_FILE`] and [`NEXT_KEY_FILE`] (`next-root-cert.pem`,
+///   `next-root-key.pem`): during a rotation, the root that signs next;
 /// - [`PREVIOUS_ROOTS_FILE`] (`previous-roots.yaml`): roots a rotation
 ///   replaced, each with the time it leaves the trust bundle.
 ///
 /// An operator who wants the CA to sign with a root of their own puts its
 /// certificate and key in the first two files before the first start; the
-/// CA makes a root only when both are missing. Each file is written to a
+/// CA makes a root only when both are missing. To move to a root of their
+/// own, they put it in the next-root files: the CA then rotates to it. Each file is written to a
 /// temporary name and renamed into place; a commit marker makes the set of
 /// renames complete even if the process dies halfway through them.
 #[derive(Debug, Clone)]
@@ -143,7 +171,13 @@ impl FileKeyStore {
     /// written, or drops the files of one interrupted before.
     fn recover(&self) -> Result<(), StoreError> {
         let committed = self.path(COMMIT_FILE).exists();
-        for name in [PREVIOUS_ROOTS_FILE, ROOT_KEY_FILE, ROOT_CERT_FILE] {
+        for name in [
+            PREVIOUS_ROOTS_FILE,
+            NEXT_KEY_FILE,
+            NEXT_CERT_FILE,
+            ROOT_KEY_FILE,
+            ROOT_CERT_FILE,
+        ] {
             let new = self.path(&format!("{name}{NEW_SUFFIX}"));
             if !new.exists() {
                 continue;
@@ -181,6 +215,43 @@ impl FileKeyStore {
         file.sync_all().map_err(self.io(name))
     }
 
+    /// A certificate file and its key file: both, or neither.
+    fn pair(
+        &self,
+        cert: &'static str,
+        key: &'static str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        match (self.path(cert).exists(), self.path(key).exists()) {
+            (false, false) => return Ok(None),
+            (true, false) => {
+                return Err(StoreError::HalfRoot {
+                    dir: self.dir.clone(),
+                    present: cert,
+                    missing: key,
+                });
+            }
+            (false, true) => {
+                return Err(StoreError::HalfRoot {
+                    dir: self.dir.clone(),
+                    present: key,
+                    missing: cert,
+                });
+            }
+            (true, true) => {}
+        }
+        let key_path = self.path(key);
+        if let Ok(meta) = std::fs::metadata(&key_path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            warn!(
+                file = %key_path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the CA key is readable by others than its owner; chmod 600 it"
+            );
+        }
+        Ok(Some((self.read(cert)?, self.read(key)?)))
+    }
+
     fn sync_dir(&self) -> Result<(), StoreError> {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -197,34 +268,12 @@ impl KeyStore for FileKeyStore {
             return Ok(None);
         }
         self.recover()?;
-        let cert = self.path(ROOT_CERT_FILE).exists();
-        let key = self.path(ROOT_KEY_FILE).exists();
-        match (cert, key) {
-            (false, false) => return Ok(None),
-            (true, false) | (false, true) => {
-                let (present, missing) = if cert {
-                    (ROOT_CERT_FILE, ROOT_KEY_FILE)
-                } else {
-                    (ROOT_KEY_FILE, ROOT_CERT_FILE)
-                };
-                return Err(StoreError::HalfRoot {
-                    dir: self.dir.clone(),
-                    present,
-                    missing,
-                });
-            }
-            (true, true) => {}
-        }
-        let key_path = self.path(ROOT_KEY_FILE);
-        if let Ok(meta) = std::fs::metadata(&key_path)
-            && meta.permissions().mode() & 0o077 != 0
-        {
-            warn!(
-                file = %key_path.display(),
-                mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                "the CA key is readable by others than its owner; chmod 600 it"
-            );
-        }
+        let Some((cert_pem, key_pem)) = self.pair(ROOT_CERT_FILE, ROOT_KEY_FILE)? else {
+            return Ok(None);
+        };
+        let next = self
+            .pair(NEXT_CERT_FILE, NEXT_KEY_FILE)?
+            .map(|(cert_pem, key_pem)| NextRoot { cert_pem, key_pem });
         let previous = if self.path(PREVIOUS_ROOTS_FILE).exists() {
             let text = self.read(PREVIOUS_ROOTS_FILE)?;
             parse_previous(&text).map_err(|reason| StoreError::Previous {
@@ -235,8 +284,9 @@ impl KeyStore for FileKeyStore {
             Vec::new()
         };
         Ok(Some(RootMaterial {
-            cert_pem: self.read(ROOT_CERT_FILE)?,
-            key_pem: self.read(ROOT_KEY_FILE)?,
+            cert_pem,
+            key_pem,
+            next,
             previous,
         }))
     }
@@ -259,12 +309,28 @@ impl KeyStore for FileKeyStore {
                 reason,
             })?;
         self.write_new(PREVIOUS_ROOTS_FILE, 0o644, &previous)?;
+        if let Some(next) = &material.next {
+            self.write_new(NEXT_KEY_FILE, 0o600, &next.key_pem)?;
+            self.write_new(NEXT_CERT_FILE, 0o644, &next.cert_pem)?;
+        }
         self.write_new(ROOT_KEY_FILE, 0o600, &material.key_pem)?;
         self.write_new(ROOT_CERT_FILE, 0o644, &material.cert_pem)?;
         self.sync_dir()?;
         std::fs::File::create(self.path(COMMIT_FILE)).map_err(self.io(COMMIT_FILE))?;
         self.sync_dir()?;
         self.recover()?;
+        // After a promotion the next root is the signer: its files go.
+        // Dying before this leaves it there twice, which a load ignores.
+        if material.next.is_none() {
+            for name in [NEXT_CERT_FILE, NEXT_KEY_FILE] {
+                match std::fs::remove_file(self.path(name)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(self.io(name)(e));
+                    }
+                    _ => {}
+                }
+            }
+        }
         self.sync_dir()
     }
 

@@ -421,6 +421,7 @@ fn a_certificate_never_outlives_its_root() {
         .store(&RootMaterial {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            next: None,
             previous: vec![],
         })
         .unwrap();
@@ -441,7 +442,7 @@ fn a_certificate_never_outlives_its_root() {
 // ---- rotation ----
 
 #[test]
-fn rotation_keeps_the_old_root_trusted_for_the_overlap() {
+fn a_rotation_trusts_the_next_root_first_signs_with_it_later_and_retires_the_old_one() {
     let now = t0();
     let (ca, store) = ca_at(now);
     let caller = id("default", "productpage");
@@ -449,64 +450,121 @@ fn rotation_keeps_the_old_root_trusted_for_the_overlap() {
     let old_root = ca.trust_bundle_pem_at(now);
     let old_leaf = ca.sign_at(&csr, &caller, None, now).unwrap();
 
-    let rotated = now + HOUR;
-    let overlap = DEFAULT_CERT_TTL;
-    ca.rotate_at(overlap, rotated).unwrap();
-    let bundle = ca.trust_bundle_pem_at(rotated);
+    // Prepared: the next root is trusted, but the old one still signs.
+    let prepared = now + HOUR;
+    let next = ca.prepare_at(prepared).unwrap();
+    assert_eq!(ca.next_root().unwrap(), next);
+    let bundle = ca.trust_bundle_pem_at(prepared);
     assert_eq!(bundle.len(), 2);
-    assert_eq!(bundle[1], old_root[0], "the old root stays, after the new");
-    let new_root = vec![bundle[0].clone()];
-    assert_ne!(new_root, old_root);
+    assert_eq!(bundle[0], old_root[0], "the signer first, then the next");
+    let leaf = ca.sign_at(&csr, &caller, None, prepared).unwrap();
+    assert_eq!(leaf.trust_bundle_pem, bundle);
+    verify(&leaf.cert_chain_pem[0], &old_root, prepared).unwrap();
+    // Preparing again changes nothing; it is persisted.
+    assert_eq!(ca.prepare_at(prepared).unwrap(), next);
+    assert_eq!(ca.trust_bundle_pem_at(prepared), bundle);
+    let material = store.material().unwrap();
+    assert_eq!(material.next.as_ref().unwrap().cert_pem, bundle[1]);
+    let restarted = Ca::open_at(CaConfig::default(), Box::new(store.clone()), prepared).unwrap();
+    assert_eq!(restarted.next_root().unwrap(), next);
+    assert_eq!(restarted.trust_bundle_pem_at(prepared), bundle);
 
-    // New leaves come from the new root only.
-    let new_leaf = ca.sign_at(&csr, &caller, None, rotated).unwrap();
-    assert_eq!(new_leaf.trust_bundle_pem, bundle);
-    verify(&new_leaf.cert_chain_pem[0], &new_root, rotated).unwrap();
-    assert!(verify(&new_leaf.cert_chain_pem[0], &old_root, rotated).is_err());
-    // An old leaf still verifies against the bundle during the overlap.
-    verify(&old_leaf.cert_chain_pem[0], &bundle, rotated).unwrap();
-    assert!(verify(&old_leaf.cert_chain_pem[0], &new_root, rotated).is_err());
-
-    // Persisted: a restart during the overlap trusts both.
+    // Promoted: new leaves come from the next root only; the old root
+    // stays trusted for the longest certificate lifetime and a margin.
+    let promoted = prepared + HOUR;
+    let root = ca.promote_at(promoted).unwrap();
+    assert_eq!(root.serial, next.serial);
+    assert_eq!(ca.root().serial, next.serial);
+    assert!(ca.next_root().is_none());
+    let new_root = vec![bundle[1].clone()];
+    let overlap_bundle = ca.trust_bundle_pem_at(promoted);
+    assert_eq!(
+        overlap_bundle,
+        vec![new_root[0].clone(), old_root[0].clone()]
+    );
+    let new_leaf = ca.sign_at(&csr, &caller, None, promoted).unwrap();
+    verify(&new_leaf.cert_chain_pem[0], &new_root, promoted).unwrap();
+    assert!(verify(&new_leaf.cert_chain_pem[0], &old_root, promoted).is_err());
+    verify(&old_leaf.cert_chain_pem[0], &overlap_bundle, promoted).unwrap();
     let material = store.material().unwrap();
     assert_eq!(material.cert_pem, new_root[0]);
-    assert_eq!(material.previous.len(), 1);
-    assert_eq!(material.previous[0].trusted_until, rotated + overlap);
-    let restarted =
-        Ca::open_at(CaConfig::default(), Box::new(store.clone()), rotated + HOUR).unwrap();
-    assert_eq!(restarted.trust_bundle_pem_at(rotated + HOUR), bundle);
+    assert!(material.next.is_none());
+    let end = promoted + DEFAULT_CERT_TTL + RETIRE_MARGIN;
+    assert_eq!(material.previous[0].trusted_until, end);
+    assert!(matches!(ca.promote_at(promoted), Err(CaError::NoNextRoot)));
 
-    // When the overlap ends, only the new root is trusted.
-    let end = rotated + overlap;
-    assert_eq!(ca.trust_bundle_pem_at(end - Duration::from_secs(1)), bundle);
-    assert_eq!(ca.trust_bundle_pem_at(end), new_root);
+    // Retired: only the new root.
     assert_eq!(
-        ca.sign_at(&csr, &caller, None, end)
-            .unwrap()
-            .trust_bundle_pem,
-        new_root
+        ca.trust_bundle_pem_at(end - Duration::from_secs(1)),
+        overlap_bundle
     );
+    assert_eq!(ca.trust_bundle_pem_at(end), new_root);
     let restarted = Ca::open_at(CaConfig::default(), Box::new(store), end).unwrap();
     assert_eq!(restarted.trust_bundle_pem_at(end), new_root);
+    assert!(restarted.status_at(end).previous.is_empty());
+}
+
+#[test]
+fn a_rotation_is_due_at_its_part_of_the_root_lifetime() {
+    let now = t0();
+    let (ca, _) = ca_at(now);
+    let root = ca.root();
+    let life = root.not_after.duration_since(root.not_before).unwrap();
+    let at = |f: f64| root.not_before + life.mul_f64(f);
+    assert!(!ca.rotation_due_at(0.8, now));
+    assert!(!ca.rotation_due_at(0.8, at(0.79)));
+    assert!(ca.rotation_due_at(0.8, at(0.8) + Duration::from_secs(1)));
+    assert!(ca.rotation_due_at(0.5, at(0.6)));
+}
+
+#[test]
+fn another_replicas_steps_are_taken_on_reload() {
+    let now = t0();
+    let (leader, store) = ca_at(now);
+    let follower = Ca::open_at(CaConfig::default(), Box::new(store.clone()), now).unwrap();
+    assert!(!follower.reload_at(now).unwrap(), "nothing changed");
+    let next = leader.prepare_at(now).unwrap();
+    assert!(follower.reload_at(now).unwrap());
+    assert_eq!(follower.next_root().unwrap(), next);
+    assert_eq!(
+        follower.trust_bundle_pem_at(now),
+        leader.trust_bundle_pem_at(now)
+    );
+    leader.promote_at(now).unwrap();
+    assert!(follower.reload_at(now).unwrap());
+    assert_eq!(follower.root().serial, next.serial);
+    assert_eq!(follower.status_at(now), leader.status_at(now));
+    assert_eq!(follower.status_at(now).previous.len(), 1);
 }
 
 #[test]
 fn a_second_rotation_drops_roots_whose_overlap_ended() {
     let now = t0();
-    let (ca, store) = ca_at(now);
+    let config = CaConfig {
+        max_ttl: HOUR,
+        ..CaConfig::default()
+    };
+    let store = MemoryKeyStore::default();
+    let ca = Ca::open_at(config, Box::new(store.clone()), now).unwrap();
     let first = ca.trust_bundle_pem_at(now);
-    ca.rotate_at(HOUR, now).unwrap();
+    ca.prepare_at(now).unwrap();
+    ca.promote_at(now).unwrap();
     let second = ca.trust_bundle_pem_at(now)[0].clone();
-    // Still within the first overlap: three roots.
-    ca.rotate_at(HOUR, now + HOUR / 2).unwrap();
-    let bundle = ca.trust_bundle_pem_at(now + HOUR / 2);
+    // Still within the first overlap: three roots while the third is next.
+    let later = now + HOUR / 2;
+    ca.prepare_at(later).unwrap();
+    ca.promote_at(later).unwrap();
+    let bundle = ca.trust_bundle_pem_at(later);
     assert_eq!(bundle.len(), 3);
     assert_eq!(bundle[1], second);
     assert_eq!(bundle[2], first[0]);
     // After the first overlap: the first root is gone, also from the store
     // at the next rotation.
-    ca.rotate_at(HOUR, now + 2 * HOUR).unwrap();
-    let bundle = ca.trust_bundle_pem_at(now + 2 * HOUR);
+    let much_later = now + 2 * HOUR;
+    ca.prepare_at(much_later).unwrap();
+    assert_eq!(store.material().unwrap().previous.len(), 0);
+    ca.promote_at(much_later).unwrap();
+    let bundle = ca.trust_bundle_pem_at(much_later);
     assert_eq!(bundle.len(), 2);
     assert!(!bundle.contains(&first[0]) && !bundle.contains(&second));
     assert_eq!(store.material().unwrap().previous.len(), 1);
@@ -526,6 +584,7 @@ fn file_store_round_trips_and_protects_the_key() {
     let material = RootMaterial {
         cert_pem: "cert\n".into(),
         key_pem: "key\n".into(),
+        next: None,
         previous: vec![PreviousRoot {
             cert_pem: "old\n".into(),
             trusted_until: t0(),
@@ -565,6 +624,7 @@ fn file_store_finishes_a_committed_store_and_drops_an_unfinished_one() {
     let old = RootMaterial {
         cert_pem: "old cert\n".into(),
         key_pem: "old key\n".into(),
+        next: None,
         previous: vec![],
     };
     store.store(&old).unwrap();
@@ -613,11 +673,31 @@ fn a_file_store_root_is_made_once_and_reused_across_restarts() {
     )
     .unwrap();
 
-    // A rotation is kept across a restart too.
-    second.rotate_at(DEFAULT_CERT_TTL, later).unwrap();
+    // Each step of a rotation is kept across a restart too, and the next
+    // root's files go when it becomes the signer.
+    second.prepare_at(later).unwrap();
+    let prepared = second.trust_bundle_pem_at(later);
+    assert_eq!(prepared.len(), 2);
+    assert!(dir.join(NEXT_CERT_FILE).exists() && dir.join(NEXT_KEY_FILE).exists());
+    assert_eq!(
+        std::fs::metadata(dir.join(NEXT_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(open(later).unwrap().trust_bundle_pem_at(later), prepared);
+    second.promote_at(later).unwrap();
     let rotated = second.trust_bundle_pem_at(later);
     drop(second);
-    assert_eq!(open(later).unwrap().trust_bundle_pem_at(later), rotated);
+    assert!(!dir.join(NEXT_CERT_FILE).exists() && !dir.join(NEXT_KEY_FILE).exists());
+    let third = open(later).unwrap();
+    assert_eq!(third.trust_bundle_pem_at(later), rotated);
+    assert_eq!(
+        third.root().subject,
+        root_info(&prepared[1]).unwrap().subject
+    );
 }
 
 #[test]

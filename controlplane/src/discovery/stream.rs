@@ -434,6 +434,14 @@ impl Proxy {
         Some(base.table.clone())
     }
 
+    /// Whether the proxy ACKed `version` of `name`.
+    pub(super) fn holds(&self, ty: Type, name: &str, version: &str) -> bool {
+        self.types
+            .get(&ty)
+            .and_then(|t| t.held.get(name))
+            .is_some_and(|s| s.applied == Applied::Acked && s.version == Some(version))
+    }
+
     pub(super) fn node_id(&self) -> &str {
         &self.node.id
     }

@@ -77,3 +77,62 @@ fn nacked_proxy_shows_its_reason() {
     let row: Vec<&str> = none.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(row[5..7], ["-", "-"], "{none}");
 }
+
+#[test]
+fn ca_status_shows_the_leaders_roots_the_phase_and_each_replica() {
+    use crate::ca::{CaStatus, RootSummary};
+    use crate::discovery::BundleHolders;
+    let root = |serial: &str| RootSummary {
+        serial: serial.into(),
+        subject: format!("CN=Trellis root CA cluster.local {serial}"),
+        not_after: "2036-12-01T00:00:00Z".into(),
+    };
+    let ca = CaStatus {
+        signer: root("aa01"),
+        next: Some(root("bb02")),
+        previous: Vec::new(),
+    };
+    let reports = [
+        Report {
+            replica: "cp-1".into(),
+            leader: false,
+            ca: CaStatus::default(),
+            bundle: vec!["aa01".into()],
+            proxies: BundleHolders {
+                connected: 3,
+                behind: vec!["ns/a".into()],
+            },
+            waiting: None,
+        },
+        Report {
+            replica: "cp-0".into(),
+            leader: true,
+            ca,
+            bundle: vec!["aa01".into(), "bb02".into()],
+            proxies: BundleHolders {
+                connected: 4,
+                behind: Vec::new(),
+            },
+            waiting: Some("replica cp-1 does not serve the next root yet".into()),
+        },
+    ];
+    let out = ca_status_table(&reports);
+    let line = |start: &str| {
+        out.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start} line in\n{out}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        line("signer").starts_with("signer aa01 signs certificates"),
+        "{out}"
+    );
+    assert!(line("next").starts_with("next bb02 trusted;"), "{out}");
+    assert!(out.contains("waiting for every proxy"), "{out}");
+    assert!(line("waiting:").contains("cp-1 does not serve"), "{out}");
+    assert_eq!(line("cp-0"), "cp-0 yes 2 4 0");
+    assert_eq!(line("cp-1"), "cp-1 no 1 3 1");
+    assert_eq!(ca_status_table(&[]), "no control plane replica answered\n");
+}

@@ -39,10 +39,12 @@ use crate::index::{Kind, SERVICE_NAME_LABEL, key_of};
 
 mod bundle;
 mod lease;
+mod replicas;
 mod status;
 
 pub use bundle::{FIELD_MANAGER, publish_trust_bundle};
 pub use lease::{LEASE_DURATION, LEASE_NAME, Leadership, lead, release};
+pub use replicas::{REPLICA_SELECTOR, ReplicaGate};
 pub use status::{ApiWriter, CONTROLLER_NAME, Reported, Stores, Writer, reconcile, write_status};
 
 /// The Kubernetes source could not start.

@@ -12,5 +12,6 @@
 mod bookinfo;
 mod controlplane;
 mod mesh;
+mod rotation;
 mod status;
 mod support;

@@ -119,7 +119,7 @@ pub async fn controlplane_pods(cluster: &Cluster) -> anyhow::Result<Vec<Pod>> {
         .await
 }
 
-fn pod_ip(pod: &Pod) -> anyhow::Result<std::net::IpAddr> {
+pub fn pod_ip(pod: &Pod) -> anyhow::Result<std::net::IpAddr> {
     pod.status
         .as_ref()
         .and_then(|s| s.pod_ip.as_deref())

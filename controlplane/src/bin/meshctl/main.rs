@@ -38,6 +38,36 @@ enum Command {
         #[arg(long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// The mesh's certificate authority: its roots and their rotation.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        /// A control plane's metrics and debug address (HOST:PORT), such
+        /// as the local mesh's; without it, the cluster of the current
+        /// kubeconfig context.
+        #[arg(long, env = "TRELLIS_CONTROLPLANE", global = true)]
+        controlplane: Option<String>,
+        /// The control plane's namespace on Kubernetes.
+        #[arg(long, default_value = DEFAULT_NAMESPACE, global = true)]
+        namespace: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// The roots (signing, next, previous), where a rotation stands, and
+    /// how many proxies of each replica hold the current trust bundle.
+    Status,
+    /// Starts a root rotation now: the next root joins every proxy's trust
+    /// bundle, signs once they all hold it, and the old root leaves the
+    /// bundle after the longest certificate lifetime. On a cluster this
+    /// annotates the CA's Secret (you need to be allowed to patch it); the
+    /// leading replica starts the rotation within seconds.
+    Rotate {
+        /// The CA's Secret on Kubernetes.
+        #[arg(long, default_value = controlplane::ca::DEFAULT_CA_SECRET)]
+        secret: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +96,11 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Command::Ca {
+            command,
+            controlplane,
+            namespace,
+        } => runtime().and_then(|rt| rt.block_on(ca(command, controlplane, &namespace))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,6 +116,39 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))
+}
+
+async fn ca(
+    command: CaCommand,
+    controlplane: Option<String>,
+    namespace: &str,
+) -> anyhow::Result<()> {
+    match (command, controlplane) {
+        (CaCommand::Status, Some(addr)) => {
+            let body = fetch(&addr, "/debug/ca").await?;
+            let report = serde_json::from_slice(&body).map_err(|e| {
+                anyhow::anyhow!("the control plane's /debug/ca is not what meshctl reads: {e}")
+            })?;
+            print!("{}", controlplane::meshctl::ca_status_table(&[report]));
+        }
+        (CaCommand::Status, None) => {
+            let reports = cluster::ca_reports(namespace).await?;
+            print!("{}", controlplane::meshctl::ca_status_table(&reports));
+        }
+        (CaCommand::Rotate { .. }, Some(addr)) => {
+            print!(
+                "{}",
+                String::from_utf8_lossy(&send(&addr, hyper::Method::POST, "/ca/rotate").await?)
+            );
+        }
+        (CaCommand::Rotate { secret }, None) => {
+            cluster::request_rotation(namespace, &secret).await?;
+            println!(
+                "rotation asked for on Secret {namespace}/{secret}: the leading control plane replica starts it within seconds; follow it with `meshctl ca status`"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The control plane's `/debug/proxies` at `controlplane` (its metrics and
@@ -101,16 +169,31 @@ async fn fetch_identities(controlplane: &str) -> Option<controlplane::identity::
 
 /// `GET path` from the control plane's debug address.
 async fn fetch(controlplane: &str, path: &str) -> anyhow::Result<bytes::Bytes> {
+    send(controlplane, hyper::Method::GET, path).await
+}
+
+/// `method path` on the control plane's debug address; the body of a
+/// success.
+async fn send(
+    controlplane: &str,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<bytes::Bytes> {
     let uri: hyper::Uri = format!("http://{controlplane}{path}").parse()?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
-    let resp = client.get(uri).await.map_err(|e| {
+    let request = hyper::Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(Empty::new())?;
+    let resp = client.request(request).await.map_err(|e| {
         anyhow::anyhow!("cannot reach the control plane at {controlplane}: {e}; is trellis-controlplane running?")
     })?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     anyhow::ensure!(
         status.is_success(),
-        "GET {path}: the control plane answered {status}"
+        "{method} {path}: the control plane answered {status}: {}",
+        String::from_utf8_lossy(&body).trim_end()
     );
     Ok(body)
 }
