@@ -119,7 +119,7 @@ impl Client {
             .sign(request)
             .await?
             .into_inner();
-        self.tls.set_roots(&issued.trust_bundle_pem)?;
+        self.tls.offer_roots(&issued.trust_bundle_pem)?;
         let credentials = self.tls.set_credentials(&issued.cert_chain_pem, key_der)?;
         Ok(credentials.expires)
     }

@@ -102,6 +102,9 @@ pub struct Tls {
     /// Rebuilt when the bundle changes; the cert resolver inside reads
     /// the current credentials on every handshake.
     server: RwLock<Option<Arc<ServerConfig>>>,
+    /// A bundle came from discovery (or a fixed file): from then on the
+    /// bundle in a Sign answer is not taken (see [`Tls::offer_roots`]).
+    authoritative: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Tls {
@@ -125,6 +128,7 @@ impl Tls {
             credentials: Arc::default(),
             roots: RwLock::new(Arc::new(RootCertStore::empty())),
             server: RwLock::new(None),
+            authoritative: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -189,8 +193,32 @@ impl Tls {
         self.set_credentials(&[chain_pem.to_owned()], key.secret_pkcs8_der().to_vec())
     }
 
-    /// Replaces the trust bundle.
+    /// Replaces the trust bundle with one from discovery or a file, which
+    /// is the bundle from then on.
     pub fn set_roots(&self, roots_pem: &[String]) -> Result<(), TlsError> {
+        self.install_roots(roots_pem)?;
+        self.authoritative
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// The bundle of a Sign answer: taken only until discovery has
+    /// delivered one. A Sign may be answered by another control plane
+    /// replica than the discovery stream, one that has not yet re-read a
+    /// root rotation; its older bundle must not undo the one discovery
+    /// sent (and the control plane counted as applied). Returns whether
+    /// it was taken.
+    pub fn offer_roots(&self, roots_pem: &[String]) -> Result<bool, TlsError> {
+        if self
+            .authoritative
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Ok(false);
+        }
+        self.install_roots(roots_pem).map(|()| true)
+    }
+
+    fn install_roots(&self, roots_pem: &[String]) -> Result<(), TlsError> {
         let mut store = RootCertStore::empty();
         for pem in roots_pem {
             for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {

@@ -214,3 +214,17 @@ fn unusable_material_is_refused_with_the_reason() {
     ));
     assert!(!tls.is_ready());
 }
+
+#[test]
+fn a_sign_answers_bundle_is_taken_only_until_discovery_sent_one() {
+    let (first, second) = (TestCa::new(), TestCa::new());
+    let tls = Tls::new();
+    assert!(tls.offer_roots(&[first.root_pem()]).unwrap());
+    assert_eq!(tls.root_count(), 1);
+    // Discovery's bundle replaces it, and then is the bundle.
+    tls.set_roots(&[first.root_pem(), second.root_pem()])
+        .unwrap();
+    assert_eq!(tls.root_count(), 2);
+    assert!(!tls.offer_roots(&[first.root_pem()]).unwrap());
+    assert_eq!(tls.root_count(), 2);
+}
