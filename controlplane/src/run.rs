@@ -368,7 +368,16 @@ fn identities(ca: &Ca, issuances: &crate::identity::Issuances) -> Response<Full<
 
 /// `POST /ca/rotate`: a rotation starts now; the next root joins the
 /// trust bundle at once and signs once every proxy holds it.
-fn rotate(rotation: &Rotation) -> Response<Full<Bytes>> {
+fn rotate(rotation: &Rotation, query: Option<&str>) -> Response<Full<Bytes>> {
+    if let Some(query) = query.filter(|q| !q.is_empty()) {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            format!(
+                "POST /ca/rotate takes no parameters (got {query:?}): the old root stays trusted for --cert-max-ttl and 30 s after the next root signs\n"
+            ),
+        );
+    }
     match rotation.start() {
         Ok(next) => reply(
             StatusCode::OK,
@@ -419,7 +428,7 @@ async fn admin(
                     // The admin port serves probes and metrics to the
                     // cluster; changing the CA is for the node itself.
                     if peer.ip().is_loopback() {
-                        rotate(&rotation)
+                        rotate(&rotation, req.uri().query())
                     } else {
                         reply(
                             StatusCode::FORBIDDEN,

@@ -284,6 +284,8 @@ async fn renewals_and_a_root_rotation_under_load_fail_no_request() {
     // A rotation starts: both proxies get a two-root bundle over
     // discovery; once both have applied it, the next root signs, and
     // their next renewals come from it.
+    let body = post(m.cp.admin, "/ca/rotate?overlap=1h").await;
+    assert!(body.contains("takes no parameters"), "{body}");
     let body = post(m.cp.admin, "/ca/rotate").await;
     assert!(body.starts_with("rotation started"), "{body}");
     let report: serde_json::Value =
