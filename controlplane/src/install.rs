@@ -38,6 +38,9 @@ pub struct Options {
     pub tag: String,
     /// Control plane replicas.
     pub replicas: u32,
+    /// Only the namespaces whose labels match this selector are in the
+    /// mesh (`--namespace-selector`); every namespace when None.
+    pub namespace_selector: Option<String>,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             registry: "trellis".to_owned(),
             tag: "dev".to_owned(),
             replicas: 2,
+            namespace_selector: None,
         }
     }
 }
@@ -116,7 +120,7 @@ pub fn rbac(o: &Options) -> Vec<Value> {
             "kind": "ClusterRole",
             "metadata": metadata(NAME, None),
             "rules": [
-                { "apiGroups": [""], "resources": ["services", "pods", "endpoints"], "verbs": watch() },
+                { "apiGroups": [""], "resources": ["services", "pods", "endpoints", "namespaces"], "verbs": watch() },
                 { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": watch() },
                 { "apiGroups": [mesh_api::crd::GATEWAY_API_GROUP], "resources": ["httproutes", "grpcroutes"], "verbs": watch() },
                 { "apiGroups": [mesh_api::crd::GROUP], "resources": [
@@ -192,6 +196,15 @@ pub fn service(o: &Options) -> Value {
 pub fn deployment(o: &Options) -> Value {
     let mut pod_labels = labels();
     pod_labels["app"] = NAME.into();
+    let mut env = json!([
+        { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+        { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+        { "name": "TRELLIS_CA_SECRET", "value": DEFAULT_CA_SECRET },
+        { "name": "TRELLIS_TOKEN_AUDIENCE", "value": DEFAULT_TOKEN_AUDIENCE },
+    ]);
+    if let (Some(selector), Some(env)) = (&o.namespace_selector, env.as_array_mut()) {
+        env.push(json!({ "name": "TRELLIS_NAMESPACE_SELECTOR", "value": selector }));
+    }
     json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -233,12 +246,7 @@ pub fn deployment(o: &Options) -> Value {
                         "image": format!("{}/controlplane:{}", o.registry, o.tag),
                         "imagePullPolicy": "IfNotPresent",
                         "args": ["--kubernetes"],
-                        "env": [
-                            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
-                            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-                            { "name": "TRELLIS_CA_SECRET", "value": DEFAULT_CA_SECRET },
-                            { "name": "TRELLIS_TOKEN_AUDIENCE", "value": DEFAULT_TOKEN_AUDIENCE },
-                        ],
+                        "env": env,
                         "ports": [
                             { "name": "grpc-discovery", "containerPort": DISCOVERY_PORT, "protocol": "TCP" },
                             { "name": "http-admin", "containerPort": ADMIN_PORT, "protocol": "TCP" },
@@ -345,6 +353,7 @@ mod tests {
             registry: "registry.example/mesh".into(),
             tag: "1.2.3".into(),
             replicas: 3,
+            namespace_selector: Some("trellis.dev/mesh=enabled".into()),
             ..Options::default()
         };
         let d: Deployment = serde_json::from_value(deployment(&o)).unwrap();
@@ -354,6 +363,15 @@ mod tests {
         assert_eq!(
             pod.containers[0].image.as_deref(),
             Some("registry.example/mesh/controlplane:1.2.3")
+        );
+        let selector = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "TRELLIS_NAMESPACE_SELECTOR");
+        assert_eq!(
+            selector.and_then(|e| e.value.as_deref()),
+            Some("trellis.dev/mesh=enabled")
         );
         let security = pod.containers[0].security_context.clone().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));

@@ -133,7 +133,15 @@ pub async fn start(settings: &Settings) -> Result<ControlPlane, StartError> {
                 client.clone(),
                 server.clone(),
             ));
-            let (ready, stores) = kubernetes::start(client.clone(), server.clone()).await?;
+            let (ready, stores) = kubernetes::start(
+                client.clone(),
+                server.clone(),
+                settings
+                    .namespace_selector
+                    .as_deref()
+                    .filter(|s| !s.trim().is_empty()),
+            )
+            .await?;
             let identity = replica_name();
             let leadership = Leadership::default();
             info!(%identity, lease = %format!("{}/{}", settings.namespace, kubernetes::LEASE_NAME),

@@ -48,6 +48,16 @@ pub struct Settings {
     /// lives (in a pod: from the downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
+    /// On Kubernetes, read only the namespaces whose labels match this
+    /// selector, in kubectl's syntax (`trellis.dev/mesh=enabled`, `env in
+    /// (prod,staging)`): the objects of every other namespace are not
+    /// held, and are not in the mesh. Every namespace when unset.
+    #[arg(
+        long,
+        env = "TRELLIS_NAMESPACE_SELECTOR",
+        conflicts_with = "config_dir"
+    )]
+    pub namespace_selector: Option<String>,
     /// The Secret in `--namespace` holding the CA's root on Kubernetes:
     /// keys `root-cert.pem`, `root-key.pem` and `previous-roots.yaml`.
     /// Created with a new root if absent; create it first to sign with a
@@ -146,6 +156,7 @@ impl Settings {
             config_dir: Some(config_dir),
             kubernetes: false,
             namespace: DEFAULT_NAMESPACE.into(),
+            namespace_selector: None,
             ca_secret: crate::ca::DEFAULT_CA_SECRET.into(),
             token_audience: crate::ca::DEFAULT_TOKEN_AUDIENCE.into(),
             discovery_addr: any,
@@ -317,6 +328,26 @@ mod tests {
         assert_eq!(settings.token_audience, "trellis-ca");
         let dir = parse(&["--ca-dir", "/var/lib/ca"]);
         assert_eq!(dir.ca_store().unwrap(), CaStore::Dir("/var/lib/ca".into()));
+        let selected = parse(&["--namespace-selector", "trellis.dev/mesh=enabled"]);
+        assert_eq!(
+            selected.namespace_selector.as_deref(),
+            Some("trellis.dev/mesh=enabled")
+        );
+    }
+
+    #[test]
+    fn a_namespace_selector_is_for_kubernetes_only() {
+        let args = [
+            "trellis-controlplane",
+            "--config-dir",
+            "/srv/mesh",
+            "--namespace-selector",
+            "env=prod",
+        ];
+        let Err(error) = <Cli as clap::Parser>::try_parse_from(args) else {
+            panic!("--namespace-selector without --kubernetes was taken");
+        };
+        assert!(error.to_string().contains("--config-dir"), "{error}");
     }
 
     #[test]

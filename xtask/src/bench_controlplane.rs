@@ -18,6 +18,7 @@
 //! machine's CPUs with the control plane: the figures are an upper bound
 //! for a control plane with the machine to itself.
 
+mod cluster;
 mod fleet;
 mod mesh;
 mod metrics;
@@ -35,11 +36,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use self::cluster::Cluster;
 use self::fleet::{Event, Expect, Expected, Fleet, ProxySpec};
-use self::mesh::{Hot, Mesh};
+use self::mesh::{Hot, MESH_PREFIX, Mesh, Target};
 use self::report::{
-    ChangeRecord, ChangeSummary, FleetReport, MeshReport, OtherLoad, ProcessReport, Report,
-    ServerQuantiles, TARGET_P99_MS, TARGET_PEAK_RSS_MB, Targets,
+    ChangeRecord, ChangeSummary, FleetReport, KubeReport, MeshReport, OtherLoad, ProcessReport,
+    Report, ServerQuantiles, TARGET_P99_MS, TARGET_PEAK_RSS_MB, Targets,
 };
 use crate::bench::process::{self, Child};
 use crate::bench::procfs;
@@ -108,6 +110,22 @@ pub struct Args {
     /// Use the release binaries already built instead of running cargo.
     #[arg(long)]
     pub no_build: bool,
+    /// Write the mesh through the Kubernetes API server in `KUBECONFIG`
+    /// (default: the harness cluster's, `cargo xtask cluster up`) and run
+    /// the control plane's Kubernetes source on it, instead of the file
+    /// source on a directory. Changes are timed from the API write.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// With --kubernetes: services (with their slices and routes) in
+    /// namespaces outside the mesh, which the control plane's namespace
+    /// selector leaves out.
+    #[arg(long, default_value_t = 0, requires = "kubernetes")]
+    pub outside_services: usize,
+    /// With --kubernetes: no namespace selector, so that the control plane
+    /// holds the namespaces outside the mesh too (to measure what the
+    /// selector saves).
+    #[arg(long, requires = "kubernetes")]
+    pub all_namespaces: bool,
 }
 
 /// The effective options of a run, as recorded in the report.
@@ -121,6 +139,11 @@ pub struct Options {
     pub changes: usize,
     pub streams_per_connection: usize,
     pub quick: bool,
+    /// Written through the API server rather than to files.
+    pub kubernetes: bool,
+    pub outside_services: usize,
+    /// The control plane's `--namespace-selector`.
+    pub namespace_selector: Option<String>,
 }
 
 /// The two kinds of change.
@@ -199,8 +222,15 @@ impl Options {
             changes: args.changes.unwrap_or(changes),
             streams_per_connection: args.streams_per_connection,
             quick: args.quick,
+            kubernetes: args.kubernetes,
+            outside_services: args.outside_services,
+            namespace_selector: (args.kubernetes && !args.all_namespaces)
+                .then(|| cluster::MESH_SELECTOR.to_owned()),
         };
-        opts.mesh().check()?;
+        opts.mesh(Target::Files).check()?;
+        if opts.outside_services > 0 {
+            opts.outside(Target::Files).check()?;
+        }
         ensure!(opts.proxies > 0, "--proxies must be above 0");
         ensure!(opts.changes > 0, "--changes must be above 0");
         ensure!(
@@ -215,12 +245,29 @@ impl Options {
         Ok(opts)
     }
 
-    fn mesh(&self) -> Mesh {
+    fn mesh(&self, target: Target) -> Mesh {
         Mesh {
             services: self.services,
             endpoints_per_service: self.endpoints_per_service,
             routes: self.routes,
+            target,
+            prefix: MESH_PREFIX,
         }
+    }
+
+    /// The services outside the mesh, shaped as the mesh's.
+    fn outside(&self, target: Target) -> Mesh {
+        let mut mesh = Mesh {
+            services: self.outside_services,
+            endpoints_per_service: self.endpoints_per_service,
+            routes: 0,
+            target,
+            prefix: "outside",
+        };
+        mesh.routes = mesh
+            .background_route_slots()
+            .min(self.outside_services / 10);
+        mesh
     }
 
     fn connections(&self) -> usize {
@@ -229,7 +276,7 @@ impl Options {
 
     /// Every proxy: its namespace and services, the hot one first.
     fn proxies(&self) -> Vec<ProxySpec> {
-        let namespaces = self.mesh().namespaces();
+        let namespaces = self.mesh(Target::Files).namespaces();
         (0..self.proxies)
             .map(|p| {
                 let mut rng = SplitMix(SEED ^ p as u64);
@@ -250,24 +297,47 @@ impl Options {
     }
 }
 
+/// Where the mesh is written and its changes made.
+enum Writes {
+    /// The control plane's config directory.
+    Files(PathBuf),
+    /// The API server.
+    Cluster(Box<Cluster>),
+}
+
 /// Generates the mesh, starts the control plane, syncs the fleet and
 /// times the changes.
 fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
-    let mesh = opts.mesh();
-    let config_dir = dir.join("mesh");
-    eprintln!(
-        "bench-controlplane: writing {} services, {} endpoints, {} routes to {}",
-        mesh.services,
-        mesh.endpoints(),
-        mesh.routes + 1,
-        config_dir.display()
-    );
-    let files = mesh.write(&config_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the simulated proxies' runtime")?;
     let machine = Machine::probe(Vec::new());
+    let (mesh, writes, files, kubernetes) = if opts.kubernetes {
+        let cluster = runtime.block_on(Cluster::connect(Cluster::kubeconfig()?))?;
+        let target = Target::Cluster {
+            slice_api_version: cluster.slice_api_version,
+        };
+        let mesh = opts.mesh(target);
+        let report = runtime.block_on(fill(opts, &cluster, &mesh, &opts.outside(target)))?;
+        (mesh, Writes::Cluster(Box::new(cluster)), 0, Some(report))
+    } else {
+        let mesh = opts.mesh(Target::Files);
+        let config_dir = dir.join("mesh");
+        eprintln!(
+            "bench-controlplane: writing {} services, {} endpoints, {} routes to {}",
+            mesh.services,
+            mesh.endpoints(),
+            mesh.routes + 1,
+            config_dir.display()
+        );
+        let files = mesh.write(&config_dir)?;
+        (mesh, Writes::Files(config_dir), files, None)
+    };
 
     eprintln!("bench-controlplane: starting {} ...", bin.display());
     let started = std::time::Instant::now();
-    let mut cp = ControlPlane::start(bin, &config_dir, dir)?;
+    let mut cp = ControlPlane::start(bin, &writes, opts, dir)?;
     let load_s = started.elapsed().as_secs_f64();
     let loaded = cp.sample()?;
     eprintln!(
@@ -275,10 +345,6 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
         mb(loaded.peak_rss)
     );
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the simulated proxies' runtime")?;
     let report = runtime.block_on(async {
         let errors = metrics::get(cp.admin, "/debug/errors").await?;
         ensure!(
@@ -313,7 +379,7 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
         let mut hot = Hot::default();
         for k in 0..opts.changes {
             for kind in [Kind::Endpoint, Kind::Route] {
-                let record = run.change(&mesh, &config_dir, kind, &mut hot).await?;
+                let record = run.change(&mesh, &writes, kind, &mut hot).await?;
                 eprintln!(
                     "bench-controlplane: {} change {}/{}: {}/{} reached, first {:.1} ms, \
                      p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, server {}",
@@ -419,10 +485,79 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
             changes: records,
             server_push_latency_end: server_end,
             others,
+            kubernetes,
         })
-    })?;
+    });
+    if let Writes::Cluster(cluster) = &writes
+        && let Err(e) = runtime.block_on(cluster.delete_namespaces())
+    {
+        eprintln!("bench-controlplane: cannot delete the benchmark's namespaces: {e:#}");
+    }
+    let report = report?;
     cp.child.check_alive()?;
     Ok(report)
+}
+
+/// Writes the mesh and the services outside it through the API server,
+/// after removing an earlier run's; returns what it took.
+async fn fill(
+    opts: &Options,
+    cluster: &Cluster,
+    mesh: &Mesh,
+    outside: &Mesh,
+) -> anyhow::Result<KubeReport> {
+    eprintln!(
+        "bench-controlplane: Kubernetes {} at {} (EndpointSlices {})",
+        cluster.server_version,
+        cluster.kubeconfig.display(),
+        cluster.slice_api_version
+    );
+    cluster.clean().await?;
+    let crds = crate::workspace_root()?.join("deploy/crds");
+    cluster.install_crds(&crds).await?;
+    cluster
+        .namespace(cluster::CONTROLPLANE_NAMESPACE, "controlplane")
+        .await?;
+    let parts = [(mesh, "mesh"), (outside, "outside")];
+    for (part, role) in parts {
+        for ns in part.namespace_names() {
+            cluster.namespace(&ns, role).await?;
+        }
+    }
+    eprintln!(
+        "bench-controlplane: applying {} services, {} endpoints, {} routes; outside the mesh \
+         {} services, {} endpoints, {} routes ...",
+        mesh.services,
+        mesh.endpoints(),
+        mesh.routes + 1,
+        outside.services,
+        outside.endpoints(),
+        outside.routes
+    );
+    let started = Instant::now();
+    let mut objects = cluster.apply_all(&Mesh::hot_route(Hot::default())).await?;
+    for (part, _) in parts {
+        for ns in 0..part.namespaces() {
+            objects += cluster
+                .apply_all(&part.namespace_objects(ns, Hot::default()))
+                .await?;
+        }
+    }
+    let apply_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench-controlplane: applied {objects} objects in {apply_s:.1} s ({:.0}/s)",
+        objects as f64 / apply_s
+    );
+    Ok(KubeReport {
+        server_version: cluster.server_version.clone(),
+        slice_api_version: cluster.slice_api_version,
+        namespace_selector: opts.namespace_selector.clone(),
+        outside_services: outside.services,
+        outside_endpoints: outside.endpoints(),
+        outside_routes: outside.routes,
+        objects,
+        apply_s,
+    })
 }
 
 /// The synced fleet and the channels the changes are timed through.
@@ -501,7 +636,7 @@ impl Run {
     async fn change(
         &mut self,
         mesh: &Mesh,
-        dir: &Path,
+        writes: &Writes,
         kind: Kind,
         hot: &mut Hot,
     ) -> anyhow::Result<ChangeRecord> {
@@ -536,10 +671,26 @@ impl Run {
 
         // Every proxy subscribes to the hot service.
         let affected = self.proxies;
+        // The object to write is made before the clock starts.
+        let object = match (writes, kind) {
+            (Writes::Files(_), _) => None,
+            (Writes::Cluster(_), Kind::Endpoint) => Some(cluster::find(
+                &mesh.namespace_objects(0, *hot),
+                "EndpointSlice",
+                &Mesh::hot_slice_name(),
+            )?),
+            (Writes::Cluster(_), Kind::Route) => Some(cluster::find(
+                &Mesh::hot_route(*hot),
+                "HTTPRoute",
+                mesh::HOT_ROUTE,
+            )?),
+        };
         let t0 = Instant::now();
-        match kind {
-            Kind::Endpoint => mesh.write_endpoint_change(dir, *hot)?,
-            Kind::Route => mesh.write_route_change(dir, *hot)?,
+        match (writes, kind, object) {
+            (Writes::Files(dir), Kind::Endpoint, _) => mesh.write_endpoint_change(dir, *hot)?,
+            (Writes::Files(dir), Kind::Route, _) => mesh.write_route_change(dir, *hot)?,
+            (Writes::Cluster(cluster), _, Some(object)) => cluster.apply(object).await?,
+            (Writes::Cluster(_), _, None) => unreachable!("made above"),
         }
         let deadline = t0 + CHANGE_TIMEOUT;
         let mut arrived: HashMap<usize, Duration> = HashMap::with_capacity(affected);
@@ -581,14 +732,13 @@ impl Run {
 
 impl ControlPlane {
     /// Starts the control plane on free loopback ports and waits until it
-    /// has read the directory and serves.
-    fn start(bin: &Path, config_dir: &Path, dir: &Path) -> anyhow::Result<Self> {
+    /// has read the mesh (the directory, or every watched kind) and
+    /// serves.
+    fn start(bin: &Path, writes: &Writes, opts: &Options, dir: &Path) -> anyhow::Result<Self> {
         let discovery = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         let admin = SocketAddr::from((Ipv4Addr::LOCALHOST, process::free_port()?));
         let mut command = Command::new(bin);
         command
-            .arg("--config-dir")
-            .arg(config_dir)
             .arg("--discovery-addr")
             .arg(discovery.to_string())
             .arg("--admin-addr")
@@ -597,11 +747,30 @@ impl ControlPlane {
             // index and the push path, not TLS record costs.
             .arg("--plaintext-discovery")
             .args(["--log", "warn"]);
+        // The admin server starts once the directory is in the index; on
+        // Kubernetes, it is ready once every watcher has listed.
+        let ready = match writes {
+            Writes::Files(config_dir) => {
+                command.arg("--config-dir").arg(config_dir);
+                "/healthz"
+            }
+            Writes::Cluster(cluster) => {
+                command
+                    .arg("--kubernetes")
+                    .arg("--ca-dir")
+                    .arg(dir.join("ca"))
+                    .args(["--namespace", cluster::CONTROLPLANE_NAMESPACE])
+                    .env("KUBECONFIG", &cluster.kubeconfig);
+                if let Some(selector) = &opts.namespace_selector {
+                    command.args(["--namespace-selector", selector]);
+                }
+                "/healthz/ready"
+            }
+        };
         let log: PathBuf = dir.join("trellis-controlplane.log");
         let mut child = Child::spawn("trellis-controlplane", command, &log)?;
-        // The admin server starts once the directory is in the index.
-        child.wait_ready_within("GET /healthz", LOAD_TIMEOUT, || {
-            process::http_ok(admin, "/healthz")
+        child.wait_ready_within(&format!("GET {ready}"), LOAD_TIMEOUT, || {
+            process::http_ok(admin, ready)
         })?;
         Ok(Self {
             child,

@@ -12,23 +12,29 @@
 //! Watch errors are retried with kube-rs's default backoff. Readiness
 //! waits until every watcher has listed its kind once.
 //!
+//! With a namespace selector (`--namespace-selector`, as Istio's
+//! `discoverySelectors`), only objects of the namespaces it picks reach
+//! the index and the stores; the rest of the cluster is dropped as it
+//! arrives. A namespace that starts or stops matching makes every watcher
+//! list again, which puts its objects in or takes them out ([`Namespaces`]).
+//!
 //! The index keeps only what the mesh needs of each object. Routes and
 //! policies are also kept whole (but for their managed fields) in stores
 //! for the status writer ([`write_status`]), which needs their spec as
 //! the user wrote it and their current status; only the leader ([`lead`])
 //! writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Endpoints, Pod, Service};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, Store, store::Writer as StoreWriter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -58,6 +64,9 @@ pub enum KubeError {
     /// The server did not say what it serves.
     #[error("cannot ask the Kubernetes API server which APIs it serves: {0}; is it reachable?")]
     Discovery(#[source] kube::Error),
+    /// The namespace selector was refused, or namespaces cannot be listed.
+    #[error("cannot list the namespaces --namespace-selector {0:?} picks: {1}")]
+    Selector(String, #[source] Box<kube::Error>),
 }
 
 /// Where EndpointSlices come from.
@@ -96,14 +105,35 @@ impl Readiness {
         self.pending.load(Ordering::Acquire) == 0
     }
 
-    fn new(watchers: usize) -> Self {
+    /// Waiting for `watchers` watchers, each with its [`Readiness::kind`].
+    pub fn new(watchers: usize) -> Self {
         Self {
             pending: Arc::new(AtomicUsize::new(watchers)),
         }
     }
 
+    /// The handle of one more kind's watcher.
+    pub fn kind(&self) -> Synced {
+        Synced {
+            ready: self.clone(),
+            done: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// One watcher's part of [`Readiness`]: synced once its first list is in,
+/// however often it lists again.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    ready: Readiness,
+    done: Arc<AtomicBool>,
+}
+
+impl Synced {
     fn synced(&self) {
-        self.pending.fetch_sub(1, Ordering::AcqRel);
+        if !self.done.swap(true, Ordering::AcqRel) {
+            self.ready.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -150,16 +180,21 @@ pub async fn discover(client: &Client) -> Result<Apis, KubeError> {
     })
 }
 
-/// Starts a watcher per kind the server serves, feeding `server`'s index.
-/// Returns the readiness and the watched objects whose status the mesh
-/// writes.
-pub async fn start(client: Client, server: Server) -> Result<(Readiness, Stores), KubeError> {
+/// Starts a watcher per kind the server serves, feeding `server`'s index,
+/// from every namespace or from those `selector` picks. Returns the
+/// readiness and the watched objects whose status the mesh writes.
+pub async fn start(
+    client: Client,
+    server: Server,
+    selector: Option<&str>,
+) -> Result<(Readiness, Stores), KubeError> {
     let apis = discover(&client).await?;
     info!(
         endpoint_slices = ?apis.slices,
         http_routes = apis.http_routes,
         grpc_routes = apis.grpc_routes,
         trellis_crds = apis.trellis,
+        namespace_selector = selector.unwrap_or("(every namespace)"),
         "watching the Kubernetes API"
     );
     if !apis.http_routes {
@@ -177,110 +212,147 @@ pub async fn start(client: Client, server: Server) -> Result<(Readiness, Stores)
             "the API server does not serve the trellis.dev/v1alpha1 CRDs: DestinationPolicy, PeerAuthentication, AuthorizationPolicy and RateLimitPolicy are not watched (mTLS is STRICT everywhere); apply deploy/crds to use them"
         );
     }
+    let namespaces = match selector {
+        Some(selector) => Namespaces::watch(&client, selector).await?,
+        None => Namespaces::all(),
+    };
     let watchers = 3
         + usize::from(apis.http_routes)
         + usize::from(apis.grpc_routes)
         + 4 * usize::from(apis.trellis);
     let ready = Readiness::new(watchers);
-    let spawn = |task| {
-        tokio::spawn(task);
+    let watching = Watching {
+        server,
+        ready,
+        namespaces,
     };
-    spawn(watch_typed::<Service>(&client, &server, &ready));
-    spawn(watch_typed::<Pod>(&client, &server, &ready));
+    watching.typed::<Service>(&client);
+    watching.typed::<Pod>(&client);
     match apis.slices {
-        SliceApi::V1 => spawn(watch_typed::<EndpointSlice>(&client, &server, &ready)),
+        SliceApi::V1 => watching.typed::<EndpointSlice>(&client),
         SliceApi::V1Beta1 => {
             let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
             let resource = ApiResource::from_gvk(&gvk);
             let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
-            let events = watcher(api).default_backoff();
-            spawn(Box::pin(drive(
-                events,
-                server.clone(),
-                ready.clone(),
-                slice_from_v1beta1,
-            )));
+            watching.spawn(api, slice_from_v1beta1, None);
         }
         SliceApi::Endpoints => {
-            let api = Api::<Endpoints>::all(client.clone());
-            let events = watcher(api).default_backoff();
-            spawn(Box::pin(drive(
-                events,
-                server.clone(),
-                ready.clone(),
+            watching.spawn(
+                Api::<Endpoints>::all(client.clone()),
                 slice_from_endpoints,
-            )));
+                None,
+            );
         }
     }
     let mut stores = Stores::default();
-    fn reported<K>(store: &mut Option<Store<K>>, (task, reader): (Task, Store<K>))
-    where
-        K: Resource<DynamicType = ()>,
-    {
-        tokio::spawn(task);
-        *store = Some(reader);
-    }
     if apis.http_routes {
-        reported(
-            &mut stores.http_routes,
-            watch_reported(&client, &server, &ready),
-        );
+        stores.http_routes = Some(watching.reported(&client));
     }
     if apis.grpc_routes {
-        reported(
-            &mut stores.grpc_routes,
-            watch_reported(&client, &server, &ready),
-        );
+        stores.grpc_routes = Some(watching.reported(&client));
     }
     if apis.trellis {
-        reported(
-            &mut stores.destination,
-            watch_reported(&client, &server, &ready),
-        );
-        reported(
-            &mut stores.peer_authentication,
-            watch_reported(&client, &server, &ready),
-        );
-        reported(
-            &mut stores.authorization,
-            watch_reported(&client, &server, &ready),
-        );
-        reported(
-            &mut stores.rate_limit,
-            watch_reported(&client, &server, &ready),
-        );
+        stores.destination = Some(watching.reported(&client));
+        stores.peer_authentication = Some(watching.reported(&client));
+        stores.authorization = Some(watching.reported(&client));
+        stores.rate_limit = Some(watching.reported(&client));
     }
-    Ok((ready, stores))
+    Ok((watching.ready, stores))
 }
 
-type Task = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
-
-/// A watcher of a kind the index takes as it is.
-fn watch_typed<K>(client: &Client, server: &Server, ready: &Readiness) -> Task
-where
-    K: Kind + Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
-{
-    let api = Api::<K>::all(client.clone());
-    let events = watcher(api).default_backoff();
-    Box::pin(drive(events, server.clone(), ready.clone(), Some))
+/// What every watcher feeds and follows.
+struct Watching {
+    server: Server,
+    ready: Readiness,
+    namespaces: Namespaces,
 }
 
-/// A watcher of a kind whose status the mesh writes: its objects are
-/// also kept in a store, without their managed fields and kubectl's copy
-/// of the last applied object, for the status writer.
-fn watch_reported<K>(client: &Client, server: &Server, ready: &Readiness) -> (Task, Store<K>)
-where
-    K: Kind + Reported,
+impl Watching {
+    /// Watches a kind the index takes as it is.
+    fn typed<K>(&self, client: &Client)
+    where
+        K: Kind
+            + Resource<DynamicType = ()>
+            + Clone
+            + Debug
+            + DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.spawn(Api::<K>::all(client.clone()), Some, None);
+    }
+
+    /// Watches a kind whose status the mesh writes: its objects are also
+    /// kept in a store, for the status writer.
+    fn reported<K>(&self, client: &Client) -> Store<K>
+    where
+        K: Kind + Reported,
+    {
+        let (reader, writer) = reflector::store();
+        self.spawn(Api::<K>::all(client.clone()), Some, Some(writer));
+        reader
+    }
+
+    fn spawn<T, K>(&self, api: Api<T>, convert: fn(T) -> Option<K>, store: Option<StoreWriter<T>>)
+    where
+        T: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+        T::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
+        K: Kind + Send + 'static,
+    {
+        tokio::spawn(follow(
+            api,
+            self.server.clone(),
+            self.ready.kind(),
+            self.namespaces.clone(),
+            convert,
+            store,
+        ));
+    }
+}
+
+/// Watches one kind for good: its events, from the namespaces the mesh
+/// reads, go to the index (and to `store` when given). When the set of
+/// namespaces changes, the watch starts again: its list puts the objects
+/// of a namespace that joined into the index, and its reset drops those
+/// of one that left.
+async fn follow<T, K>(
+    api: Api<T>,
+    server: Server,
+    synced: Synced,
+    mut namespaces: Namespaces,
+    convert: fn(T) -> Option<K>,
+    mut store: Option<StoreWriter<T>>,
+) where
+    T: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+    T::DynamicType: Clone + Eq + std::hash::Hash,
+    K: Kind,
 {
-    let api = Api::<K>::all(client.clone());
-    let (reader, writer) = reflector::store();
-    let events = watcher(api).default_backoff().modify(|object| {
-        object.managed_fields_mut().clear();
-        object.annotations_mut().remove(LAST_APPLIED);
-    });
-    let events = reflector::reflector(writer, events);
-    let task: Task = Box::pin(drive(events, server.clone(), ready.clone(), Some));
-    (task, reader)
+    loop {
+        let held = namespaces.clone();
+        let events = watcher(api.clone())
+            .default_backoff()
+            .modify(|object| {
+                // Neither the index nor the status writer reads them, and
+                // they are most of a small object's size.
+                object.meta_mut().managed_fields = None;
+                if let Some(annotations) = object.meta_mut().annotations.as_mut() {
+                    annotations.remove(LAST_APPLIED);
+                }
+            })
+            .filter(move |event| std::future::ready(held.admits(event)))
+            .inspect(|event| {
+                if let (Some(writer), Ok(event)) = (store.as_mut(), event) {
+                    writer.apply_watcher_event(event);
+                }
+            });
+        tokio::select! {
+            () = drive(events, server.clone(), synced.clone(), convert) => return,
+            () = namespaces.changed() => {
+                info!(kind = K::KIND, "the namespaces the mesh reads changed; listing again");
+            }
+        }
+    }
 }
 
 /// The annotation `kubectl apply` keeps the whole last applied object in.
@@ -293,24 +365,129 @@ where
     watcher::watcher(api, watcher::Config::default())
 }
 
+/// The namespaces whose objects the mesh reads: every one, or those whose
+/// labels match a selector, followed by a watch of Namespaces with that
+/// selector (the API server sends a namespace that stops matching as a
+/// deletion).
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    selected: Option<tokio::sync::watch::Receiver<Arc<BTreeSet<String>>>>,
+}
+
+impl Namespaces {
+    /// Every namespace.
+    pub fn all() -> Self {
+        Self { selected: None }
+    }
+
+    /// The namespaces `selector` picks, once they have been listed. A
+    /// selector the API server refuses is an error that names it.
+    pub async fn watch(client: &Client, selector: &str) -> Result<Self, KubeError> {
+        let api = Api::<Namespace>::all(client.clone());
+        let params = kube::api::ListParams::default().labels(selector);
+        let list = api
+            .list_metadata(&params)
+            .await
+            .map_err(|e| KubeError::Selector(selector.to_owned(), Box::new(e)))?;
+        let names = |list: &[PartialObjectMeta<Namespace>]| -> BTreeSet<String> {
+            list.iter().map(ResourceExt::name_any).collect()
+        };
+        let first = names(&list.items);
+        info!(namespaces = ?first, selector, "the mesh reads these namespaces");
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(first));
+        let config = watcher::Config::default().labels(selector);
+        let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+        let events = watcher::watcher(api, config).default_backoff();
+        tokio::spawn(follow_namespaces(events, tx));
+        Ok(Self { selected: Some(rx) })
+    }
+
+    /// Whether `event` is about an object of a namespace the mesh reads;
+    /// list boundaries always are.
+    fn admits<T: Resource, E>(&self, event: &Result<Event<T>, E>) -> bool {
+        let Some(selected) = &self.selected else {
+            return true;
+        };
+        match event {
+            Ok(Event::Apply(o) | Event::InitApply(o) | Event::Delete(o)) => o
+                .meta()
+                .namespace
+                .as_ref()
+                .is_some_and(|ns| selected.borrow().contains(ns)),
+            Ok(Event::Init | Event::InitDone) | Err(_) => true,
+        }
+    }
+
+    /// Resolves when the set changes; never for every namespace.
+    async fn changed(&mut self) {
+        match &mut self.selected {
+            Some(selected) => {
+                if selected.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Keeps the set of selected namespaces current from their watch, and
+/// says when a namespace joins or leaves.
+async fn follow_namespaces<S>(events: S, tx: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>)
+where
+    S: Stream<Item = Result<Event<PartialObjectMeta<Namespace>>, watcher::Error>>,
+{
+    let mut events = std::pin::pin!(events);
+    let mut listed = BTreeSet::new();
+    while let Some(event) = events.next().await {
+        let current = tx.borrow().clone();
+        let next = match event {
+            Ok(Event::Init) => {
+                listed.clear();
+                continue;
+            }
+            Ok(Event::InitApply(ns)) => {
+                listed.insert(ns.name_any());
+                continue;
+            }
+            Ok(Event::InitDone) => std::mem::take(&mut listed),
+            Ok(Event::Apply(ns)) => {
+                let mut next = (*current).clone();
+                next.insert(ns.name_any());
+                next
+            }
+            Ok(Event::Delete(ns)) => {
+                let mut next = (*current).clone();
+                next.remove(&ns.name_any());
+                next
+            }
+            Err(error) => {
+                warn!(%error, "the watch of Namespaces failed; retrying with backoff");
+                continue;
+            }
+        };
+        if next != *current {
+            let joined: Vec<_> = next.difference(&current).collect();
+            let left: Vec<_> = current.difference(&next).collect();
+            info!(?joined, ?left, "the namespaces the mesh reads changed");
+            tx.send_replace(Arc::new(next));
+        }
+    }
+}
+
 /// Applies a kind's watch events to the index: `Init` … `InitApply` …
 /// `InitDone` (a list, the first or after the watch broke) becomes one
 /// `reset` of the kind, `Apply` an `apply`, `Delete` a `delete`. `convert`
 /// turns what the API serves into what the index takes (None: skip it,
 /// with a warning).
-pub async fn drive<T, K, S>(
-    events: S,
-    server: Server,
-    ready: Readiness,
-    convert: fn(T) -> Option<K>,
-) where
+pub async fn drive<T, K, S>(events: S, server: Server, synced: Synced, convert: fn(T) -> Option<K>)
+where
     T: Resource,
     K: Kind,
     S: Stream<Item = Result<Event<T>, watcher::Error>>,
 {
     let mut events = std::pin::pin!(events);
     let mut listed: Vec<K> = Vec::new();
-    let mut synced = false;
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => listed.clear(),
@@ -323,10 +500,7 @@ pub async fn drive<T, K, S>(
                     warn!("{r}");
                 }
                 info!(kind = K::KIND, objects = count, "listed");
-                if !synced {
-                    synced = true;
-                    ready.synced();
-                }
+                synced.synced();
             }
             Ok(Event::Apply(object)) => {
                 let Some(object) = convert(object) else {

@@ -41,7 +41,29 @@ pub struct Mesh {
     pub endpoints_per_service: usize,
     /// Background HTTPRoutes (canary splits) besides the hot route.
     pub routes: usize,
+    /// What the objects are for.
+    pub target: Target,
+    /// The namespaces' names: `<prefix>-000`, ...
+    pub prefix: &'static str,
 }
+
+/// The namespace prefix of the mesh the proxies subscribe to.
+pub const MESH_PREFIX: &str = "ns";
+
+/// Whom the objects are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The control plane's file source: Services with cluster IPs.
+    Files,
+    /// An API server: headless Services that no kube-proxy serves, and
+    /// EndpointSlices of the API version the server serves, managed by
+    /// the benchmark.
+    Cluster { slice_api_version: &'static str },
+}
+
+/// The `service.kubernetes.io/service-proxy-name` and EndpointSlice
+/// `managed-by` of the benchmark's objects on a cluster.
+const MANAGER: &str = "trellis-bench";
 
 /// The state of the hot service that changes move along.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -141,6 +163,28 @@ impl Mesh {
         Ok(self.namespaces() + 1)
     }
 
+    /// The names of the mesh's namespaces.
+    pub fn namespace_names(&self) -> Vec<String> {
+        (0..self.namespaces())
+            .map(|ns| namespace_named(self.prefix, ns))
+            .collect()
+    }
+
+    /// Every object of namespace `ns` (as in its file), for `hot`.
+    pub fn namespace_objects(&self, ns: usize, hot: Hot) -> String {
+        self.namespace_file(ns, hot)
+    }
+
+    /// The hot route, for `hot`.
+    pub fn hot_route(hot: Hot) -> String {
+        hot_route(hot)
+    }
+
+    /// The name of the hot service's EndpointSlice.
+    pub fn hot_slice_name() -> String {
+        format!("{}-abcde", service(0))
+    }
+
     /// Rewrites the file of the hot service's slice for state `hot`.
     pub fn write_endpoint_change(&self, dir: &Path, hot: Hot) -> anyhow::Result<()> {
         write_file(&self.namespace_path(dir, 0), &self.namespace_file(0, hot))
@@ -152,14 +196,14 @@ impl Mesh {
     }
 
     fn namespace_path(&self, dir: &Path, ns: usize) -> PathBuf {
-        dir.join(format!("{}.yaml", namespace(ns)))
+        dir.join(format!("{}.yaml", namespace_named(self.prefix, ns)))
     }
 
     /// Background routes go on every tenth service from the fourth on
     /// (`svc-00003`, `svc-00013`, ...), splitting 90:10 with the next
     /// service, in the same namespace as Gateway API requires without a
     /// ReferenceGrant.
-    fn background_route_slots(&self) -> usize {
+    pub fn background_route_slots(&self) -> usize {
         match self.services {
             0..5 => 0,
             n => (n - 5) / 10 + 1,
@@ -183,20 +227,37 @@ impl Mesh {
     }
 
     fn push_service(&self, out: &mut String, i: usize, hot: Hot) {
-        let (ns, name) = (namespace(i / SERVICES_PER_NAMESPACE), service(i));
-        let ip = nth(SERVICE_IPS, i + 1);
+        let (ns, name) = (
+            namespace_named(self.prefix, i / SERVICES_PER_NAMESPACE),
+            service(i),
+        );
+        let (cluster_ip, service_labels, slice_api, slice_labels) = match self.target {
+            Target::Files => (
+                nth(SERVICE_IPS, i + 1).to_string(),
+                String::new(),
+                "discovery.k8s.io/v1",
+                String::new(),
+            ),
+            Target::Cluster { slice_api_version } => (
+                "None".to_owned(),
+                format!(", labels: {{ service.kubernetes.io/service-proxy-name: {MANAGER} }}"),
+                slice_api_version,
+                format!(", endpointslice.kubernetes.io/managed-by: {MANAGER}"),
+            ),
+        };
         // Writing to a String cannot fail.
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: {ns} }}\n\
-             spec: {{ clusterIP: {ip}, ports: [{{ name: http, port: {PORT} }}] }}\n"
+            "---\napiVersion: v1\nkind: Service\n\
+             metadata: {{ name: {name}, namespace: {ns}{service_labels} }}\n\
+             spec: {{ clusterIP: {cluster_ip}, ports: [{{ name: http, port: {PORT} }}] }}\n"
         );
         let _ = write!(
             out,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\naddressType: IPv4\n\
+            "---\napiVersion: {slice_api}\nkind: EndpointSlice\naddressType: IPv4\n\
              metadata:\n  name: {name}-abcde\n  namespace: {ns}\n  \
-             labels: {{ kubernetes.io/service-name: {name} }}\n\
-             ports: [{{ name: http, port: {PORT} }}]\nendpoints:\n"
+             labels: {{ kubernetes.io/service-name: {name}{slice_labels} }}\n\
+             ports: [{{ name: http, port: {PORT}, protocol: TCP }}]\nendpoints:\n"
         );
         for e in 0..self.endpoints_per_service {
             let pod = i * self.endpoints_per_service + e;
@@ -249,7 +310,11 @@ fn hot_first_ip(hot: Hot) -> Ipv4Addr {
 }
 
 fn namespace(ns: usize) -> String {
-    format!("ns-{ns:03}")
+    namespace_named(MESH_PREFIX, ns)
+}
+
+fn namespace_named(prefix: &str, ns: usize) -> String {
+    format!("{prefix}-{ns:03}")
 }
 
 fn service(i: usize) -> String {
@@ -278,6 +343,7 @@ fn write_file(path: &Path, text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use mesh_api::k8s::{Object, parse_documents};
+    use serde::Deserialize;
 
     use super::*;
 
@@ -294,6 +360,8 @@ mod tests {
             services: 230,
             endpoints_per_service: 5,
             routes: 23,
+            target: Target::Files,
+            prefix: MESH_PREFIX,
         };
         mesh.check().unwrap();
         let tmp = tempfile::Builder::new()
@@ -329,6 +397,8 @@ mod tests {
             services: 120,
             endpoints_per_service: 2,
             routes: 0,
+            target: Target::Files,
+            prefix: MESH_PREFIX,
         };
         let before = mesh.namespace_file(0, Hot::default());
         let hot = Hot {
@@ -366,11 +436,49 @@ mod tests {
     }
 
     #[test]
+    fn on_a_cluster_services_are_headless_and_slices_are_the_benchmark_s() {
+        let mesh = Mesh {
+            services: 120,
+            endpoints_per_service: 2,
+            routes: 2,
+            target: Target::Cluster {
+                slice_api_version: "discovery.k8s.io/v1beta1",
+            },
+            prefix: "outside",
+        };
+        assert_eq!(mesh.namespace_names(), ["outside-000", "outside-001"]);
+        let text = mesh.namespace_objects(1, Hot::default());
+        let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+            .filter(|v| !v.is_null())
+            .collect();
+        assert_eq!(docs.len(), 40, "20 Services and their slices");
+        for doc in &docs {
+            assert_eq!(doc["metadata"]["namespace"], "outside-001");
+            match doc["kind"].as_str().unwrap() {
+                "Service" => {
+                    assert_eq!(doc["spec"]["clusterIP"], "None");
+                    let labels = &doc["metadata"]["labels"];
+                    assert_eq!(labels["service.kubernetes.io/service-proxy-name"], MANAGER);
+                }
+                "EndpointSlice" => {
+                    assert_eq!(doc["apiVersion"], "discovery.k8s.io/v1beta1");
+                    let labels = &doc["metadata"]["labels"];
+                    assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], MANAGER);
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+
+    #[test]
     fn oversized_meshes_are_refused() {
         let mesh = |services, routes| Mesh {
             services,
             endpoints_per_service: 5,
             routes,
+            target: Target::Files,
+            prefix: MESH_PREFIX,
         };
         assert!(mesh(2, 0).check().is_err());
         assert!(mesh(10_000, 1_000).check().is_ok());

@@ -45,6 +45,24 @@ pub struct Report {
     pub server_push_latency_end: Vec<ServerQuantiles>,
     /// Other work on the machine while the changes were timed.
     pub others: OtherLoad,
+    /// With `--kubernetes`: the cluster and what writing the mesh took.
+    pub kubernetes: Option<KubeReport>,
+}
+
+/// The cluster a `--kubernetes` run wrote the mesh through.
+#[derive(Debug, Serialize)]
+pub struct KubeReport {
+    pub server_version: String,
+    pub slice_api_version: &'static str,
+    /// The control plane's `--namespace-selector`; None: every namespace.
+    pub namespace_selector: Option<String>,
+    /// Objects in namespaces outside the mesh.
+    pub outside_services: usize,
+    pub outside_endpoints: usize,
+    pub outside_routes: usize,
+    /// Objects applied (both parts), and how long it took.
+    pub objects: usize,
+    pub apply_s: f64,
 }
 
 /// How much else ran on the machine while the changes were timed: on a
@@ -277,6 +295,23 @@ impl Report {
             m.connections,
             m.streams_per_connection
         )?;
+        if let Some(k) = &self.kubernetes {
+            writeln!(
+                t,
+                "through Kubernetes {} (EndpointSlices {}): {} objects applied in {:.1} s; \
+                 outside the mesh {} services, {} endpoints, {} routes; namespace selector {}",
+                k.server_version,
+                k.slice_api_version,
+                k.objects,
+                k.apply_s,
+                k.outside_services,
+                k.outside_endpoints,
+                k.outside_routes,
+                k.namespace_selector
+                    .as_deref()
+                    .unwrap_or("none (every namespace)")
+            )?;
+        }
         writeln!(
             t,
             "machine: {} CPUs, {}; load average at start {}",
@@ -322,12 +357,16 @@ impl Report {
                 s.responses_per_change
             )?;
         }
+        let (write, first) = match self.kubernetes {
+            None => ("file write", "file watch + re-read"),
+            Some(_) => ("API write (server-side apply)", "API call + watch event"),
+        };
         writeln!(
             t,
-            "  (latency: file write until a subscriber receives the change, over {} \
-             subscribers per change; first: the first subscriber, mostly file watch + \
-             re-read + index update; server: the control plane's own index-update-to-queued \
-             mean; reached: changes that reached every subscriber)",
+            "  (latency: {write} until a subscriber receives the change, over {} \
+             subscribers per change; first: the first subscriber, mostly {first} + index \
+             update; server: the control plane's own index-update-to-queued mean; reached: \
+             changes that reached every subscriber)",
             self.endpoint_change.affected
         )?;
         writeln!(t)?;

@@ -2,7 +2,9 @@
 //! watchers fill the index (a Service with its ClusterIP, its endpoints
 //! from the v1beta1 EndpointSlices a 1.20 server serves), proxies get them
 //! over discovery, and a relist after the control plane was down removes
-//! what was deleted meanwhile (a Service and an HTTPRoute).
+//! what was deleted meanwhile (a Service and an HTTPRoute); with a
+//! namespace selector, only the namespaces it matches are in the mesh,
+//! and a namespace labelled or unlabelled joins or leaves it.
 //!
 //! The control plane runs on the node here, with the admin kubeconfig; as
 //! a Deployment in the cluster it comes with the install manifests.
@@ -90,7 +92,7 @@ struct ControlPlane {
 }
 
 impl ControlPlane {
-    fn start(dir: &Path, discovery: SocketAddr, admin: SocketAddr) -> Self {
+    fn start(dir: &Path, discovery: SocketAddr, admin: SocketAddr, args: &[&str]) -> Self {
         let binary = root().join("target/release/trellis-controlplane");
         let log = dir.join(format!("controlplane-{}.log", admin.port()));
         let out = std::fs::File::create(&log).unwrap();
@@ -101,6 +103,7 @@ impl ControlPlane {
             .arg(discovery.to_string())
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .args(args)
             .env("KUBECONFIG", std::env::var_os(KUBECONFIG_ENV).unwrap())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -239,7 +242,7 @@ async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_delet
 
     let dir = tempfile::tempdir().unwrap();
     let (discovery, admin) = (free_addr(), free_addr());
-    let mut cp = ControlPlane::start(dir.path(), discovery, admin);
+    let mut cp = ControlPlane::start(dir.path(), discovery, admin, &[]);
     cp.wait_ready().await;
     // 1.20 serves v1beta1 EndpointSlices; kind's newer servers serve v1.
     let log = cp.log_text();
@@ -312,7 +315,7 @@ async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_delet
     crate::support::call(routes.delete("doomed", &Default::default()))
         .await
         .unwrap();
-    let mut cp = ControlPlane::start(dir.path(), discovery, admin);
+    let mut cp = ControlPlane::start(dir.path(), discovery, admin, &[]);
     cp.wait_ready().await;
     let seen = services(discovery, ns_ref).await.unwrap();
     let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
@@ -329,4 +332,155 @@ async fn the_kubernetes_source_feeds_discovery_and_a_relist_drops_what_was_delet
     );
     drop(cp);
     ns.delete(Duration::from_secs(90)).await.unwrap();
+}
+
+const SELECTED: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+spec:
+  selector: { app: reviews }
+  ports:
+    - { name: http, port: 9080, targetPort: 9080, protocol: TCP }
+"#;
+
+/// Sets or removes (None) a label of namespace `name`.
+async fn label_namespace(
+    cluster: &Cluster,
+    name: &str,
+    key: &str,
+    value: Option<&str>,
+) -> anyhow::Result<()> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(cluster.client.clone());
+    let patch = serde_json::json!({ "metadata": { "labels": { key: value } } });
+    crate::support::call(api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    ))
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: run `cargo xtask e2e` (as root)"]
+async fn a_namespace_selector_keeps_other_namespaces_out_and_follows_their_labels() {
+    let cluster = Cluster::from_env().await.unwrap();
+    let inside = cluster.namespace("selected").await.unwrap();
+    let outside = cluster.namespace("unselected").await.unwrap();
+    inside.apply(SELECTED).await.unwrap();
+    outside.apply(SELECTED).await.unwrap();
+    // A label of this run's own, so that no other namespace matches.
+    let key = "trellis.dev/e2e-selected";
+    let value = inside.name.clone();
+    label_namespace(&cluster, &inside.name, key, Some(&value))
+        .await
+        .unwrap();
+    let selector = format!("{key}={value}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (discovery, admin) = (free_addr(), free_addr());
+    // Its own Lease, in the test's namespace: the installed control plane
+    // holds the default one.
+    let args = [
+        "--namespace-selector",
+        &selector,
+        "--namespace",
+        &inside.name,
+    ];
+    let mut cp = ControlPlane::start(dir.path(), discovery, admin, &args);
+    cp.wait_ready().await;
+    let names = |ns: &str| {
+        let ns = ns.to_owned();
+        async move {
+            let seen = services(discovery, &ns).await?;
+            anyhow::Ok(seen.into_iter().map(|(n, _)| n).collect::<Vec<_>>())
+        }
+    };
+    let reviews = vec![String::from("reviews")];
+    assert_eq!(names(&inside.name).await.unwrap(), reviews);
+    assert_eq!(
+        names(&outside.name).await.unwrap(),
+        Vec::<String>::new(),
+        "a namespace the selector does not match is in the index:\n{}",
+        cp.log_text()
+    );
+    println!(
+        "controlplane: with --namespace-selector {selector}, {}/reviews is in the mesh and {}/reviews is not",
+        inside.name, outside.name
+    );
+
+    // Labelled, the other namespace joins; unlabelled, the first leaves.
+    label_namespace(&cluster, &outside.name, key, Some(&value))
+        .await
+        .unwrap();
+    let (outside_name, inside_name) = (outside.name.as_str(), inside.name.as_str());
+    let (names_ref, reviews_ref) = (&names, &reviews);
+    wait_for(
+        "the labelled namespace's Service",
+        SEEN_TIMEOUT,
+        || async move { Ok(names_ref(outside_name).await? == *reviews_ref) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.log_text()));
+    label_namespace(&cluster, &inside.name, key, None)
+        .await
+        .unwrap();
+    wait_for(
+        "the unlabelled namespace's Service gone",
+        SEEN_TIMEOUT,
+        || async move { Ok(names_ref(inside_name).await?.is_empty()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.log_text()));
+    assert!(
+        cp.log_text()
+            .contains("the namespaces the mesh reads changed"),
+        "the control plane says when the set changes:\n{}",
+        cp.log_text()
+    );
+    println!(
+        "controlplane: labelling {outside_name} brought its Service in, unlabelling {inside_name} took its Service out"
+    );
+
+    // A selector the API server refuses stops the start with its reason.
+    let (discovery, admin) = (free_addr(), free_addr());
+    let mut bad = ControlPlane::start(
+        dir.path(),
+        discovery,
+        admin,
+        &[
+            "--namespace-selector",
+            "env in prod",
+            "--namespace",
+            &outside.name,
+        ],
+    );
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = bad.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "a refused selector did not stop the control plane:\n{}",
+            bad.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(!status.success());
+    let log = bad.log_text();
+    assert!(
+        log.contains("--namespace-selector \"env in prod\""),
+        "the error names the selector:\n{log}"
+    );
+    println!(
+        "controlplane: --namespace-selector 'env in prod' is refused: {}",
+        log.lines().last().unwrap_or("")
+    );
+    drop(cp);
+    inside.delete(Duration::from_secs(90)).await.unwrap();
+    outside.delete(Duration::from_secs(90)).await.unwrap();
 }

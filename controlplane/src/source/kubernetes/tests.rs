@@ -29,7 +29,7 @@ fn services(server: &Server) -> Vec<Key> {
 /// Feeds `events` for Services through the driver.
 async fn feed(server: &Server, ready: &Readiness, events: Vec<Event<Service>>) {
     let events = stream::iter(events.into_iter().map(Ok));
-    drive(events, server.clone(), ready.clone(), Some).await;
+    drive(events, server.clone(), ready.kind(), Some).await;
 }
 
 #[tokio::test]
@@ -194,4 +194,77 @@ fn core_endpoints_read_as_one_slice() {
         slice.metadata.labels.as_ref().unwrap()[SERVICE_NAME_LABEL],
         "details"
     );
+}
+
+#[tokio::test]
+async fn a_watcher_that_lists_again_counts_once_towards_readiness() {
+    let server = Server::new(Index::default(), Config::default());
+    let ready = Readiness::new(2);
+    let services = ready.kind();
+    for _ in 0..2 {
+        let events = stream::iter([Event::Init, Event::InitDone].map(Ok::<_, watcher::Error>));
+        drive::<Service, Service, _>(events, server.clone(), services.clone(), Some).await;
+    }
+    assert!(!ready.ready(), "the other watcher has not listed yet");
+    let events = stream::iter([Event::Init, Event::InitDone].map(Ok::<_, watcher::Error>));
+    drive::<Service, Service, _>(events, server.clone(), ready.kind(), Some).await;
+    assert!(ready.ready());
+}
+
+fn namespace(name: &str) -> PartialObjectMeta<Namespace> {
+    let mut meta = PartialObjectMeta::<Namespace>::default();
+    meta.metadata.name = Some(name.into());
+    meta
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn the_selected_namespaces_follow_their_watch_and_a_change_is_said() {
+    let (tx, mut rx) = tokio::sync::watch::channel(Arc::new(set(&["shop"])));
+    let events = stream::iter(
+        [
+            // The first list: what the start saw, so no change.
+            Event::Init,
+            Event::InitApply(namespace("shop")),
+            Event::InitDone,
+            Event::Apply(namespace("shop")),
+            // Labelled: it joins.
+            Event::Apply(namespace("pay")),
+        ]
+        .map(Ok),
+    );
+    follow_namespaces(events, tx.clone()).await;
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(**rx.borrow_and_update(), set(&["pay", "shop"]));
+    // Unlabelled (a deletion in a selected watch), and a relist that
+    // misses one deleted meanwhile.
+    let events = stream::iter(
+        [
+            Event::Delete(namespace("pay")),
+            Event::Init,
+            Event::InitApply(namespace("ship")),
+            Event::InitDone,
+        ]
+        .map(Ok),
+    );
+    follow_namespaces(events, tx).await;
+    assert_eq!(**rx.borrow_and_update(), set(&["ship"]));
+}
+
+#[tokio::test]
+async fn only_objects_of_selected_namespaces_are_admitted() {
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(set(&["shop"])));
+    let selected = Namespaces { selected: Some(rx) };
+    let every = Namespaces::all();
+    let event =
+        |ns: &str| Ok::<_, watcher::Error>(Event::Apply(service(ns, "cart", "198.19.0.20")));
+    assert!(selected.admits(&event("shop")));
+    assert!(!selected.admits(&event("other")));
+    let deleted = Ok::<_, watcher::Error>(Event::Delete(service("other", "cart", "198.19.0.20")));
+    assert!(!selected.admits(&deleted));
+    assert!(selected.admits(&Ok::<Event<Service>, watcher::Error>(Event::InitDone)));
+    assert!(every.admits(&event("other")));
 }
