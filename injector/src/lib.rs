@@ -1,5 +1,11 @@
-//! The Trellis sidecar injector (not built yet).
+//! The Trellis sidecar injector.
 //!
-//! It will be the mutating admission webhook (`trellis-injector`, HTTPS on
-//! 15017) that adds the proxy and its `trellis-proxy init` container to pods
-//! in namespaces labelled `trellis.dev/inject=enabled`.
+//! [`mutate`] is injection itself: a pod in, the JSON patch that adds the
+//! proxy, its `trellis-proxy init` container, its token and trust bundle,
+//! and the app's probes pointed at the proxy. The admission webhook
+//! (`trellis-injector`, HTTPS on 15017, not built yet) and `meshctl
+//! inject` (not built yet) will both call it.
+
+pub mod mutate;
+
+pub use mutate::{Error, InjectConfig, Outcome, Skip, mutate};

@@ -35,6 +35,7 @@ pub mod detect;
 pub mod discovery;
 pub mod http;
 pub mod identity;
+pub mod init;
 pub mod listener;
 pub mod pool;
 pub mod ratelimit;
@@ -47,6 +48,7 @@ pub mod telemetry;
 #[cfg(feature = "test-util")]
 pub mod testutil;
 pub mod tls;
+pub mod wait;
 
 use balance::Endpoint;
 use listener::Listeners;

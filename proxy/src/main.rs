@@ -21,11 +21,40 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
-    Run(Settings),
+    Run(Box<Settings>),
+    /// Install the nat rules that send the pod's TCP through the proxy
+    /// (the injected init container).
+    Init(proxy::init::InitSettings),
+    /// Wait until the proxy in this pod is ready (a classic sidecar's
+    /// postStart hook).
+    Wait(proxy::wait::WaitSettings),
 }
 
 fn main() -> ExitCode {
-    let Command::Run(settings) = Cli::parse().command;
+    let settings = match Cli::parse().command {
+        Command::Run(settings) => *settings,
+        Command::Init(init) => {
+            return match proxy::init::run(&init) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("trellis-proxy init: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Wait(wait) => {
+            return match proxy::wait::run(&wait) {
+                Ok(waited) => {
+                    eprintln!("trellis-proxy wait: the proxy is ready after {waited:.1?}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("trellis-proxy wait: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     if let Err(e) = init_logging(&settings.log) {
         eprintln!("trellis-proxy: {e}");
         return ExitCode::FAILURE;

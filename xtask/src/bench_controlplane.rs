@@ -313,6 +313,7 @@ fn measure(opts: &Options, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
         .build()
         .context("cannot start the simulated proxies' runtime")?;
     let machine = Machine::probe(Vec::new());
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let (mesh, writes, files, kubernetes) = if opts.kubernetes {
         let cluster = runtime.block_on(Cluster::connect(Cluster::kubeconfig()?))?;
         let target = Target::Cluster {

@@ -66,7 +66,7 @@ pub enum KubeError {
     Discovery(#[source] kube::Error),
     /// The namespace selector was refused, or namespaces cannot be listed.
     #[error("cannot list the namespaces --namespace-selector {0:?} picks: {1}")]
-    Selector(String, #[source] Box<kube::Error>),
+    Selector(String, String),
 }
 
 /// Where EndpointSlices come from.
@@ -385,10 +385,14 @@ impl Namespaces {
     pub async fn watch(client: &Client, selector: &str) -> Result<Self, KubeError> {
         let api = Api::<Namespace>::all(client.clone());
         let params = kube::api::ListParams::default().labels(selector);
-        let list = api
-            .list_metadata(&params)
-            .await
-            .map_err(|e| KubeError::Selector(selector.to_owned(), Box::new(e)))?;
+        let list = api.list_metadata(&params).await.map_err(|e| {
+            let reason = match e {
+                // The server's own words ("unable to parse requirement").
+                kube::Error::Api(status) => status.message,
+                other => other.to_string(),
+            };
+            KubeError::Selector(selector.to_owned(), reason)
+        })?;
         let names = |list: &[PartialObjectMeta<Namespace>]| -> BTreeSet<String> {
             list.iter().map(ResourceExt::name_any).collect()
         };

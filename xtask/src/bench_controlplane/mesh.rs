@@ -250,7 +250,7 @@ impl Mesh {
             out,
             "---\napiVersion: v1\nkind: Service\n\
              metadata: {{ name: {name}, namespace: {ns}{service_labels} }}\n\
-             spec: {{ clusterIP: {cluster_ip}, ports: [{{ name: http, port: {PORT} }}] }}\n"
+             spec: {{ clusterIP: {cluster_ip}, ports: [{{ name: http, port: {PORT}, protocol: TCP }}] }}\n"
         );
         let _ = write!(
             out,
