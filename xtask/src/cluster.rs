@@ -237,6 +237,14 @@ pub fn up(layout: &Layout) -> anyhow::Result<PathBuf> {
             DAEMONS.len()
         );
         down(layout)?;
+    } else if layout.snapshot().exists() {
+        // An `up` that crashed, or a machine restored with the cluster's
+        // links and rules but none of its processes: undo what it left,
+        // against the snapshot it took.
+        println!("cluster: a previous up left the machine changed; bringing it down first");
+        if let Err(err) = down(layout) {
+            eprintln!("cluster: {err:#}; going on with the earlier snapshot");
+        }
     }
     let started = Instant::now();
     build::ensure(layout)?;

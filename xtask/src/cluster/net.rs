@@ -236,7 +236,10 @@ pub fn preflight() -> anyhow::Result<()> {
 
 /// Makes the bridge, the routes, the forwarding guard and the sysctls.
 pub fn setup(before: &Snapshot) -> anyhow::Result<()> {
-    if !before.links.contains(BRIDGE) {
+    // The live state, not `before`: after a crashed `up`, `before` is the
+    // machine as it was before that one, and the bridge may already exist.
+    let bridge_exists = sh::try_run(Command::new("ip").args(["link", "show", "dev", BRIDGE]));
+    if !bridge_exists {
         sh::run(Command::new("ip").args(["link", "add", BRIDGE, "type", "bridge"]))
             .context("cannot create the harness bridge (does the kernel have bridge support?)")?;
     }
