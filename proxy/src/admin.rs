@@ -4,7 +4,9 @@
 //!   with its version), `GET /logging` and `POST /logging?level=FILTER`;
 //! - metrics: `GET /metrics` in Prometheus text format;
 //! - health: `GET /healthz/live` and `GET /healthz/ready` (503 while
-//!   draining, or before the first config from the control plane).
+//!   draining, or before the first config from the control plane), and
+//!   `GET /app-health/<container>/<probe>`, the app's own probes run from
+//!   inside the pod for kubelet ([`crate::probe`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,8 +21,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::probe::{self, AppProbes};
 use crate::settings::Settings;
 use crate::{Error, Proxy};
 
@@ -44,6 +47,7 @@ pub struct Servers {
     /// Health address.
     pub health_addr: SocketAddr,
     listeners: std::sync::Mutex<Option<[TcpListener; 3]>>,
+    app_probes: Arc<AppProbes>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -51,6 +55,16 @@ type Reply = Response<Full<Bytes>>;
 impl Servers {
     /// Binds the three ports.
     pub async fn bind(s: &Settings) -> Result<Self, Error> {
+        let app_probes = match &s.app_probes {
+            Some(json) => AppProbes::parse(json, s.pod_ip)?,
+            None => AppProbes::default(),
+        };
+        if !app_probes.is_empty() {
+            info!(
+                probes = app_probes.len(),
+                "running the app's probes for kubelet"
+            );
+        }
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
@@ -65,6 +79,7 @@ impl Servers {
             metrics_addr: addr(&metrics, s.metrics_addr),
             health_addr: addr(&health, s.health_addr),
             listeners: std::sync::Mutex::new(Some([admin, metrics, health])),
+            app_probes: Arc::new(app_probes),
         })
     }
 
@@ -90,15 +105,29 @@ impl Servers {
                 _ => not_found(),
             })
         }));
+        let probes = self.app_probes.clone();
         tokio::spawn(serve(health, move |req| {
-            std::future::ready(match req.uri().path() {
-                "/healthz/live" => text(StatusCode::OK, "live"),
-                "/healthz/ready" => match proxy.readiness() {
-                    Ok(()) => text(StatusCode::OK, "ready"),
-                    Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
-                },
-                _ => not_found(),
-            })
+            let proxy = proxy.clone();
+            let probes = probes.clone();
+            async move {
+                let path = req.uri().path();
+                match path {
+                    "/healthz/live" => text(StatusCode::OK, "live"),
+                    "/healthz/ready" => match proxy.readiness() {
+                        Ok(()) => text(StatusCode::OK, "ready"),
+                        Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+                    },
+                    _ if path.starts_with(probe::PREFIX) => match probes.run(path).await {
+                        Some(Ok(seen)) => text(StatusCode::OK, &seen),
+                        Some(Err(why)) => {
+                            debug!(probe = path, %why, "app probe failed");
+                            text(StatusCode::SERVICE_UNAVAILABLE, &why)
+                        }
+                        None => text(StatusCode::NOT_FOUND, "no app probe at this path"),
+                    },
+                    _ => not_found(),
+                }
+            }
         }));
     }
 }

@@ -38,6 +38,7 @@ pub mod identity;
 pub mod init;
 pub mod listener;
 pub mod pool;
+pub mod probe;
 pub mod ratelimit;
 pub mod route;
 pub mod settings;
@@ -169,6 +170,9 @@ pub enum Error {
         "--token-file needs --discovery-roots: the token is sent only over TLS to a control plane whose certificate the proxy verified"
     )]
     TokenWithoutTls,
+    /// `TRELLIS_APP_PROBES` cannot be run.
+    #[error(transparent)]
+    AppProbes(#[from] probe::ProbeConfigError),
     /// An admin, metrics or health port could not bind.
     #[error("cannot listen on {addr} for the {what} server: {source}")]
     AdminBind {

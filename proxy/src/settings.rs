@@ -145,6 +145,13 @@ pub struct Settings {
     /// Largest request head in bytes; larger ones get 431.
     #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = DEFAULT_MAX_HEADER_BYTES)]
     pub max_header_bytes: usize,
+    /// The app's probes that kubelet sends to `/app-health/...` on the
+    /// health port (JSON, path → Kubernetes probe; the injector writes it).
+    #[arg(long, env = "TRELLIS_APP_PROBES")]
+    pub app_probes: Option<String>,
+    /// The pod's IP, where app probes go unless they name a host.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
     /// Log filter, for example `info` or `proxy=debug`.
     #[arg(long, env = "TRELLIS_LOG", default_value = "info")]
     pub log: String,
@@ -180,6 +187,8 @@ impl Settings {
             connect_timeout: Duration::from_secs(2),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            app_probes: None,
+            pod_ip: None,
             log: "info".into(),
         }
     }

@@ -506,3 +506,84 @@ async fn sigterm_lets_upgraded_connections_finish() {
         bin.stderr()
     );
 }
+
+/// kubelet's probes, rewritten by the injector to the health port, reach
+/// the app from inside the pod: the app's answer decides, and the probe
+/// that cannot pass says what it saw.
+#[tokio::test]
+async fn the_health_port_runs_the_apps_probes_for_kubelet() {
+    let app = echo_server("app").await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let probes = serde_json::json!({
+        "/app-health/web/readyz": { "httpGet": { "path": "/healthz", "port": app.port() } },
+        "/app-health/web/livez": { "tcpSocket": { "port": app.port() } },
+        "/app-health/db/readyz": { "tcpSocket": { "port": closed_port } },
+    })
+    .to_string();
+    let yaml = "listeners:\n  - { name: out, address: \"{LISTEN}\", direction: outbound, mode: fixed, target: svc }\n\
+                services:\n  - { name: svc, ports: [{ port: 80 }] }\n\
+                backends:\n  - { name: svc, endpoints: [] }\n";
+    let bin = Binary::start(
+        "app-probes",
+        yaml,
+        &["--app-probes", &probes, "--pod-ip", "127.0.0.1"],
+    )
+    .await;
+    let ready = request(bin.health, "GET", "/app-health/web/readyz", b"")
+        .await
+        .unwrap();
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.body);
+    let live = request(bin.health, "GET", "/app-health/web/livez", b"")
+        .await
+        .unwrap();
+    assert_eq!(live.status, StatusCode::OK, "{}", live.body);
+    let db = request(bin.health, "GET", "/app-health/db/readyz", b"")
+        .await
+        .unwrap();
+    assert_eq!(db.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        db.body
+            .starts_with(&format!("tcp 127.0.0.1:{closed_port}: ")),
+        "{}",
+        db.body
+    );
+    let none = request(bin.health, "GET", "/app-health/nobody/readyz", b"")
+        .await
+        .unwrap();
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+}
+
+/// A probe list the proxy cannot run stops it at start, named.
+#[tokio::test]
+async fn unrunnable_app_probes_stop_the_proxy_at_start() {
+    let dir = common::temp_dir("bad-probes");
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, "listeners: []\n").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_trellis-proxy"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .args([
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--health-addr", "127.0.0.1:0"])
+        .env(
+            "TRELLIS_APP_PROBES",
+            r#"{"/app-health/web/readyz": {"exec": {"command": ["true"]}}}"#,
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("TRELLIS_APP_PROBES is not a JSON object of probes"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("unknown field `exec`"), "{stderr}");
+}
