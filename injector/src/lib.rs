@@ -2,10 +2,11 @@
 //!
 //! [`mutate`] is injection itself: a pod in, the JSON patch that adds the
 //! proxy, its `trellis-proxy init` container, its token and trust bundle,
-//! and the app's probes pointed at the proxy. The admission webhook
-//! (`trellis-injector`, HTTPS on 15017, not built yet) and `meshctl
-//! inject` (not built yet) will both call it.
+//! and the app's probes pointed at the proxy. [`webhook`] is the
+//! admission server around it (`trellis-injector`, HTTPS on 15017);
+//! `meshctl inject` calls it too.
 
 pub mod mutate;
+pub mod webhook;
 
 pub use mutate::{Error, InjectConfig, Outcome, Skip, mutate};

@@ -163,6 +163,8 @@ pub enum Skip {
 /// A pod that cannot be injected, with what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
+    #[error("{0}")]
+    Config(String),
     #[error("annotation {annotation}: {reason}")]
     Annotation { annotation: String, reason: String },
     #[error(
@@ -411,6 +413,28 @@ fn list(value: Option<String>) -> impl Iterator<Item = String> {
         .map(str::to_owned)
         .collect::<Vec<_>>()
         .into_iter()
+}
+
+/// Checks the defaults an injector starts with, so that a bad flag stops
+/// it at start rather than failing every pod.
+pub fn check_config(config: &InjectConfig) -> Result<(), Error> {
+    let defaults = [
+        ("--proxy-cpu", &config.cpu_request),
+        ("--proxy-cpu-limit", &config.cpu_limit),
+        ("--proxy-memory", &config.memory_request),
+        ("--proxy-memory-limit", &config.memory_limit),
+    ];
+    for (flag, value) in defaults {
+        if let Some(v) = value.as_deref().filter(|v| !is_quantity(v)) {
+            return Err(Error::Config(format!(
+                "{flag} {v:?} is not a Kubernetes quantity (such as 100m or 64Mi)"
+            )));
+        }
+    }
+    if config.proxy_image.is_empty() {
+        return Err(Error::Config("--proxy-image is empty".into()));
+    }
+    Ok(())
 }
 
 /// A Kubernetes quantity: digits with an optional fraction, then an

@@ -176,8 +176,6 @@ fn probes_point_at_the_proxy_which_gets_the_originals() {
     let text = env(proxy, APP_PROBES_ENV).unwrap()["value"]
         .as_str()
         .unwrap();
-    let runnable = ::proxy::probe::AppProbes::parse(text, None).expect("the proxy runs them");
-    assert_eq!(runnable.len(), 2);
     let probes: Value = serde_json::from_str(text).unwrap();
     assert_eq!(
         probes,
@@ -205,7 +203,6 @@ fn a_grpc_probe_is_rewritten_too() {
         .as_str()
         .unwrap();
     assert!(probes.contains(r#""grpc":{"port":9090}"#), "{probes}");
-    ::proxy::probe::AppProbes::parse(probes, None).expect("the proxy runs it");
 }
 
 #[test]

@@ -266,3 +266,21 @@ fn a_probe_the_proxy_cannot_run_is_refused_with_its_path() {
     );
     assert!(e.contains(r#"header "bad name""#), "{e}");
 }
+
+/// Exactly what the injector's `mutate()` writes (its tests hold the same
+/// text): the injector may not depend on the proxy, so the contract is
+/// checked from this side.
+#[test]
+fn the_probes_the_injector_writes_are_runnable() {
+    let written = r#"{"/app-health/reviews/livez":{"tcpSocket":{"port":9080},"timeoutSeconds":3},"/app-health/reviews/readyz":{"httpGet":{"path":"/health","port":9080},"timeoutSeconds":null},"/app-health/reviews/startupz":{"grpc":{"port":9090},"timeoutSeconds":null}}"#;
+    let p = AppProbes::parse(written, None).unwrap();
+    assert_eq!(p.len(), 3);
+    assert_eq!(
+        p.probes["/app-health/reviews/livez"].timeout,
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        p.probes["/app-health/reviews/startupz"].action.to_string(),
+        r#"grpc health 127.0.0.1:9090 service """#
+    );
+}
