@@ -6,6 +6,7 @@
 //! admission server around it (`trellis-injector`, HTTPS on 15017);
 //! `meshctl inject` calls it too.
 
+pub mod manual;
 pub mod mutate;
 pub mod webhook;
 

@@ -38,6 +38,24 @@ enum Command {
         #[arg(long, default_value = DEFAULT_NAMESPACE)]
         namespace: String,
     },
+    /// Adds the Trellis sidecar to the pods in YAML, as the webhook
+    /// would, and prints the result (`meshctl inject app.yaml | kubectl
+    /// apply -f -`): Pods, workloads' pod templates, CronJobs and Lists;
+    /// other objects pass through. What happened to each workload goes
+    /// to stderr.
+    Inject {
+        /// The YAML file, or `-` for standard input.
+        file: std::path::PathBuf,
+        /// The namespace of objects that name none.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
+        /// The proxy image.
+        #[arg(long, default_value = "trellis/proxy:dev")]
+        proxy_image: String,
+        /// Run the proxy as a native sidecar (Kubernetes 1.28+).
+        #[arg(long)]
+        native_sidecars: bool,
+    },
     /// The mesh's certificate authority: its roots and their rotation.
     Ca {
         #[command(subcommand)]
@@ -96,6 +114,12 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Command::Inject {
+            file,
+            namespace,
+            proxy_image,
+            native_sidecars,
+        } => inject(&file, &namespace, proxy_image, native_sidecars),
         Command::Ca {
             command,
             controlplane,
@@ -109,6 +133,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn inject(
+    file: &std::path::Path,
+    namespace: &str,
+    proxy_image: String,
+    native_sidecars: bool,
+) -> anyhow::Result<()> {
+    use std::io::Read as _;
+    let text = if file == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"))?;
+        text
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+    };
+    let config = injector::InjectConfig {
+        proxy_image,
+        native_sidecars,
+        ..injector::InjectConfig::default()
+    };
+    let (yaml, reports) = injector::manual::inject_yaml(&text, namespace, &config)?;
+    print!("{yaml}");
+    for r in reports {
+        eprintln!("{}: {}", r.object, r.outcome);
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
