@@ -540,6 +540,10 @@ fn init_container(config: &InjectConfig, s: &Settings) -> Container {
         "image": config.proxy_image,
         "imagePullPolicy": config.image_pull_policy,
         "args": args,
+        // Legacy iptables takes a lock file, by default in /run, which the
+        // read-only root filesystem refuses; /dev/shm is the container's
+        // own tmpfs.
+        "env": [{ "name": "XTABLES_LOCKFILE", "value": "/dev/shm/xtables.lock" }],
         "resources": {
             "requests": { "cpu": "10m", "memory": "10Mi" },
             "limits": { "memory": "64Mi" },

@@ -49,9 +49,12 @@ struct Product {
     ports: &'static [u16],
     /// Default arguments.
     cmd: &'static [&'static str],
+    /// Carries Debian's iptables (both backends), which `trellis-proxy
+    /// init` runs.
+    iptables: bool,
 }
 
-/// The project's images. The injector joins once it has a binary.
+/// The project's images.
 const PRODUCTS: &[Product] = &[
     Product {
         name: "proxy",
@@ -62,6 +65,7 @@ const PRODUCTS: &[Product] = &[
         uid: 1337,
         ports: &[15001, 15006, 15020, 15021],
         cmd: &[],
+        iptables: true,
     },
     Product {
         name: "controlplane",
@@ -71,6 +75,17 @@ const PRODUCTS: &[Product] = &[
         uid: 65532,
         ports: &[15012, 15014],
         cmd: &[],
+        iptables: false,
+    },
+    Product {
+        name: "injector",
+        package: "injector",
+        binary: "trellis-injector",
+        description: "Trellis sidecar injector: the mutating admission webhook",
+        uid: 65532,
+        ports: &[15017],
+        cmd: &[],
+        iptables: false,
     },
     Product {
         name: "bookinfo",
@@ -81,6 +96,7 @@ const PRODUCTS: &[Product] = &[
         ports: &[9080],
         // The subcommand picks the service; alone it says which there are.
         cmd: &["--help"],
+        iptables: false,
     },
 ];
 
@@ -160,6 +176,9 @@ pub fn build_products(root: &Path, out: &Path, build: bool) -> anyhow::Result<Ve
         let mut rootfs = Rootfs::default();
         rootfs.add_dynamic_binary(&binary, &format!("/usr/local/bin/{}", product.binary))?;
         rootfs.add_base(product.uid, "trellis");
+        if product.iptables {
+            rootfs.add_iptables()?;
+        }
         let image = Image {
             repository: format!("trellis/{}", product.name),
             tag: TAG.into(),
@@ -329,6 +348,54 @@ impl Rootfs {
                 format!("cannot read {library}, which {} loads", binary.display())
             })?;
             self.add_file(&library, content, 0o755);
+        }
+        Ok(())
+    }
+
+    /// Debian's iptables for `trellis-proxy init`: both multi-call
+    /// binaries (legacy and nft), the names the init calls them by, and
+    /// the match and target extensions they load at run time (dlopen, so
+    /// not in `ldd`'s list) with the libraries those need.
+    fn add_iptables(&mut self) -> anyhow::Result<()> {
+        let mut extensions = None;
+        for backend in ["legacy", "nft"] {
+            let multi = format!("/usr/sbin/xtables-{backend}-multi");
+            if !Path::new(&multi).is_file() {
+                bail!(
+                    "{multi} is missing: the proxy image carries iptables for trellis-proxy init (apt-get install iptables)"
+                );
+            }
+            self.add_dynamic_binary(Path::new(&multi), &multi)?;
+            for tool in ["iptables", "iptables-save", "iptables-restore"] {
+                for family in ["", "6"] {
+                    let name = tool.replacen("ip", &format!("ip{family}"), 1).replacen(
+                        "tables",
+                        &format!("tables-{backend}"),
+                        1,
+                    );
+                    self.links.insert(
+                        format!("/usr/sbin/{name}"),
+                        format!("xtables-{backend}-multi"),
+                    );
+                }
+            }
+            let ldd = crate::cluster::sh::output(Command::new("ldd").arg(&multi))?;
+            extensions = extensions.or_else(|| {
+                shared_libraries(&ldd)
+                    .into_iter()
+                    .find(|l| l.contains("/libxtables.so"))
+                    .and_then(|l| Some(Path::new(&l).parent()?.join("xtables")))
+            });
+        }
+        let dir = extensions.context("the iptables binaries do not load libxtables")?;
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("cannot list the iptables extensions in {}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "so") {
+                let at = path.display().to_string();
+                self.add_dynamic_binary(&path, &at)?;
+            }
         }
         Ok(())
     }
@@ -548,6 +615,38 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// CI installs iptables; the proxy image must hold what `trellis-proxy
+    /// init` runs, loads and links.
+    #[test]
+    fn the_proxy_image_carries_both_iptables_backends_and_their_extensions() {
+        let mut rootfs = Rootfs::default();
+        rootfs.add_iptables().unwrap();
+        for backend in ["legacy", "nft"] {
+            let multi = format!("/usr/sbin/xtables-{backend}-multi");
+            assert!(rootfs.files.contains_key(&multi), "{multi}");
+            for tool in ["save", "restore"] {
+                let link = format!("/usr/sbin/iptables-{backend}-{tool}");
+                assert_eq!(rootfs.links[&link], format!("xtables-{backend}-multi"));
+            }
+            assert!(
+                rootfs
+                    .links
+                    .contains_key(&format!("/usr/sbin/ip6tables-{backend}"))
+            );
+        }
+        // The rules' REDIRECT target and owner match, loaded at run time.
+        for ext in ["libxt_REDIRECT.so", "libxt_owner.so", "libxt_tcp.so"] {
+            assert!(
+                rootfs
+                    .files
+                    .keys()
+                    .any(|f| f.ends_with(&format!("/xtables/{ext}"))),
+                "{ext}"
+            );
+        }
+        assert!(rootfs.files.keys().any(|f| f.contains("/libnftnl.so")));
+    }
 
     #[test]
     fn ldd_output_gives_the_libraries_and_the_loader() {
