@@ -26,6 +26,19 @@ pub const DISCOVERY_PORT: u16 = 15012;
 pub const ADMIN_PORT: u16 = 15014;
 /// The user the control plane runs as (the image's).
 const UID: i64 = 65532;
+/// The injector's Deployment, Service, ServiceAccount and webhook.
+pub const INJECTOR: &str = "trellis-injector";
+/// The injector's HTTPS port; its Service serves it on 443.
+pub const INJECTOR_PORT: u16 = 15017;
+/// The Secret with the injector's serving certificate (`tls.crt`,
+/// `tls.key`) and the CA that signed it (`ca.crt`, the webhook's
+/// `caBundle`); `meshctl install` writes it.
+pub const INJECTOR_TLS_SECRET: &str = "trellis-injector-tls";
+/// The namespace label that turns injection on: `trellis.dev/inject=enabled`.
+pub const INJECT_LABEL: &str = "trellis.dev/inject";
+/// How long the API server waits for the injector before the failure
+/// policy applies.
+pub const WEBHOOK_TIMEOUT_SECONDS: u32 = 10;
 
 /// What an install can change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +54,9 @@ pub struct Options {
     /// Only the namespaces whose labels match this selector are in the
     /// mesh (`--namespace-selector`); every namespace when None.
     pub namespace_selector: Option<String>,
+    /// Whether the injector adds the proxy as a native sidecar (the
+    /// server is 1.28+; `meshctl install` reads `/version`).
+    pub native_sidecars: bool,
 }
 
 impl Default for Options {
@@ -51,6 +67,7 @@ impl Default for Options {
             tag: "dev".to_owned(),
             replicas: 2,
             namespace_selector: None,
+            native_sidecars: false,
         }
     }
 }
@@ -278,6 +295,176 @@ pub fn deployment(o: &Options) -> Value {
     })
 }
 
+fn injector_metadata(namespace: &str) -> Value {
+    let mut m = metadata(INJECTOR, Some(namespace));
+    m["labels"]["app.kubernetes.io/name"] = INJECTOR.into();
+    m
+}
+
+/// The injector's ServiceAccount (it calls no API: no token mounted) and
+/// Service (443 → 15017, which the webhook configuration names).
+pub fn injector_service(o: &Options) -> Vec<Value> {
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": injector_metadata(&o.namespace),
+            "automountServiceAccountToken": false,
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": injector_metadata(&o.namespace),
+            "spec": {
+                "selector": { "app": INJECTOR },
+                "ports": [
+                    { "name": "https-webhook", "port": 443, "targetPort": INJECTOR_PORT, "protocol": "TCP" },
+                ],
+            },
+        }),
+    ]
+}
+
+/// The injector's Deployment: `replicas` stateless webhook servers with
+/// the serving certificate from [`INJECTOR_TLS_SECRET`] (re-read when the
+/// Secret changes), non-root on a read-only root filesystem.
+pub fn injector_deployment(o: &Options) -> Value {
+    let mut pod_labels = labels();
+    pod_labels["app.kubernetes.io/name"] = INJECTOR.into();
+    pod_labels["app"] = INJECTOR.into();
+    let discovery = format!("https://{NAME}.{}.svc:{DISCOVERY_PORT}", o.namespace);
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": injector_metadata(&o.namespace),
+        "spec": {
+            "replicas": o.replicas,
+            "selector": { "matchLabels": { "app": INJECTOR } },
+            "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxSurge": 1, "maxUnavailable": 0 } },
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": INJECTOR_PORT.to_string(),
+                        "prometheus.io/scheme": "https",
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": INJECTOR,
+                    "automountServiceAccountToken": false,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": UID,
+                        "runAsGroup": UID,
+                        "seccompProfile": { "type": "RuntimeDefault" },
+                    },
+                    "affinity": { "podAntiAffinity": {
+                        "preferredDuringSchedulingIgnoredDuringExecution": [{
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "labelSelector": { "matchLabels": { "app": INJECTOR } },
+                                "topologyKey": "kubernetes.io/hostname",
+                            },
+                        }],
+                    } },
+                    "containers": [{
+                        "name": "injector",
+                        "image": format!("{}/injector:{}", o.registry, o.tag),
+                        "imagePullPolicy": "IfNotPresent",
+                        "env": [
+                            { "name": "TRELLIS_PROXY_IMAGE", "value": format!("{}/proxy:{}", o.registry, o.tag) },
+                            { "name": "TRELLIS_DISCOVERY_ADDR", "value": discovery },
+                            { "name": "TRELLIS_TOKEN_AUDIENCE", "value": DEFAULT_TOKEN_AUDIENCE },
+                            { "name": "TRELLIS_NATIVE_SIDECARS", "value": o.native_sidecars.to_string() },
+                            { "name": "TRELLIS_EXCLUDED_NAMESPACES", "value": format!("kube-system,{}", o.namespace) },
+                        ],
+                        "ports": [
+                            { "name": "https-webhook", "containerPort": INJECTOR_PORT, "protocol": "TCP" },
+                        ],
+                        "readinessProbe": {
+                            "httpGet": { "path": "/healthz", "port": INJECTOR_PORT, "scheme": "HTTPS" },
+                            "periodSeconds": 2,
+                            "failureThreshold": 3,
+                        },
+                        "livenessProbe": {
+                            "httpGet": { "path": "/healthz", "port": INJECTOR_PORT, "scheme": "HTTPS" },
+                            "initialDelaySeconds": 5,
+                            "periodSeconds": 10,
+                            "failureThreshold": 3,
+                        },
+                        "resources": {
+                            "requests": { "cpu": "20m", "memory": "16Mi" },
+                            "limits": { "memory": "128Mi" },
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": { "drop": ["ALL"] },
+                        },
+                        "volumeMounts": [
+                            { "name": "tls", "mountPath": "/etc/trellis/injector", "readOnly": true },
+                        ],
+                    }],
+                    "volumes": [
+                        { "name": "tls", "secret": { "secretName": INJECTOR_TLS_SECRET } },
+                    ],
+                },
+            },
+        },
+    })
+}
+
+/// The MutatingWebhookConfiguration: pod CREATEs in namespaces labelled
+/// `trellis.dev/inject=enabled`, except pods labelled
+/// `trellis.dev/inject: "false"`, go to the injector. `caBundle` is the
+/// PEM of the CA that signed the injector's certificate (`meshctl
+/// install` fills it; the generated file leaves it out).
+///
+/// `failurePolicy: Fail`, as Istio: a pod that should be meshed but
+/// started without its proxy would talk plaintext beside STRICT peers
+/// (which refuse it) and nobody would be told. With the injector down,
+/// creating a pod in a labelled namespace fails with the webhook's error,
+/// controllers retry with backoff, and the pods appear once it is back;
+/// pods elsewhere are never sent to it.
+pub fn injector_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
+    let mut client = json!({
+        "service": { "name": INJECTOR, "namespace": o.namespace, "path": "/inject", "port": 443 },
+    });
+    if let Some(pem) = ca_bundle {
+        // `[]byte` on the wire: base64, as k8s-openapi's ByteString writes it.
+        let bytes = k8s_openapi::ByteString(pem.as_bytes().to_vec());
+        client["caBundle"] = serde_json::to_value(bytes).unwrap_or_default();
+    }
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": metadata(INJECTOR, None),
+        "webhooks": [{
+            "name": "inject.trellis.dev",
+            "clientConfig": client,
+            "rules": [{
+                "operations": ["CREATE"],
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "resources": ["pods"],
+                "scope": "Namespaced",
+            }],
+            "namespaceSelector": { "matchLabels": { INJECT_LABEL: "enabled" } },
+            "objectSelector": { "matchExpressions": [
+                { "key": INJECT_LABEL, "operator": "NotIn", "values": ["false"] },
+            ] },
+            "admissionReviewVersions": ["v1", "v1beta1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "matchPolicy": "Equivalent",
+            "reinvocationPolicy": "Never",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+        }],
+    })
+}
+
 /// At most one control plane pod down at a time by a voluntary eviction
 /// (a node drain), in the API version the server serves.
 pub fn disruption_budget(o: &Options, api: PdbApi) -> Value {
@@ -300,6 +487,16 @@ pub fn objects(o: &Options) -> Vec<Value> {
     objects.extend(rbac(o));
     objects.push(service(o));
     objects.push(deployment(o));
+    objects
+}
+
+/// The injector's objects, in order, without its certificate Secret and
+/// webhook configuration (which `meshctl install` makes and applies
+/// last, once the injector is ready). Not yet in `deploy/install/`: they
+/// join it with `meshctl install`, which writes the Secret they need.
+pub fn injector_objects(o: &Options) -> Vec<Value> {
+    let mut objects = injector_service(o);
+    objects.push(injector_deployment(o));
     objects
 }
 
@@ -346,6 +543,44 @@ mod tests {
     use k8s_openapi::api::rbac::v1::ClusterRole;
 
     use super::*;
+
+    #[test]
+    fn the_injector_objects_are_valid_kubernetes_types() {
+        use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+        let o = Options {
+            native_sidecars: true,
+            ..Options::default()
+        };
+        let d: Deployment = serde_json::from_value(injector_deployment(&o)).unwrap();
+        let pod = d.spec.unwrap().template.spec.unwrap();
+        let env = pod.containers[0].env.clone().unwrap();
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("TRELLIS_PROXY_IMAGE").as_deref(),
+            Some("trellis/proxy:dev")
+        );
+        assert_eq!(value("TRELLIS_NATIVE_SIDECARS").as_deref(), Some("true"));
+        assert_eq!(
+            value("TRELLIS_DISCOVERY_ADDR").as_deref(),
+            Some("https://trellis-controlplane.trellis-system.svc:15012")
+        );
+        let webhook: MutatingWebhookConfiguration =
+            serde_json::from_value(injector_webhook(&o, Some("PEM"))).unwrap();
+        let hook = &webhook.webhooks.unwrap()[0];
+        assert_eq!(hook.failure_policy.as_deref(), Some("Fail"));
+        assert_eq!(
+            hook.client_config
+                .ca_bundle
+                .as_ref()
+                .map(|b| b.0.as_slice()),
+            Some(&b"PEM"[..])
+        );
+        assert_eq!(injector_service(&o).len(), 2);
+    }
 
     #[test]
     fn the_objects_are_valid_kubernetes_types() {
