@@ -112,6 +112,40 @@ fn metadata(name: &str, namespace: Option<&str>) -> Value {
     m
 }
 
+/// Every install pod: non-root as the images' user, the runtime's
+/// seccomp profile.
+fn pod_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+/// Every install container: no privilege escalation, a read-only root
+/// filesystem, no capabilities.
+fn container_security() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+    })
+}
+
+/// Replicas spread over nodes where the scheduler can.
+fn spread(pods: &Value) -> Value {
+    json!({ "podAntiAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {
+                "labelSelector": { "matchLabels": pods },
+                "topologyKey": "kubernetes.io/hostname",
+            },
+        }],
+    } })
+}
+
 /// The namespace.
 pub fn namespace(o: &Options) -> Value {
     json!({
@@ -243,21 +277,8 @@ pub fn deployment(o: &Options) -> Value {
                 },
                 "spec": {
                     "serviceAccountName": NAME,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": UID,
-                        "runAsGroup": UID,
-                        "seccompProfile": { "type": "RuntimeDefault" },
-                    },
-                    "affinity": { "podAntiAffinity": {
-                        "preferredDuringSchedulingIgnoredDuringExecution": [{
-                            "weight": 100,
-                            "podAffinityTerm": {
-                                "labelSelector": { "matchLabels": selector() },
-                                "topologyKey": "kubernetes.io/hostname",
-                            },
-                        }],
-                    } },
+                    "securityContext": pod_security(),
+                    "affinity": spread(&selector()),
                     "containers": [{
                         "name": "controlplane",
                         "image": format!("{}/controlplane:{}", o.registry, o.tag),
@@ -283,11 +304,7 @@ pub fn deployment(o: &Options) -> Value {
                             "requests": { "cpu": "100m", "memory": "64Mi" },
                             "limits": { "memory": "512Mi" },
                         },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": { "drop": ["ALL"] },
-                        },
+                        "securityContext": container_security(),
                     }],
                 },
             },
@@ -354,21 +371,8 @@ pub fn injector_deployment(o: &Options) -> Value {
                 "spec": {
                     "serviceAccountName": INJECTOR,
                     "automountServiceAccountToken": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": UID,
-                        "runAsGroup": UID,
-                        "seccompProfile": { "type": "RuntimeDefault" },
-                    },
-                    "affinity": { "podAntiAffinity": {
-                        "preferredDuringSchedulingIgnoredDuringExecution": [{
-                            "weight": 100,
-                            "podAffinityTerm": {
-                                "labelSelector": { "matchLabels": { "app": INJECTOR } },
-                                "topologyKey": "kubernetes.io/hostname",
-                            },
-                        }],
-                    } },
+                    "securityContext": pod_security(),
+                    "affinity": spread(&json!({ "app": INJECTOR })),
                     "containers": [{
                         "name": "injector",
                         "image": format!("{}/injector:{}", o.registry, o.tag),
@@ -398,11 +402,7 @@ pub fn injector_deployment(o: &Options) -> Value {
                             "requests": { "cpu": "20m", "memory": "16Mi" },
                             "limits": { "memory": "128Mi" },
                         },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": { "drop": ["ALL"] },
-                        },
+                        "securityContext": container_security(),
                         "volumeMounts": [
                             { "name": "tls", "mountPath": "/etc/trellis/injector", "readOnly": true },
                         ],

@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = webhook::bind(args.listen).await?;
     info!(addr = %args.listen, native_sidecars = config.native_sidecars, "serving admission reviews");
     tokio::select! {
-        () = webhook::serve(listener, certificate, Arc::new(config), recorder) => Ok(()),
+        r = webhook::serve(listener, certificate, Arc::new(config), recorder) => r,
         r = tokio::signal::ctrl_c() => { r?; info!("stopping"); Ok(()) }
         () = sigterm() => { info!("SIGTERM received"); Ok(()) }
     }

@@ -260,26 +260,20 @@ fn read_certified(cert: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> 
 }
 
 /// Serves `/inject`, `/healthz` and `/metrics` on `listener` with the
-/// certificate until the task is dropped.
+/// certificate until the task is dropped; fails only if TLS cannot be set
+/// up at all.
 pub async fn serve(
     listener: TcpListener,
     certificate: Arc<Certificate>,
     config: Arc<InjectConfig>,
     recorder: PrometheusHandle,
-) {
-    let mut tls = match ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    {
-        Ok(b) => b
+) -> anyhow::Result<()> {
+    let mut tls =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| anyhow::anyhow!("no TLS protocol version for the webhook: {e}"))?
             .with_no_client_auth()
-            .with_cert_resolver(certificate.clone()),
-        Err(e) => {
-            warn!(error = %e, "no TLS protocol version available");
-            return;
-        }
-    };
+            .with_cert_resolver(certificate.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let reloader = certificate.clone();
