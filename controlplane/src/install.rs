@@ -8,6 +8,8 @@
 //! The RBAC rules are the least the control plane needs; ARCHITECTURE.md
 //! says why it needs each one.
 
+pub mod tls;
+
 use serde_json::{Value, json};
 
 use crate::ca::{DEFAULT_CA_SECRET, DEFAULT_TOKEN_AUDIENCE};
@@ -34,6 +36,9 @@ pub const INJECTOR_PORT: u16 = 15017;
 /// `tls.key`) and the CA that signed it (`ca.crt`, the webhook's
 /// `caBundle`); `meshctl install` writes it.
 pub const INJECTOR_TLS_SECRET: &str = "trellis-injector-tls";
+/// The Secret with the CA that signs the injector's certificate and its
+/// key: read by `meshctl install` and `upgrade` only (nothing mounts it).
+pub const INJECTOR_CA_SECRET: &str = "trellis-injector-ca";
 /// The namespace label that turns injection on: `trellis.dev/inject=enabled`.
 pub const INJECT_LABEL: &str = "trellis.dev/inject";
 /// How long the API server waits for the injector before the failure
@@ -313,7 +318,11 @@ pub fn deployment(o: &Options) -> Value {
 }
 
 fn injector_metadata(namespace: &str) -> Value {
-    let mut m = metadata(INJECTOR, Some(namespace));
+    injector_metadata_named(INJECTOR, namespace)
+}
+
+fn injector_metadata_named(name: &str, namespace: &str) -> Value {
+    let mut m = metadata(name, Some(namespace));
     m["labels"]["app.kubernetes.io/name"] = INJECTOR.into();
     m
 }
@@ -463,6 +472,38 @@ pub fn injector_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
             "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
         }],
     })
+}
+
+/// The injector's serving certificate ([`INJECTOR_TLS_SECRET`], which
+/// its pods mount) and its CA ([`INJECTOR_CA_SECRET`], which nothing
+/// mounts).
+pub fn injector_secrets(o: &Options, tls: &tls::WebhookTls) -> Vec<Value> {
+    let bytes = |pem: &str| {
+        serde_json::to_value(k8s_openapi::ByteString(pem.as_bytes().to_vec())).unwrap_or_default()
+    };
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": injector_metadata_named(INJECTOR_TLS_SECRET, &o.namespace),
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": bytes(&tls.cert),
+                "tls.key": bytes(&tls.key),
+                "ca.crt": bytes(&tls.ca_bundle),
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": injector_metadata_named(INJECTOR_CA_SECRET, &o.namespace),
+            "type": "Opaque",
+            "data": {
+                "ca.crt": bytes(&tls.ca_cert),
+                "ca.key": bytes(&tls.ca_key),
+            },
+        }),
+    ]
 }
 
 /// At most one control plane pod down at a time by a voluntary eviction

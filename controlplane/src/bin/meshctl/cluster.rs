@@ -17,10 +17,43 @@ const SELECTOR: &str = "app=trellis-controlplane";
 /// The control plane's metrics and debug port.
 const ADMIN_PORT: u16 = 15014;
 
-async fn client() -> anyhow::Result<Client> {
-    Client::try_default().await.context(
-        "cannot read a kubeconfig (KUBECONFIG, ~/.kube/config or the pod's service account); for the local mesh, pass --controlplane 127.0.0.1:15161",
-    )
+/// Which cluster: kubectl's flags; without them, kubectl's defaults
+/// (`KUBECONFIG`, `~/.kube/config` and its current context, then the
+/// pod's service account).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct Target {
+    /// The kubeconfig file.
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// The kubeconfig context (default: its current context).
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+}
+
+impl Target {
+    /// A client for the target cluster.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        let options = kube::config::KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+                    .await
+                    .with_context(|| format!("the kubeconfig {} is not usable", path.display()))?
+            }
+            None if self.context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .context("cannot use that kubeconfig context")?,
+            None => kube::Config::infer().await.context(
+                "cannot find a cluster: no kubeconfig (--kubeconfig, KUBECONFIG, ~/.kube/config) and not in a pod; for the local mesh, pass --controlplane 127.0.0.1:15161",
+            )?,
+        };
+        Client::try_from(config).context("cannot make a client for the cluster")
+    }
 }
 
 /// The names of the running control plane pods.
@@ -44,11 +77,10 @@ async fn replicas(client: &Client, namespace: &str) -> anyhow::Result<Vec<String
 }
 
 /// Every replica's CA report.
-pub async fn ca_reports(namespace: &str) -> anyhow::Result<Vec<Report>> {
-    let client = client().await?;
+pub async fn ca_reports(client: &Client, namespace: &str) -> anyhow::Result<Vec<Report>> {
     let mut reports = Vec::new();
-    for pod in replicas(&client, namespace).await? {
-        let body = get(&client, namespace, &pod, "debug/ca").await?;
+    for pod in replicas(client, namespace).await? {
+        let body = get(client, namespace, &pod, "debug/ca").await?;
         reports.push(
             serde_json::from_str(&body)
                 .with_context(|| format!("{pod}'s /debug/ca is not what meshctl reads"))?,
@@ -58,9 +90,12 @@ pub async fn ca_reports(namespace: &str) -> anyhow::Result<Vec<Report>> {
 }
 
 /// Asks the leader for a rotation, by annotating the CA's Secret.
-pub async fn request_rotation(namespace: &str, secret: &str) -> anyhow::Result<()> {
-    let client = client().await?;
-    let secrets: Api<Secret> = Api::namespaced(client, namespace);
+pub async fn request_rotation(
+    client: &Client,
+    namespace: &str,
+    secret: &str,
+) -> anyhow::Result<()> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let patch = serde_json::json!({
         "metadata": { "annotations": { ROTATE_ANNOTATION: format!("asked by meshctl at {now}") } }
@@ -73,19 +108,21 @@ pub async fn request_rotation(namespace: &str, secret: &str) -> anyhow::Result<(
 }
 
 /// Every replica's proxies and certificate records, merged.
-pub async fn proxies(namespace: &str) -> anyhow::Result<(Vec<ProxyStatus>, Option<Identities>)> {
-    let client = client().await?;
-    let running = replicas(&client, namespace).await?;
+pub async fn proxies(
+    client: &Client,
+    namespace: &str,
+) -> anyhow::Result<(Vec<ProxyStatus>, Option<Identities>)> {
+    let running = replicas(client, namespace).await?;
     let mut proxies = Vec::new();
     let mut identities: Option<Identities> = None;
     for pod in &running {
-        let body = get(&client, namespace, pod, "debug/proxies").await?;
+        let body = get(client, namespace, pod, "debug/proxies").await?;
         let mut theirs: Vec<ProxyStatus> = serde_json::from_str(&body)
             .with_context(|| format!("{pod}'s /debug/proxies is not what meshctl reads"))?;
         proxies.append(&mut theirs);
         // Older control planes do not serve it: the identity columns then
         // show `?`.
-        let Ok(body) = get(&client, namespace, pod, "debug/identities").await else {
+        let Ok(body) = get(client, namespace, pod, "debug/identities").await else {
             continue;
         };
         let Ok(theirs) = serde_json::from_str::<Identities>(&body) else {

@@ -1,7 +1,9 @@
 //! `meshctl`: the Trellis command line.
 
+mod check;
 mod cluster;
 mod demo;
+mod install;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,8 @@ const DEFAULT_NAMESPACE: &str = "trellis-system";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    target: cluster::Target,
 }
 
 #[derive(Subcommand)]
@@ -56,6 +60,19 @@ enum Command {
         #[arg(long)]
         native_sidecars: bool,
     },
+    /// Installs Trellis on the cluster of the current kubeconfig context:
+    /// the CRDs, the control plane, the injector and its webhook, each
+    /// step waiting for what the next needs.
+    Install(install::InstallArgs),
+    /// Re-applies the install with new settings or a new version (--tag);
+    /// the control plane and the injector roll one pod at a time.
+    Upgrade(install::InstallArgs),
+    /// Removes Trellis: the webhook first, then the control plane, the
+    /// trust bundles, its namespace and RBAC (the CRDs with --crds).
+    /// Meshed pods keep working until they restart.
+    Uninstall(install::UninstallArgs),
+    /// Checks the cluster before an install (--pre), or the install.
+    Check(check::CheckArgs),
     /// The mesh's certificate authority: its roots and their rotation.
     Ca {
         #[command(subcommand)]
@@ -89,7 +106,9 @@ enum CaCommand {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let target = cli.target;
+    let result = match cli.command {
         Command::Demo(args) => demo::run(args),
         Command::ProxyStatus {
             controlplane,
@@ -101,7 +120,7 @@ fn main() -> ExitCode {
                         let proxies = fetch_proxies(&addr).await?;
                         anyhow::Ok((proxies, fetch_identities(&addr).await))
                     }
-                    None => cluster::proxies(&namespace).await,
+                    None => cluster::proxies(&target.client().await?, &namespace).await,
                 }
             })?;
             print!(
@@ -124,7 +143,17 @@ fn main() -> ExitCode {
             command,
             controlplane,
             namespace,
-        } => runtime().and_then(|rt| rt.block_on(ca(command, controlplane, &namespace))),
+        } => runtime().and_then(|rt| rt.block_on(ca(&target, command, controlplane, &namespace))),
+        Command::Install(args) => {
+            runtime().and_then(|rt| rt.block_on(install::install(&target, &args, false)))
+        }
+        Command::Upgrade(args) => {
+            runtime().and_then(|rt| rt.block_on(install::install(&target, &args, true)))
+        }
+        Command::Uninstall(args) => {
+            runtime().and_then(|rt| rt.block_on(install::uninstall(&target, &args)))
+        }
+        Command::Check(args) => runtime().and_then(|rt| rt.block_on(check::check(&target, &args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +202,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn ca(
+    target: &cluster::Target,
     command: CaCommand,
     controlplane: Option<String>,
     namespace: &str,
@@ -186,7 +216,7 @@ async fn ca(
             print!("{}", controlplane::meshctl::ca_status_table(&[report]));
         }
         (CaCommand::Status, None) => {
-            let reports = cluster::ca_reports(namespace).await?;
+            let reports = cluster::ca_reports(&target.client().await?, namespace).await?;
             print!("{}", controlplane::meshctl::ca_status_table(&reports));
         }
         (CaCommand::Rotate { .. }, Some(addr)) => {
@@ -196,7 +226,7 @@ async fn ca(
             );
         }
         (CaCommand::Rotate { secret }, None) => {
-            cluster::request_rotation(namespace, &secret).await?;
+            cluster::request_rotation(&target.client().await?, namespace, &secret).await?;
             println!(
                 "rotation asked for on Secret {namespace}/{secret}: the leading control plane replica starts it within seconds; follow it with `meshctl ca status`"
             );
