@@ -388,6 +388,11 @@ impl Rootfs {
             });
         }
         let dir = extensions.context("the iptables binaries do not load libxtables")?;
+        // ldd may name /lib on a merged-/usr host, but libxtables looks
+        // for its extensions where it was built to (/usr/lib/...), and the
+        // image has no /lib -> /usr/lib link: the real path is that one.
+        let dir = std::fs::canonicalize(&dir)
+            .with_context(|| format!("the iptables extensions {} are missing", dir.display()))?;
         let entries = std::fs::read_dir(&dir)
             .with_context(|| format!("cannot list the iptables extensions in {}", dir.display()))?;
         for entry in entries {
@@ -499,7 +504,9 @@ impl Image {
 
         let mut config = ConfigBuilder::default()
             .user(self.user.clone())
-            .env(vec!["PATH=/usr/local/bin:/usr/bin:/bin".to_owned()])
+            .env(vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            ])
             .labels(self.labels.clone())
             .working_dir("/".to_owned());
         if !self.entrypoint.is_empty() {
