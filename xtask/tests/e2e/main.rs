@@ -11,6 +11,7 @@
 
 mod bookinfo;
 mod controlplane;
+mod injection;
 mod mesh;
 mod rotation;
 mod status;
