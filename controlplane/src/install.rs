@@ -438,14 +438,7 @@ pub fn injector_deployment(o: &Options) -> Value {
 /// controllers retry with backoff, and the pods appear once it is back;
 /// pods elsewhere are never sent to it.
 pub fn injector_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
-    let mut client = json!({
-        "service": { "name": INJECTOR, "namespace": o.namespace, "path": "/inject", "port": 443 },
-    });
-    if let Some(pem) = ca_bundle {
-        // `[]byte` on the wire: base64, as k8s-openapi's ByteString writes it.
-        let bytes = k8s_openapi::ByteString(pem.as_bytes().to_vec());
-        client["caBundle"] = serde_json::to_value(bytes).unwrap_or_default();
-    }
+    let client = webhook_client(o, "/inject", ca_bundle);
     json!({
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -472,6 +465,67 @@ pub fn injector_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
             "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
         }],
     })
+}
+
+/// The ValidatingWebhookConfiguration: creates and updates of every
+/// `trellis.dev` kind and of HTTPRoutes and GRPCRoutes, in every
+/// namespace, go to the injector's `/validate`, which refuses what the
+/// control plane would refuse, naming the fields (the injector allows
+/// routes whose parents are all Gateways). Same name as the injector.
+///
+/// `failurePolicy: Ignore`: the control plane checks every object again
+/// and refuses a bad one (keeping its last good version and saying why in
+/// the route's status and `/debug/errors`), so an injector outage must not
+/// also block every route and policy edit in the cluster, a gateway's
+/// routes included.
+pub fn validator_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
+    let rule = |group: &str, version: &str, resources: &[&str]| {
+        json!({
+            "operations": ["CREATE", "UPDATE"],
+            "apiGroups": [group],
+            "apiVersions": [version],
+            "resources": resources,
+            "scope": "Namespaced",
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": metadata(INJECTOR, None),
+        "webhooks": [{
+            "name": "validate.trellis.dev",
+            "clientConfig": webhook_client(o, "/validate", ca_bundle),
+            "rules": [
+                rule(mesh_api::crd::GROUP, mesh_api::crd::VERSION, &[
+                    "destinationpolicies",
+                    "peerauthentications",
+                    "authorizationpolicies",
+                    "ratelimitpolicies",
+                ]),
+                rule("gateway.networking.k8s.io", "v1", &["httproutes", "grpcroutes"]),
+            ],
+            "admissionReviewVersions": ["v1", "v1beta1"],
+            "sideEffects": "None",
+            "failurePolicy": "Ignore",
+            // A v1beta1 route is sent as v1, the version the mesh reads.
+            "matchPolicy": "Equivalent",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+        }],
+    })
+}
+
+/// The webhooks' `clientConfig`: the injector's Service at `path`, and
+/// the PEM `ca_bundle` that verifies it.
+fn webhook_client(o: &Options, path: &str, ca_bundle: Option<&str>) -> Value {
+    let mut client = json!({
+        "service": { "name": INJECTOR, "namespace": o.namespace, "path": path, "port": 443 },
+    });
+    if let Some(pem) = ca_bundle {
+        // `[]byte` on the wire: base64, as k8s-openapi's ByteString writes it.
+        let bytes = k8s_openapi::ByteString(pem.as_bytes().to_vec());
+        client["caBundle"] = serde_json::to_value(bytes).unwrap_or_default();
+    }
+    client
 }
 
 /// The injector's serving certificate ([`INJECTOR_TLS_SECRET`], which
@@ -621,6 +675,26 @@ mod tests {
             Some(&b"PEM"[..])
         );
         assert_eq!(injector_service(&o).len(), 2);
+
+        use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+        let validator: ValidatingWebhookConfiguration =
+            serde_json::from_value(validator_webhook(&o, Some("PEM"))).unwrap();
+        let hook = &validator.webhooks.unwrap()[0];
+        assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"));
+        assert_eq!(
+            hook.client_config
+                .service
+                .as_ref()
+                .and_then(|s| s.path.as_deref()),
+            Some("/validate")
+        );
+        let groups: Vec<_> = hook
+            .rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.api_groups.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(groups, ["trellis.dev", "gateway.networking.k8s.io"]);
     }
 
     #[test]

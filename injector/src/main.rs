@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use injector::InjectConfig;
 use injector::webhook::{self, Certificate};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -117,7 +117,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let config = args.inject_config();
     injector::mutate::check_config(&config)?;
-    let recorder = PrometheusBuilder::new().install_recorder()?;
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(webhook::ADMISSION_DURATION.to_owned()),
+            &webhook::DURATION_BUCKETS,
+        )?
+        .install_recorder()?;
     let certificate = Certificate::load(&args.tls_cert, &args.tls_key)?;
     let listener = webhook::bind(args.listen).await?;
     info!(addr = %args.listen, native_sidecars = config.native_sidecars, "serving admission reviews");

@@ -1,12 +1,15 @@
 //! The admission webhook: HTTPS on 15017, AdmissionReview in and out,
 //! nothing else. [`inject`] reads a review and wraps what [`mutate`]
-//! decided; [`serve`] is the server around it.
+//! decided, [`validate`](crate::validate) what mesh-api's checks found;
+//! [`serve`] is the server around both.
 //!
 //! - `POST /inject`: AdmissionReview `admission.k8s.io/v1` or `v1beta1`
 //!   (the answer carries the version the server sent). A body that is not
 //!   a review, or a review without a request, gets 400 with the reason; a
 //!   pod the injector cannot mesh is denied with [`mutate`]'s message,
 //!   which `kubectl` shows; anything but a pod CREATE is allowed as is.
+//! - `POST /validate`: the same reviews, for `trellis.dev` objects and
+//!   mesh routes, answered by [`validate`](crate::validate).
 //! - `GET /healthz`: 200 once serving.
 //! - `GET /metrics`: Prometheus text, with
 //!   `trellis_injector_admissions_total{result}` and
@@ -41,6 +44,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::mutate::{InjectConfig, Outcome, mutate};
+use crate::validate::validate;
 
 /// The largest review body read: pods are far smaller (the API server's
 /// own object limit is 1.5 MiB, and a review holds one object).
@@ -48,11 +52,19 @@ pub const MAX_BODY: usize = 3 * 1024 * 1024;
 /// How often the certificate files are checked for a change.
 const RELOAD_EVERY: Duration = Duration::from_secs(10);
 
-/// Admissions answered, by `result`: `injected`, `skipped`, `denied`,
-/// `ignored` (not a pod CREATE), `invalid` (not a review).
+/// Admissions answered, by `webhook` (`inject`, `validate`) and `result`:
+/// `injected`, `skipped`, `allowed` (validated), `denied`, `ignored` (not
+/// a pod CREATE, or not an object the mesh reads), `invalid` (not a
+/// review).
 pub const ADMISSIONS: &str = "trellis_injector_admissions_total";
-/// Time from the review's last byte to the answer, in seconds.
+/// Time from the review's last byte to the answer, in seconds, by
+/// `webhook`: a histogram with [`DURATION_BUCKETS`].
 pub const ADMISSION_DURATION: &str = "trellis_injector_admission_duration_seconds";
+/// The histogram's buckets: an answer takes well under a millisecond, and
+/// the API server gives up after `timeoutSeconds` (10).
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
+];
 
 /// A body that is not an AdmissionReview the injector can answer: 400.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +81,8 @@ pub enum BadReview {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Injected,
+    /// Validated and found good.
+    Allowed,
     Skipped,
     Denied,
     Ignored,
@@ -78,6 +92,7 @@ impl Verdict {
     fn label(self) -> &'static str {
         match self {
             Verdict::Injected => "injected",
+            Verdict::Allowed => "allowed",
             Verdict::Skipped => "skipped",
             Verdict::Denied => "denied",
             Verdict::Ignored => "ignored",
@@ -90,16 +105,20 @@ pub fn inject(
     body: &[u8],
     config: &InjectConfig,
 ) -> Result<(Verdict, AdmissionReview<DynamicObject>), BadReview> {
+    let request = read_review(body)?;
+    let (verdict, response) = answer(&request, config);
+    Ok((verdict, response.into_review()))
+}
+
+/// The request of an AdmissionReview `admission.k8s.io/v1` or `v1beta1`.
+pub(crate) fn read_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, BadReview> {
     let review: AdmissionReview<DynamicObject> =
         serde_json::from_slice(body).map_err(BadReview::Json)?;
     let version = review.types.api_version.as_str();
     if version != "admission.k8s.io/v1" && version != "admission.k8s.io/v1beta1" {
         return Err(BadReview::Version(version.to_owned()));
     }
-    let request: AdmissionRequest<DynamicObject> =
-        review.try_into().map_err(|_| BadReview::NoRequest)?;
-    let (verdict, response) = answer(&request, config);
-    Ok((verdict, response.into_review()))
+    review.try_into().map_err(|_| BadReview::NoRequest)
 }
 
 fn answer(
@@ -111,11 +130,7 @@ fn answer(
     if !is_pod || request.operation != Operation::Create || request.sub_resource.is_some() {
         return (Verdict::Ignored, allowed);
     }
-    let who = format!(
-        "pod {}/{}",
-        request.namespace.as_deref().unwrap_or(""),
-        pod_name(request)
-    );
+    let who = format!("pod {}", who(request));
     let Some(object) = &request.object else {
         return (
             Verdict::Denied,
@@ -161,17 +176,20 @@ fn answer(
     }
 }
 
-/// The pod's name, or its `generateName` prefix while it has none.
-fn pod_name(request: &AdmissionRequest<DynamicObject>) -> String {
-    if !request.name.is_empty() {
-        return request.name.clone();
-    }
-    request
-        .object
-        .as_ref()
-        .and_then(|o| o.metadata.generate_name.clone())
-        .map(|g| format!("{g}*"))
-        .unwrap_or_default()
+/// `namespace/name` of the object under review, with its `generateName`
+/// prefix and `*` while it has no name yet.
+pub(crate) fn who(request: &AdmissionRequest<DynamicObject>) -> String {
+    let name = if request.name.is_empty() {
+        request
+            .object
+            .as_ref()
+            .and_then(|o| o.metadata.generate_name.clone())
+            .map(|g| format!("{g}*"))
+            .unwrap_or_default()
+    } else {
+        request.name.clone()
+    };
+    format!("{}/{name}", request.namespace.as_deref().unwrap_or(""))
 }
 
 /// The serving certificate, re-read from its files when they change.
@@ -330,35 +348,11 @@ async fn route(
     recorder: &PrometheusHandle,
 ) -> Reply {
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/inject") => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return text(
-                        StatusCode::BAD_REQUEST,
-                        &format!("cannot read the review: {e}"),
-                    );
-                }
-            };
-            let started = Instant::now();
-            let answered = inject(&body, config);
-            metrics::histogram!(ADMISSION_DURATION).record(started.elapsed().as_secs_f64());
-            match answered {
-                Ok((verdict, review)) => {
-                    metrics::counter!(ADMISSIONS, "result" => verdict.label()).increment(1);
-                    match serde_json::to_vec(&review) {
-                        Ok(json) => reply(StatusCode::OK, "application/json", json),
-                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-                    }
-                }
-                Err(bad) => {
-                    metrics::counter!(ADMISSIONS, "result" => "invalid").increment(1);
-                    warn!(error = %bad, "bad admission review");
-                    text(StatusCode::BAD_REQUEST, &bad.to_string())
-                }
-            }
+        (&Method::POST, "/inject") => review(req, "inject", |body| inject(body, config)).await,
+        (&Method::POST, "/validate") => review(req, "validate", validate).await,
+        (_, "/inject" | "/validate") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview")
         }
-        (_, "/inject") => text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/metrics") => reply(
             StatusCode::OK,
@@ -366,6 +360,43 @@ async fn route(
             recorder.render(),
         ),
         _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// Reads a review's body, answers it with `answer` and counts it under
+/// `webhook`.
+async fn review(
+    req: Request<Incoming>,
+    webhook: &'static str,
+    answer: impl FnOnce(&[u8]) -> Result<(Verdict, AdmissionReview<DynamicObject>), BadReview>,
+) -> Reply {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the review: {e}"),
+            );
+        }
+    };
+    let started = Instant::now();
+    let answered = answer(&body);
+    metrics::histogram!(ADMISSION_DURATION, "webhook" => webhook)
+        .record(started.elapsed().as_secs_f64());
+    match answered {
+        Ok((verdict, review)) => {
+            metrics::counter!(ADMISSIONS, "webhook" => webhook, "result" => verdict.label())
+                .increment(1);
+            match serde_json::to_vec(&review) {
+                Ok(json) => reply(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
+        Err(bad) => {
+            metrics::counter!(ADMISSIONS, "webhook" => webhook, "result" => "invalid").increment(1);
+            warn!(webhook, error = %bad, "bad admission review");
+            text(StatusCode::BAD_REQUEST, &bad.to_string())
+        }
     }
 }
 

@@ -15,7 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 use serde::de::DeserializeOwned;
 
+use crate::ValidationError;
 use crate::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
+use crate::policy;
 
 /// One Kubernetes object of a kind the mesh reads.
 // Pods are far larger than the other variants, but objects are parsed once
@@ -127,6 +129,61 @@ impl Object {
             Object::PeerAuthentication(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::RateLimitPolicy(o) => o.meta(),
+        }
+    }
+}
+
+impl Object {
+    /// Reads an object of a kind the mesh reads from its JSON (as an
+    /// AdmissionReview carries it); `Ok(None)` for any other kind.
+    pub fn from_json(value: serde_json::Value) -> Result<Option<Object>, serde_json::Error> {
+        fn typed<T: DeserializeOwned>(v: serde_json::Value) -> Result<T, serde_json::Error> {
+            serde_json::from_value(v)
+        }
+        let field = |name: &str| value.get(name).and_then(|v| v.as_str()).unwrap_or_default();
+        let object = match (field("apiVersion"), field("kind")) {
+            ("v1", "Service") => Object::Service(typed(value)?),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Object::EndpointSlice(typed(value)?),
+            ("v1", "ServiceAccount") => Object::ServiceAccount(typed(value)?),
+            ("v1", "Pod") => Object::Pod(typed(value)?),
+            ("gateway.networking.k8s.io/v1", "HTTPRoute") => Object::HttpRoute(typed(value)?),
+            ("gateway.networking.k8s.io/v1", "GRPCRoute") => Object::GrpcRoute(typed(value)?),
+            ("trellis.dev/v1alpha1", "DestinationPolicy") => {
+                Object::DestinationPolicy(typed(value)?)
+            }
+            ("trellis.dev/v1alpha1", "PeerAuthentication") => {
+                Object::PeerAuthentication(typed(value)?)
+            }
+            ("trellis.dev/v1alpha1", "AuthorizationPolicy") => {
+                Object::AuthorizationPolicy(typed(value)?)
+            }
+            ("trellis.dev/v1alpha1", "RateLimitPolicy") => Object::RateLimitPolicy(typed(value)?),
+            _ => return Ok(None),
+        };
+        Ok(Some(object))
+    }
+
+    /// Checks the object as the control plane's index does before it takes
+    /// it, with the same field-level errors: routes by [`crate::routes`],
+    /// the `trellis.dev` kinds by their own validation. The core kinds are
+    /// the API server's to check, and pass.
+    pub fn check(&self) -> Result<(), Vec<ValidationError>> {
+        let key = crate::routes::key_of(self.meta());
+        let errors = match self {
+            Object::HttpRoute(r) => crate::routes::http_route(r.clone(), &key).err(),
+            Object::GrpcRoute(r) => crate::routes::grpc_route(r.clone(), &key).err(),
+            Object::DestinationPolicy(p) => Some(p.validate()),
+            Object::PeerAuthentication(p) => Some(p.validate()),
+            Object::AuthorizationPolicy(p) => policy::AuthorizationPolicy::from_crd(p).err(),
+            Object::RateLimitPolicy(p) => policy::RateLimit::from_crd(p).err(),
+            Object::Service(_)
+            | Object::EndpointSlice(_)
+            | Object::ServiceAccount(_)
+            | Object::Pod(_) => None,
+        };
+        match errors {
+            Some(errors) if !errors.is_empty() => Err(errors),
+            _ => Ok(()),
         }
     }
 }

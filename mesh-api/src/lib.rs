@@ -31,6 +31,7 @@ pub mod crd;
 pub mod k8s;
 mod model;
 pub mod policy;
+pub mod routes;
 mod validate;
 
 pub use model::*;

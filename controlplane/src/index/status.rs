@@ -11,7 +11,9 @@
 use gateway_api::apis::standard::grpcroutes::GrpcRoute;
 use gateway_api::apis::standard::httproutes::HttpRoute;
 
-use super::{Index, Key, Kind, ServiceRef, key_of};
+use mesh_api::routes::ServiceRef;
+
+use super::{Index, Key, Kind, key_of};
 
 /// One condition: whether it holds, Gateway API's reason, and a message
 /// for `kubectl describe`.

@@ -1,4 +1,5 @@
 use super::*;
+use mesh_api::{HeaderMatch, PathMatch, PathMatchType, RouteMatch, ValueMatchType};
 
 fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
     serde_yaml::from_str(yaml).unwrap()

@@ -236,11 +236,13 @@ async fn the_server_answers_reviews_health_and_metrics_over_tls() {
     let (status, metrics) = call("GET", "/metrics", Vec::new()).await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        metrics.contains(r#"trellis_injector_admissions_total{result="injected"} 1"#),
+        metrics
+            .contains(r#"trellis_injector_admissions_total{webhook="inject",result="injected"} 1"#),
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"trellis_injector_admissions_total{result="invalid"} 1"#),
+        metrics
+            .contains(r#"trellis_injector_admissions_total{webhook="inject",result="invalid"} 1"#),
         "{metrics}"
     );
     assert!(

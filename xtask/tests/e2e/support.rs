@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{
     DeleteParams, DynamicObject, ListParams, LogParams, Patch, PatchParams, PostParams,
 };
@@ -79,12 +79,24 @@ impl Cluster {
             owned: true,
         };
         // Pods cannot be created before the namespace's default
-        // ServiceAccount exists.
-        let accounts: Api<ServiceAccount> = ns.api();
+        // ServiceAccount exists, and on servers before 1.24 before its
+        // token Secret does: a server-side dry run of a pod says when.
+        let pods: Api<Pod> = ns.api();
+        let probe: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": { "name": "probe" },
+            "spec": { "containers": [{ "name": "main", "image": TOOLBOX_IMAGE }] },
+        }))?;
+        let dry_run = PostParams {
+            dry_run: true,
+            ..Default::default()
+        };
+        let (pods, probe, dry_run) = (&pods, &probe, &dry_run);
         wait_for(
-            "the default ServiceAccount",
+            "the namespace to take pods (its default ServiceAccount and token)",
             Duration::from_secs(30),
-            || async { Ok(call(accounts.get_opt("default")).await?.is_some()) },
+            || async move { Ok(call(pods.create(dry_run, probe)).await.is_ok()) },
         )
         .await?;
         Ok(ns)
@@ -285,10 +297,28 @@ impl TestNamespace {
 
     /// Starts a toolbox pod running `script` under `sh -c`.
     pub async fn start_pod(&self, name: &str, script: &str, restart: &str) -> anyhow::Result<()> {
+        self.start_pod_labelled(name, script, restart, &[])
+            .await
+            .map(drop)
+    }
+
+    /// [`start_pod`](Self::start_pod) with `labels` beside `role:
+    /// e2e-client`; the pod as the API server admitted it.
+    pub async fn start_pod_labelled(
+        &self,
+        name: &str,
+        script: &str,
+        restart: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<Pod> {
+        let mut all = serde_json::json!({ "role": "e2e-client" });
+        for (k, v) in labels {
+            all[*k] = serde_json::json!(v);
+        }
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": { "name": name, "labels": { "role": "e2e-client" } },
+            "metadata": { "name": name, "labels": all },
             "spec": {
                 "restartPolicy": restart,
                 "terminationGracePeriodSeconds": 1,
@@ -306,8 +336,7 @@ impl TestNamespace {
             }
         }))?;
         let api: Api<Pod> = self.api();
-        call(api.create(&PostParams::default(), &pod)).await?;
-        Ok(())
+        call(api.create(&PostParams::default(), &pod)).await
     }
 
     /// Runs `script` in a toolbox pod to completion; its output, or an

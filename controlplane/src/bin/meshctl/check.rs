@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use controlplane::install::tls::{check_leaf_with, injector_host};
 use controlplane::install::{self as objects, INJECTOR, NAME};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
@@ -123,7 +125,7 @@ async fn api_server(client: &Client) -> Outcome {
 }
 
 /// What `meshctl install` creates: (group, resource, namespaced).
-const INSTALL_CREATES: [(&str, &str, bool); 12] = [
+const INSTALL_CREATES: [(&str, &str, bool); 13] = [
     ("apiextensions.k8s.io", "customresourcedefinitions", false),
     ("", "namespaces", false),
     ("rbac.authorization.k8s.io", "clusterroles", false),
@@ -131,6 +133,11 @@ const INSTALL_CREATES: [(&str, &str, bool); 12] = [
     (
         "admissionregistration.k8s.io",
         "mutatingwebhookconfigurations",
+        false,
+    ),
+    (
+        "admissionregistration.k8s.io",
+        "validatingwebhookconfigurations",
         false,
     ),
     ("", "serviceaccounts", true),
@@ -415,6 +422,21 @@ async fn webhook(client: &Client, ns: &str) -> Outcome {
             "run `meshctl install` again: it writes the bundle",
         );
     };
+    let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let validator_bundle = match timed(validators.get_opt(INJECTOR)).await {
+        Ok(config) => config
+            .and_then(|c| c.webhooks?.into_iter().next()?.client_config.ca_bundle)
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned()),
+        Err(e) => return fail(format!("{e:#}"), "check your permissions"),
+    };
+    if validator_bundle.as_deref() != Some(bundle.as_str()) {
+        return fail(
+            format!(
+                "the ValidatingWebhookConfiguration {INJECTOR} is missing or has another caBundle"
+            ),
+            "run `meshctl upgrade`: it writes both webhooks with one bundle",
+        );
+    }
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let data = match timed(secrets.get_opt(objects::INJECTOR_TLS_SECRET)).await {
         Ok(Some(s)) => s.data.unwrap_or_default(),
@@ -452,7 +474,7 @@ async fn webhook(client: &Client, ns: &str) -> Outcome {
     };
     match timed(client.request_text(request)).await {
         Ok(_) => Outcome::Ok(format!(
-            "the caBundle verifies the certificate for {host}, and the injector answers through its Service"
+            "both webhooks' caBundle verifies the certificate for {host}, and the injector answers through its Service"
         )),
         Err(e) => fail(
             format!("the injector does not answer through its Service: {e:#}"),

@@ -506,7 +506,8 @@ struct Plan {
     secrets: Vec<Value>,
     controlplane: Vec<Value>,
     injector: Vec<Value>,
-    webhook: Value,
+    /// The injection webhook, then the validating one.
+    webhooks: Vec<Value>,
     /// What happened to the certificate, for the user.
     tls: String,
     native_sidecars: bool,
@@ -533,7 +534,10 @@ impl Plan {
                 objects::disruption_budget(o, pdb),
             ],
             injector: objects::injector_objects(o),
-            webhook: objects::injector_webhook(o, Some(&tls.ca_bundle)),
+            webhooks: vec![
+                objects::injector_webhook(o, Some(&tls.ca_bundle)),
+                objects::validator_webhook(o, Some(&tls.ca_bundle)),
+            ],
             tls: tls_plan.to_string(),
             native_sidecars: o.native_sidecars,
         })
@@ -545,7 +549,7 @@ impl Plan {
         all.extend(self.secrets.iter().cloned());
         all.extend(self.controlplane.iter().cloned());
         all.extend(self.injector.iter().cloned());
-        all.push(self.webhook.clone());
+        all.extend(self.webhooks.iter().cloned());
         all
     }
 }
@@ -679,10 +683,10 @@ pub async fn install(
     .await;
     finish(step, result)?;
 
-    let step = Step::start("the injection webhook");
-    let result = applier.apply(&plan.webhook).await.map(|()| {
+    let step = Step::start("the injection and validation webhooks");
+    let result = applier.apply_all(&plan.webhooks, &step).await.map(|()| {
         format!(
-            "pods created in namespaces labelled {}=enabled get the proxy ({} sidecar)",
+            "pods created in namespaces labelled {}=enabled get the proxy ({} sidecar); invalid mesh routes and policies are refused at apply",
             objects::INJECT_LABEL,
             if plan.native_sidecars {
                 "native"
@@ -773,11 +777,18 @@ pub async fn uninstall(
     let mut applier = Applier::new(client.clone());
     let timeout = args.timeout;
 
-    let step = Step::start("the injection webhook");
-    let result = applier
-        .delete(&objects::injector_webhook(&o, None))
-        .await
-        .map(gone);
+    let step = Step::start("the injection and validation webhooks");
+    let result = async {
+        let mut deleted = Vec::new();
+        for hook in [
+            objects::injector_webhook(&o, None),
+            objects::validator_webhook(&o, None),
+        ] {
+            deleted.push(gone(applier.delete(&hook).await?));
+        }
+        Ok(deleted.join(", "))
+    }
+    .await;
     finish(step, result)?;
 
     let step = Step::start("the control plane and the injector");
