@@ -1,6 +1,7 @@
 //! `meshctl`'s commands as library code, so tests drive them directly.
 
 pub mod bookinfo;
+pub mod local;
 
 use std::fmt::Write;
 

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
@@ -16,7 +17,7 @@ use crate::mesh::{
     MESH_NAMESPACE, ROLLOUT_TIMEOUT, controlplane_pods, install, meshed_reviews, none_failed_since,
     route, until_all,
 };
-use crate::support::{Cluster, TestNamespace, call, wait_for};
+use crate::support::{Cluster, TestNamespace, VALIDATOR, call, wait_for};
 
 const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 /// The Lease's duration (15 s) and a margin for the follower's checks.
@@ -177,7 +178,22 @@ async fn route_and_policy_status_say_accepted_or_refused_with_the_field_and_an_e
         "status: HTTPRoute reviews Accepted, ResolvedRefs False until reviews-v2 existed ({message})"
     );
 
-    // A filter the mesh does not apply: refused, naming the field.
+    // A filter the mesh does not apply. With the validating webhook
+    // (`meshctl install` writes it; the injection test installed it), it
+    // is refused at apply, naming the field.
+    let validator: Api<ValidatingWebhookConfiguration> = Api::all(cluster.client.clone());
+    if call(validator.get_opt(VALIDATOR)).await.unwrap().is_some() {
+        let refused = ns
+            .apply(FILTERED_ROUTE)
+            .await
+            .expect_err("the validating webhook let a filtered route in");
+        let message = format!("{refused:#}");
+        assert!(message.contains("spec.rules[0].filters[0]"), "{message}");
+        println!("status: the validating webhook refused the filtered HTTPRoute at apply");
+    }
+    // Set aside, the route reaches the API server, as it does while the
+    // injector is down, and the control plane refuses it, naming the field.
+    let validation = cluster.suspend_validation().await.unwrap();
     ns.apply(FILTERED_ROUTE).await.unwrap();
     let refused = wait_route_condition(&ns, "reviews", "Accepted", "False").await;
     assert_eq!(refused["reason"], "UnsupportedValue");
@@ -217,6 +233,7 @@ async fn route_and_policy_status_say_accepted_or_refused_with_the_field_and_an_e
 
     // A policy the mesh refuses.
     ns.apply(BAD_POLICY).await.unwrap();
+    validation.resume().await.unwrap();
     let policies = api(&ns, "trellis.dev", "v1alpha1", "DestinationPolicy");
     let policies = &policies;
     wait_for(

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::api::{
@@ -416,23 +417,74 @@ impl Drop for TestNamespace {
         if !self.owned {
             return;
         }
-        let client = self.client.clone();
         let name = self.name.clone();
         eprintln!("deleting namespace {name}");
-        // Drop cannot await; a thread with its own runtime can.
-        let _ = std::thread::spawn(move || {
+        // Drop cannot await; a thread with its own runtime can, with a
+        // client of its own: the test's client sends through a task of
+        // the test's runtime, which a panic is tearing down, so a delete
+        // sent through it never left (and leaked the namespace).
+        let deleted = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
+                let client = Cluster::from_env().await?.client;
                 let api = Api::<Namespace>::all(client);
-                let _ =
-                    tokio::time::timeout(API_TIMEOUT, api.delete(&name, &DeleteParams::default()))
-                        .await;
-            });
-            Ok::<_, std::io::Error>(())
+                call(api.delete(&name, &DeleteParams::default())).await?;
+                anyhow::Ok(())
+            })
         })
         .join();
+        match deleted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cannot delete namespace {}: {e:#}", self.name),
+            Err(_) => eprintln!("cannot delete namespace {}: the thread panicked", self.name),
+        }
+    }
+}
+
+/// The mesh's validating webhook, set aside so that objects it would
+/// refuse reach the API server, as they do while the injector is down
+/// (its failurePolicy is Ignore) or when they were stored before the
+/// install; a test of the control plane's own refusal needs them there.
+/// [`ValidationSuspended::resume`] puts it back; nothing to do when the
+/// mesh was installed without it.
+pub struct ValidationSuspended {
+    client: Client,
+    config: Option<ValidatingWebhookConfiguration>,
+}
+
+/// The ValidatingWebhookConfiguration `meshctl install` writes.
+pub const VALIDATOR: &str = "trellis-injector";
+
+impl Cluster {
+    /// Sets the validating webhook aside, if there is one.
+    pub async fn suspend_validation(&self) -> anyhow::Result<ValidationSuspended> {
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client.clone());
+        let config = call(api.get_opt(VALIDATOR)).await?;
+        if config.is_some() {
+            call(api.delete(VALIDATOR, &DeleteParams::default())).await?;
+        }
+        Ok(ValidationSuspended {
+            client: self.client.clone(),
+            config,
+        })
+    }
+}
+
+impl ValidationSuspended {
+    /// Puts the webhook back as it was.
+    pub async fn resume(self) -> anyhow::Result<()> {
+        let Some(mut config) = self.config else {
+            return Ok(());
+        };
+        config.metadata.resource_version = None;
+        config.metadata.uid = None;
+        config.metadata.creation_timestamp = None;
+        config.metadata.managed_fields = None;
+        let api: Api<ValidatingWebhookConfiguration> = Api::all(self.client);
+        call(api.create(&PostParams::default(), &config)).await?;
+        Ok(())
     }
 }
 

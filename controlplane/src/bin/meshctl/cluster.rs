@@ -31,6 +31,12 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether a flag names the cluster (so a running local demo does not
+    /// take its place).
+    pub fn is_explicit(&self) -> bool {
+        self.kubeconfig.is_some() || self.context.is_some()
+    }
+
     /// A client for the target cluster.
     pub async fn client(&self) -> anyhow::Result<Client> {
         let options = kube::config::KubeConfigOptions {
@@ -49,7 +55,7 @@ impl Target {
                 .await
                 .context("cannot use that kubeconfig context")?,
             None => kube::Config::infer().await.context(
-                "cannot find a cluster: no kubeconfig (--kubeconfig, KUBECONFIG, ~/.kube/config) and not in a pod; for the local mesh, pass --controlplane 127.0.0.1:15161",
+                "cannot find a cluster: no kubeconfig (--kubeconfig, KUBECONFIG, ~/.kube/config) and not in a pod; for the local mesh, start `meshctl demo` (or pass --controlplane HOST:PORT)",
             )?,
         };
         Client::try_from(config).context("cannot make a client for the cluster")

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use controlplane::discovery::SyncState;
 use controlplane::meshctl::bookinfo::{self as mesh, Sidecar, Workload};
+use controlplane::meshctl::local::{self, LocalMesh};
 use tokio::process::Command;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
@@ -225,6 +226,12 @@ impl Demo {
             ready = children.wait_ready() => ready?,
             () = stop.recv() => return Ok(Finish::Interrupted),
         }
+        // Other meshctl commands find the mesh from here on.
+        let _announced = local::announce(&LocalMesh {
+            admin: loopback(self.controlplane.admin),
+            pid: std::process::id(),
+            dir: std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone()),
+        })?;
         if smoke {
             tokio::select! {
                 result = self.smoke() => result?,
@@ -427,10 +434,7 @@ impl Demo {
             "To shift traffic live, edit the weights in {} and save.",
             self.route_path().display()
         );
-        println!(
-            "Proxies in sync: meshctl proxy-status --controlplane 127.0.0.1:{}",
-            cp.admin
-        );
+        println!("Proxies in sync: meshctl proxy-status (it finds this mesh while it runs)");
         println!("Logs: {}/", self.dir.join("logs").display());
         println!(
             "Metrics: curl -s http://{}/metrics | grep trellis_requests_total",
@@ -619,19 +623,33 @@ impl Demo {
     async fn smoke_proxy_status(&self) -> anyhow::Result<()> {
         let admin = loopback(self.controlplane.admin).to_string();
         let proxies = crate::fetch_proxies(&admin).await?;
-        let identities = crate::fetch_identities(&admin).await;
-        let table = controlplane::meshctl::proxy_status_table(
-            &proxies,
-            identities.as_ref(),
-            std::time::SystemTime::now(),
-        );
-        print!("smoke: meshctl proxy-status\n{table}");
+        // `meshctl proxy-status` as a user types it, with no flags and no
+        // cluster to fall back on: it must find this mesh.
+        let meshctl = std::env::current_exe().context("cannot find meshctl's own path")?;
+        let out = Command::new(&meshctl)
+            .arg("proxy-status")
+            .env("KUBECONFIG", self.dir.join("no-such-kubeconfig"))
+            .env_remove("TRELLIS_CONTROLPLANE")
+            .output()
+            .await
+            .context("cannot run meshctl proxy-status")?;
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "smoke: `meshctl proxy-status` without flags did not find the demo: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        print!("smoke: meshctl proxy-status (no flags)\n{table}");
         let mut connected: Vec<&str> = proxies.iter().map(|p| p.workload.as_str()).collect();
         connected.sort_unstable();
         let mut expected: Vec<&str> = self.nodes.iter().map(|n| n.workload.name).collect();
         expected.sort_unstable();
         if connected != expected {
             bail!("smoke: the control plane shows proxies {connected:?}, expected {expected:?}");
+        }
+        if let Some(missing) = expected.iter().find(|w| !table.contains(&format!("/{w} "))) {
+            bail!("smoke: `meshctl proxy-status` shows no row for {missing}");
         }
         // mTLS STRICT: every proxy holds a certificate from the CA.
         if let Some(line) = table.lines().skip(1).find(|l| !l.contains("spiffe://")) {

@@ -31,8 +31,10 @@ enum Command {
     /// each workload, on 127.0.0.1. Ctrl-C stops everything.
     Demo(demo::Args),
     /// The proxies connected to the control plane and their sync state.
-    /// Without --controlplane, those of every replica in the cluster of
-    /// the current kubeconfig context, read through the API server.
+    /// Without --controlplane: the local mesh's if `meshctl demo` is
+    /// running (and neither --kubeconfig nor --context is given), else
+    /// those of every replica in the cluster of the current kubeconfig
+    /// context, read through the API server.
     ProxyStatus {
         /// A control plane's metrics and debug address (HOST:PORT), such
         /// as the local mesh's.
@@ -115,7 +117,7 @@ fn main() -> ExitCode {
             namespace,
         } => runtime().and_then(|rt| {
             let (proxies, identities) = rt.block_on(async {
-                match controlplane {
+                match or_local(controlplane, &target) {
                     Some(addr) => {
                         let proxies = fetch_proxies(&addr).await?;
                         anyhow::Ok((proxies, fetch_identities(&addr).await))
@@ -143,7 +145,14 @@ fn main() -> ExitCode {
             command,
             controlplane,
             namespace,
-        } => runtime().and_then(|rt| rt.block_on(ca(&target, command, controlplane, &namespace))),
+        } => runtime().and_then(|rt| {
+            rt.block_on(ca(
+                &target,
+                command,
+                or_local(controlplane, &target),
+                &namespace,
+            ))
+        }),
         Command::Install(args) => {
             runtime().and_then(|rt| rt.block_on(install::install(&target, &args, false)))
         }
@@ -199,6 +208,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime: {e}"))
+}
+
+/// The control plane a command reads: `--controlplane`; else, unless
+/// `--kubeconfig` or `--context` name a cluster, the local mesh `meshctl
+/// demo` is running (said on stderr); else none, for the cluster of the
+/// current kubeconfig context.
+fn or_local(controlplane: Option<String>, target: &cluster::Target) -> Option<String> {
+    if controlplane.is_some() || target.is_explicit() {
+        return controlplane;
+    }
+    let mesh = controlplane::meshctl::local::find()?;
+    eprintln!(
+        "meshctl: the local mesh of `meshctl demo` (pid {}, control plane {}); --context or --kubeconfig for a cluster",
+        mesh.pid, mesh.admin
+    );
+    Some(mesh.admin.to_string())
 }
 
 async fn ca(
