@@ -36,7 +36,7 @@ fn count(logs: &str, word: &str) -> usize {
 }
 
 /// Checks a product page for details and reviews, and no error section.
-fn check_page(page: &str) -> Result<(), String> {
+pub fn check_page(page: &str) -> Result<(), String> {
     for needle in [
         "<h2>Book Details</h2>",
         "<h2>Book Reviews</h2>",

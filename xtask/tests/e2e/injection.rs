@@ -7,24 +7,22 @@
 //! the same namespace: a 90/10 canary counted over 1,000 requests and
 //! shifted to 0/100 under a looping client; a DENY policy; an invalid
 //! route refused at apply; the opt-out label; a pod injected twice; pod
-//! creation with the injector down; and `meshctl uninstall`, after which
-//! the mesh is installed again for the tests that follow.
+//! creation with the injector down. `meshctl uninstall` is the last test
+//! of all (`uninstall.rs`).
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
-};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, LogParams, Patch, PatchParams};
+use kube::api::{DeleteParams, LogParams, Patch, PatchParams};
 
 use crate::mesh::{MESH_NAMESPACE, ROLLOUT_TIMEOUT, pod_ip, route};
-use crate::support::{Cluster, TestNamespace, call, http_get, is_ready, root, wait_for};
+use crate::support::{
+    Cluster, TestNamespace, call, http_get, is_ready, meshctl, meshctl_with, proxies, root,
+    wait_for,
+};
 
 /// The injector's Deployment, webhooks and pods' `app` label.
 const INJECTOR: &str = "trellis-injector";
@@ -62,45 +60,6 @@ echo counted
 while true; do get; sleep 0.05; done
 "#;
 
-/// `meshctl args…` against the test cluster; its stdout, or a panic with
-/// both outputs.
-fn meshctl(args: &[&str]) -> String {
-    meshctl_with(args, None)
-}
-
-/// [`meshctl`] with `stdin` as its standard input.
-fn meshctl_with(args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write as _;
-    let meshctl = root().join("target/release/meshctl");
-    let mut child = Command::new(&meshctl)
-        .args(args)
-        .env(
-            "KUBECONFIG",
-            std::env::var_os(crate::support::KUBECONFIG_ENV).unwrap(),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", meshctl.display()));
-    let mut input = child.stdin.take().unwrap();
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "meshctl {args:?} failed:\n{stdout}\n{stderr}"
-    );
-    println!("meshctl {}:\n{stderr}{stdout}", args.join(" "));
-    stdout
-}
-
 #[tokio::test]
 #[ignore = "needs a cluster: run with `cargo xtask e2e`"]
 async fn meshctl_install_then_a_labelled_namespace_runs_bookinfo_injected_over_mtls() {
@@ -112,22 +71,13 @@ async fn meshctl_install_then_a_labelled_namespace_runs_bookinfo_injected_over_m
     assert!(!check.contains('✘'), "{check}");
 
     let ns = cluster.namespace("inject").await.unwrap();
-    let namespaces: Api<Namespace> = Api::all(cluster.client.clone());
-    let label =
-        serde_json::json!({ "metadata": { "labels": { "trellis.dev/inject": "enabled" } } });
-    call(namespaces.patch(&ns.name, &PatchParams::default(), &Patch::Merge(&label)))
-        .await
-        .unwrap();
+    ns.enable_injection().await.unwrap();
     bookinfo_is_injected(&ns).await;
     admission_latency(&cluster, &ns).await;
     pages_are_served_over_mtls(&ns).await;
     canary_and_policies(&ns).await;
     opt_out_and_no_double_injection(&ns).await;
     injector_down(&cluster, &ns).await;
-    uninstall_leaves_nothing(&cluster, &ns).await;
-
-    // The tests that follow share the mesh this test replaced.
-    meshctl(&["install", "--timeout", "3m"]);
     ns.delete(Duration::from_secs(120)).await.unwrap();
 }
 
@@ -147,6 +97,27 @@ async fn bookinfo_is_injected(ns: &TestNamespace) {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         assert!(is_ready(pod), "{name} is not Ready");
         assert_eq!(proxies(pod), (1, 1), "{name}: (proxies, init containers)");
+    }
+
+    // The node is this machine: the proxies' memory, for the notes. A
+    // pod's cgroup names its UID (with `_` for `-` under systemd).
+    let uids: Vec<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+    let mut rss: Vec<u64> = crate::support::processes_rss("trellis-proxy")
+        .into_iter()
+        .filter(|p| {
+            uids.iter()
+                .any(|u| p.cgroup.contains(u.as_str()) || p.cgroup.contains(&u.replace('-', "_")))
+        })
+        .map(|p| p.rss_kib)
+        .collect();
+    rss.sort_unstable();
+    if let (Some(low), Some(high)) = (rss.first(), rss.last()) {
+        println!(
+            "bookinfo's proxies on the node: {} processes, RSS {:.1} to {:.1} MB",
+            rss.len(),
+            *low as f64 / 1024.0,
+            *high as f64 / 1024.0
+        );
     }
 }
 
@@ -318,20 +289,6 @@ impl std::fmt::Display for Histogram {
     }
 }
 
-/// How many proxy containers and `trellis-init` containers the pod has.
-fn proxies(pod: &Pod) -> (usize, usize) {
-    let spec = pod.spec.as_ref().unwrap();
-    let inits = spec.init_containers.iter().flatten();
-    let proxies = spec
-        .containers
-        .iter()
-        .chain(inits.clone())
-        .filter(|c| c.name == "trellis-proxy")
-        .count();
-    let init = inits.filter(|c| c.name == "trellis-init").count();
-    (proxies, init)
-}
-
 /// A client that knows nothing of the mesh fetches the product page
 /// through the Service's address (its connection captured by its own
 /// sidecar); productpage's proxy counted every hop as mutual TLS.
@@ -340,7 +297,7 @@ async fn pages_are_served_over_mtls(ns: &TestNamespace) {
     let script = format!(
         "until wget -q -O /dev/null http://127.0.0.1:15021/healthz/ready; do sleep 0.2; done; \
          for i in 1 2 3 4 5; do wget -q -O- http://{ip}:9080/productpage | grep -o 'reviews-v[0-9]' | head -1; done; \
-         echo done; sleep 3600"
+         echo '--- page'; wget -q -O- http://{ip}:9080/productpage; echo; echo done; sleep 3600"
     );
     // With a classic sidecar the pod never completes: the proxy keeps
     // running, so the client's own container's log says when it is done.
@@ -349,8 +306,14 @@ async fn pages_are_served_over_mtls(ns: &TestNamespace) {
         lines.contains(&"done")
     })
     .await;
-    let answered = out.iter().filter(|l| l.starts_with("reviews-v")).count();
+    let page_at = out.iter().position(|l| l == "--- page").unwrap();
+    let answered = out[..page_at]
+        .iter()
+        .filter(|l| l.starts_with("reviews-v"))
+        .count();
     assert_eq!(answered, 5, "five product pages with reviews:\n{out:#?}");
+    let page = out[page_at + 1..].join("\n");
+    crate::bookinfo::check_page(&page).unwrap_or_else(|e| panic!("{e}:\n{page}"));
 
     let productpage = ns.pods("app=productpage").await.unwrap();
     let metrics = SocketAddr::new(pod_ip(&productpage[0]).unwrap(), 15020);
@@ -583,60 +546,4 @@ async fn injector_down(cluster: &Cluster, ns: &TestNamespace) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     mesh.wait_rollouts(ROLLOUT_TIMEOUT).await.unwrap();
     elsewhere.delete(Duration::from_secs(90)).await.unwrap();
-}
-
-/// `meshctl uninstall` leaves no webhook, namespace, trust bundle or
-/// cluster role, and a pod created afterwards in the labelled namespace
-/// starts without a sidecar.
-async fn uninstall_leaves_nothing(cluster: &Cluster, ns: &TestNamespace) {
-    meshctl(&["uninstall"]);
-    let client = &cluster.client;
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    assert!(call(mutating.get_opt(INJECTOR)).await.unwrap().is_none());
-    assert!(call(validating.get_opt(INJECTOR)).await.unwrap().is_none());
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    assert!(
-        call(namespaces.get_opt(MESH_NAMESPACE))
-            .await
-            .unwrap()
-            .is_none()
-    );
-    let config_maps: Api<ConfigMap> = Api::all(client.clone());
-    let managed = ListParams::default().labels("app.kubernetes.io/managed-by=trellis");
-    let left = call(config_maps.list(&managed)).await.unwrap().items;
-    assert!(
-        left.is_empty(),
-        "ConfigMaps left: {:?}",
-        left.iter().map(|c| &c.metadata.name).collect::<Vec<_>>()
-    );
-    let roles: Api<ClusterRole> = Api::all(client.clone());
-    let left = call(roles.list(&ListParams::default().labels("app.kubernetes.io/part-of=trellis")))
-        .await
-        .unwrap()
-        .items;
-    assert!(
-        left.is_empty(),
-        "ClusterRoles left: {:?}",
-        left.iter().map(|c| &c.metadata.name).collect::<Vec<_>>()
-    );
-
-    let after = ns
-        .start_pod_labelled("after", "sleep 3600", "Never", &[])
-        .await
-        .unwrap();
-    assert_eq!(
-        proxies(&after),
-        (0, 0),
-        "a pod was injected after the uninstall"
-    );
-    let api: Api<Pod> = ns.api();
-    let api = &api;
-    wait_for(
-        "the pod created after the uninstall to be Ready",
-        ROLLOUT_TIMEOUT,
-        || async move { Ok(is_ready(&call(api.get("after")).await?)) },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -16,3 +16,4 @@ mod mesh;
 mod rotation;
 mod status;
 mod support;
+mod uninstall;

@@ -504,29 +504,11 @@ async fn meshed_pods_prove_identities_by_token_review_talk_mtls_and_follow_a_wei
     println!("meshctl proxy-status, through the API server:\n{table}");
     // The node is this machine: the replicas' memory with this mesh, for
     // the benchmark notes.
-    println!("control plane RSS: {}", controlplane_rss().join(", "));
-}
-
-/// `VmRSS` of every trellis-controlplane process on this machine.
-fn controlplane_rss() -> Vec<String> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let dir = entry.path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        // The kernel keeps 15 bytes of the name.
-        if !comm.starts_with("trellis-control") {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(rss) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
-            out.push(format!(
-                "pid {} {}",
-                entry.file_name().to_string_lossy(),
-                rss.trim()
-            ));
-        }
-    }
-    out
+    let rss: Vec<String> = crate::support::processes_rss("trellis-control")
+        .iter()
+        .map(|p| format!("pid {} {} kB", p.pid, p.rss_kib))
+        .collect();
+    println!("control plane RSS: {}", rss.join(", "));
 }
 
 /// A token for `account` from the TokenRequest API.

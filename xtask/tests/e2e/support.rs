@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -296,6 +297,16 @@ impl TestNamespace {
             .with_context(|| format!("Service {service} has no ClusterIP"))
     }
 
+    /// Labels the namespace `trellis.dev/inject=enabled`: its new pods get
+    /// the sidecar from the webhook.
+    pub async fn enable_injection(&self) -> anyhow::Result<()> {
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let label =
+            serde_json::json!({ "metadata": { "labels": { "trellis.dev/inject": "enabled" } } });
+        call(namespaces.patch(&self.name, &PatchParams::default(), &Patch::Merge(&label))).await?;
+        Ok(())
+    }
+
     /// Starts a toolbox pod running `script` under `sh -c`.
     pub async fn start_pod(&self, name: &str, script: &str, restart: &str) -> anyhow::Result<()> {
         self.start_pod_labelled(name, script, restart, &[])
@@ -486,6 +497,91 @@ impl ValidationSuspended {
         call(api.create(&PostParams::default(), &config)).await?;
         Ok(())
     }
+}
+
+/// `meshctl args…` against the test cluster; its stdout, or a panic with
+/// both outputs.
+pub fn meshctl(args: &[&str]) -> String {
+    meshctl_with(args, None)
+}
+
+/// [`meshctl`] with `stdin` as its standard input.
+pub fn meshctl_with(args: &[&str], stdin: Option<&str>) -> String {
+    use std::io::Write as _;
+    let meshctl = root().join("target/release/meshctl");
+    let mut child = Command::new(&meshctl)
+        .args(args)
+        .env("KUBECONFIG", std::env::var_os(KUBECONFIG_ENV).unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", meshctl.display()));
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "meshctl {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    println!("meshctl {}:\n{stderr}{stdout}", args.join(" "));
+    stdout
+}
+
+/// How many proxy containers and `trellis-init` containers the pod has.
+pub fn proxies(pod: &Pod) -> (usize, usize) {
+    let spec = pod.spec.as_ref().unwrap();
+    let inits = spec.init_containers.iter().flatten();
+    let proxies = spec
+        .containers
+        .iter()
+        .chain(inits.clone())
+        .filter(|c| c.name == "trellis-proxy")
+        .count();
+    let init = inits.filter(|c| c.name == "trellis-init").count();
+    (proxies, init)
+}
+
+/// A process on this machine, which is the cluster's node.
+pub struct NodeProcess {
+    pub pid: String,
+    /// `VmRSS`, in KiB.
+    pub rss_kib: u64,
+    /// Its cgroup, which names its pod's UID.
+    pub cgroup: String,
+}
+
+/// Every process whose name starts with `comm` (the kernel keeps 15
+/// bytes of it).
+pub fn processes_rss(comm: &str) -> Vec<NodeProcess> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let dir = entry.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !name.starts_with(comm) {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        if let Some(rss_kib) = rss {
+            out.push(NodeProcess {
+                pid: entry.file_name().to_string_lossy().into_owned(),
+                rss_kib,
+                cgroup: std::fs::read_to_string(dir.join("cgroup")).unwrap_or_default(),
+            });
+        }
+    }
+    out
 }
 
 /// Whether every container of the pod is ready.
