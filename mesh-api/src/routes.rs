@@ -370,16 +370,6 @@ fn backend_refs(
             );
             continue;
         }
-        if r.namespace
-            .as_ref()
-            .is_some_and(|ns| *ns != route.namespace)
-        {
-            c.err(
-                format!("{field}.namespace"),
-                "cross-namespace backends need a ReferenceGrant, which Trellis does not support yet",
-            );
-            continue;
-        }
         let Some(port) = r.port else {
             c.err(format!("{field}.port"), "required for a Service backend");
             continue;
@@ -392,8 +382,11 @@ fn backend_refs(
                 0
             }
         };
+        // GEP-1294: a mesh route may send to a Service in any namespace
+        // without a ReferenceGrant (the mesh's authorization policies,
+        // not the route, decide who may call it).
         let service = Key {
-            namespace: route.namespace.clone(),
+            namespace: r.namespace.unwrap_or_else(|| route.namespace.clone()),
             name: r.name,
         };
         out.push(BackendRef {

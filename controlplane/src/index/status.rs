@@ -147,17 +147,12 @@ impl Index {
                     format!("{field}: {kind} of group \"{group}\" is not a Service"),
                 );
             }
-            if let Some(ns) = r.namespace.as_ref().filter(|ns| **ns != route.namespace) {
-                return Verdict::no(
-                    "RefNotPermitted",
-                    format!(
-                        "{field}: Service {ns}/{} is in another namespace, which needs a ReferenceGrant; Trellis does not support them yet",
-                        r.name
-                    ),
-                );
-            }
+            // Mesh routes may name a backend in any namespace (GEP-1294).
             let service = Key {
-                namespace: route.namespace.clone(),
+                namespace: r
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| route.namespace.clone()),
                 name: r.name.clone(),
             };
             let Some(svc) = self.services.get(&service) else {

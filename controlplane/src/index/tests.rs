@@ -180,6 +180,31 @@ fn producer_and_consumer_routes() {
 }
 
 #[test]
+fn a_mesh_route_sends_to_a_backend_in_another_namespace_without_a_grant() {
+    let mut index = mesh();
+    index
+        .apply(service("canary", "reviews-next", "10.96.2.1"))
+        .unwrap();
+    index
+        .apply(slice("canary", "reviews-next", 9080, &[("10.1.2.1", true)]))
+        .unwrap();
+    let split = "  rules:\n  - backendRefs:\n    - { name: reviews-v1, port: 9080, weight: 90 }\n    - { name: reviews-next, namespace: canary, port: 9080, weight: 10 }\n";
+    index
+        .apply(route("bookinfo", "split", "reviews", split))
+        .unwrap();
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    let backends: Vec<String> = backends_of(&o).into_iter().map(|b| b.0).collect();
+    assert!(
+        backends.contains(&"reviews-next.canary:9080".to_owned()),
+        "{backends:?}"
+    );
+    let endpoints = index.endpoints(&key("canary", "reviews-next"), 9080);
+    assert_eq!(endpoints.len(), 1, "{endpoints:?}");
+}
+
+#[test]
 fn routed_service_has_no_fallback_so_unmatched_requests_get_404() {
     let mut index = mesh();
     let only_reviews = "  rules:\n  - matches: [{ path: { type: PathPrefix, value: /reviews } }]\n    backendRefs: [{ name: reviews-v2, port: 9080 }]\n";

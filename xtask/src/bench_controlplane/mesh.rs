@@ -201,8 +201,7 @@ impl Mesh {
 
     /// Background routes go on every tenth service from the fourth on
     /// (`svc-00003`, `svc-00013`, ...), splitting 90:10 with the next
-    /// service, in the same namespace as Gateway API requires without a
-    /// ReferenceGrant.
+    /// service, in the same namespace.
     pub fn background_route_slots(&self) -> usize {
         match self.services {
             0..5 => 0,
