@@ -58,6 +58,18 @@ const ROUTE_LIMIT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPR
     spec:\n  selector: { matchLabels: { app: reviews } }\n  targetRef: { name: reviews-route }\n  \
     limit: { requests: 3, per: 1h }\n  burst: 3\n";
 
+/// The same for a GRPCRoute: its rule has no match, so it takes every
+/// request to `reviews`, the test's plain GETs included (a GRPCRoute is
+/// the same model route as an HTTPRoute, named `grpcroute/<name>`).
+const GRPC_ROUTE_LIMIT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
+    metadata: { name: reviews-grpc, namespace: bookinfo }\n\
+    spec:\n  parentRefs: [{ group: \"\", kind: Service, name: reviews }]\n  \
+    rules: [{ backendRefs: [{ name: reviews, port: 9080 }] }]\n---\n\
+    apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\n\
+    metadata: { name: reviews-grpc-limit, namespace: bookinfo }\n\
+    spec:\n  selector: { matchLabels: { app: reviews } }\n  targetRef: { kind: GRPCRoute, name: reviews-grpc }\n  \
+    limit: { requests: 3, per: 1h }\n  burst: 3\n";
+
 struct Mesh {
     cp: ControlPlane,
     client: Arc<Proxy>,
@@ -243,6 +255,11 @@ async fn a_per_route_rate_limit_from_the_control_plane_limits_the_route() {
     // Without the limit, the route answers again.
     std::fs::remove_file(m.cp.dir.join("limit.yaml")).unwrap();
     until_status(&m.client, 200).await;
+
+    // A limit on a GRPCRoute counts the requests that route takes.
+    write(&m.cp.dir, "grpc-limit.yaml", GRPC_ROUTE_LIMIT);
+    let body = until_status(&m.client, 429).await;
+    assert!(body.contains("reviews-grpc-limit"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -283,7 +283,7 @@ pub struct Operation {
 /// The limit is local: every replica enforces it on its own, so a workload
 /// with three replicas accepts up to three times the limit in total. With
 /// `targetRef` the limit counts only the requests that the named HTTPRoute
-/// matches; without it every request to the workload. A request must pass
+/// or GRPCRoute matches; without it every request to the workload. A request must pass
 /// every limit that applies to it, and one that is refused gets 429 with a
 /// `Retry-After` header.
 // Two print columns of type string read to clippy as a repeated attribute.
@@ -303,7 +303,7 @@ pub struct Operation {
     derive = "PartialEq",
     shortname = "rlp",
     category = "trellis",
-    doc = "Limits the rate of requests each proxy of the selected workloads accepts (a local token bucket), for the whole workload or for the requests one HTTPRoute matches.",
+    doc = "Limits the rate of requests each proxy of the selected workloads accepts (a local token bucket), for the whole workload or for the requests one HTTPRoute or GRPCRoute matches.",
     printcolumn(
         name = "Requests",
         type_ = "integer",
@@ -318,8 +318,9 @@ pub struct RateLimitPolicySpec {
     /// every workload in its namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<WorkloadSelector>,
-    /// The HTTPRoute, in the policy's namespace, whose requests the limit
-    /// counts. Without it the limit counts every request to the workload.
+    /// The HTTPRoute or GRPCRoute, in the policy's namespace, whose requests
+    /// the limit counts. Without it the limit counts every request to the
+    /// workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<RouteRef>,
     /// How many requests each proxy accepts per period, on average.
@@ -353,7 +354,7 @@ pub struct RouteRef {
     /// API group of the route: `gateway.networking.k8s.io` (the default).
     #[serde(default = "gateway_api_group")]
     pub group: String,
-    /// Kind of the route: `HTTPRoute` (the default).
+    /// Kind of the route: `HTTPRoute` (the default) or `GRPCRoute`.
     #[serde(default = "http_route_kind")]
     pub kind: String,
     /// Name of the route.

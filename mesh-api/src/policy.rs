@@ -322,7 +322,15 @@ impl RateLimit {
             requests: spec.limit.requests,
             per,
             burst: spec.burst,
-            route: spec.target_ref.as_ref().map(|r| r.name.clone()),
+            // The route's name in the model, which a GRPCRoute's prefix
+            // keeps apart from an HTTPRoute of the same name.
+            route: spec.target_ref.as_ref().map(|r| {
+                if r.kind == "GRPCRoute" {
+                    crate::routes::grpc_route_name(&r.name)
+                } else {
+                    r.name.clone()
+                }
+            }),
         })
     }
 

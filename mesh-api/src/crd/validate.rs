@@ -113,10 +113,10 @@ impl RateLimitPolicy {
                     format!("{:?}: must be {GATEWAY_API_GROUP:?}", target.group),
                 );
             }
-            if target.kind != "HTTPRoute" {
+            if target.kind != "HTTPRoute" && target.kind != "GRPCRoute" {
                 v.err(
                     "spec.targetRef.kind",
-                    format!("{:?}: must be \"HTTPRoute\"", target.kind),
+                    format!("{:?}: must be \"HTTPRoute\" or \"GRPCRoute\"", target.kind),
                 );
             }
             v.route_name("spec.targetRef.name", &target.name);
@@ -230,15 +230,17 @@ impl Errors {
         }
     }
 
-    /// Checks a route name: Kubernetes object names are DNS subdomains.
+    /// Checks a route name: Kubernetes object names are DNS subdomains (a
+    /// GRPCRoute's model name has the `grpcroute/` prefix before it).
     pub(crate) fn route_name(&mut self, field: &str, name: &str) {
-        if name.is_empty() {
-            self.err(field, "must name an HTTPRoute in the policy's namespace");
-        } else if !is_dns_subdomain(name) {
+        let object = name.strip_prefix("grpcroute/").unwrap_or(name);
+        if object.is_empty() {
+            self.err(field, "must name a route in the policy's namespace");
+        } else if !is_dns_subdomain(object) {
             self.err(
                 field,
                 format!(
-                    "{name:?} is not an HTTPRoute name: lower-case letters, digits, '-' and '.', \
+                    "{name:?} is not a route name: lower-case letters, digits, '-' and '.', \
                      at most 253"
                 ),
             );

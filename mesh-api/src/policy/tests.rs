@@ -374,12 +374,26 @@ spec: { limit: { requests: 100, per: 500ms } }
     assert_eq!(limit.per, Duration::from_millis(500));
     assert!(limit.validate().is_ok());
 
+    // A GRPCRoute is named in the model as the index names it.
+    let grpc: crd::RateLimitPolicy = yaml(
+        "apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: { name: grpc, namespace: bookinfo }
+spec:
+  targetRef: { kind: GRPCRoute, name: ratings }
+  limit: { requests: 10, per: 1s }
+",
+    );
+    let limit = RateLimit::from_crd(&grpc).unwrap();
+    assert_eq!(limit.route.as_deref(), Some("grpcroute/ratings"));
+    assert!(limit.validate().is_ok());
+
     let bad: crd::RateLimitPolicy = yaml(
         "apiVersion: trellis.dev/v1alpha1
 kind: RateLimitPolicy
 metadata: { name: bad, namespace: bookinfo }
 spec:
-  targetRef: { kind: GRPCRoute, name: '' }
+  targetRef: { kind: Gateway, name: '' }
   limit: { requests: 0, per: 1 second }
   burst: 0
 ",
