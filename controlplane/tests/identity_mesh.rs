@@ -47,28 +47,24 @@ const DENY_PRODUCTPAGE: &str = "apiVersion: trellis.dev/v1alpha1\nkind: Authoriz
     spec:\n  selector: { matchLabels: { app: reviews } }\n  action: DENY\n  \
     rules: [{ from: [{ principals: [cluster.local/ns/bookinfo/sa/bookinfo-productpage] }] }]\n";
 
-/// An HTTPRoute for `reviews` and a rate limit of that route on the
-/// reviews workload: 3 requests, then none for an hour.
-const ROUTE_LIMIT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
-    metadata: { name: reviews-route, namespace: bookinfo }\n\
-    spec:\n  parentRefs: [{ group: \"\", kind: Service, name: reviews }]\n  \
-    rules: [{ backendRefs: [{ name: reviews, port: 9080 }] }]\n---\n\
-    apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\n\
-    metadata: { name: reviews-route-limit, namespace: bookinfo }\n\
-    spec:\n  selector: { matchLabels: { app: reviews } }\n  targetRef: { name: reviews-route }\n  \
-    limit: { requests: 3, per: 1h }\n  burst: 3\n";
-
-/// The same for a GRPCRoute: its rule has no match, so it takes every
-/// request to `reviews`, the test's plain GETs included (a GRPCRoute is
-/// the same model route as an HTTPRoute, named `grpcroute/<name>`).
-const GRPC_ROUTE_LIMIT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\n\
-    metadata: { name: reviews-grpc, namespace: bookinfo }\n\
-    spec:\n  parentRefs: [{ group: \"\", kind: Service, name: reviews }]\n  \
-    rules: [{ backendRefs: [{ name: reviews, port: 9080 }] }]\n---\n\
-    apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\n\
-    metadata: { name: reviews-grpc-limit, namespace: bookinfo }\n\
-    spec:\n  selector: { matchLabels: { app: reviews } }\n  targetRef: { kind: GRPCRoute, name: reviews-grpc }\n  \
-    limit: { requests: 3, per: 1h }\n  burst: 3\n";
+/// A route of `kind` (HTTPRoute or GRPCRoute) named `name` for `reviews`,
+/// with one rule and no match, so it takes every request to `reviews` (a
+/// GRPCRoute is the same model route as an HTTPRoute, named
+/// `grpcroute/<name>`, so the test's plain GETs are its requests too), and
+/// a rate limit of that route on the reviews workload, `<name>-limit`: 3
+/// requests, then none for an hour.
+fn route_limit(kind: &str, name: &str) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\n\
+         metadata: {{ name: {name}, namespace: bookinfo }}\n\
+         spec:\n  parentRefs: [{{ group: \"\", kind: Service, name: reviews }}]\n  \
+         rules: [{{ backendRefs: [{{ name: reviews, port: 9080 }}] }}]\n---\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\n\
+         metadata: {{ name: {name}-limit, namespace: bookinfo }}\n\
+         spec:\n  selector: {{ matchLabels: {{ app: reviews }} }}\n  targetRef: {{ kind: {kind}, name: {name} }}\n  \
+         limit: {{ requests: 3, per: 1h }}\n  burst: 3\n"
+    )
+}
 
 struct Mesh {
     cp: ControlPlane,
@@ -244,7 +240,11 @@ async fn identities_from_the_ca_carry_mtls_and_the_control_planes_policy() {
 async fn a_per_route_rate_limit_from_the_control_plane_limits_the_route() {
     let m = start("route-limit", &[]).await;
     until_status(&m.client, 200).await;
-    write(&m.cp.dir, "limit.yaml", ROUTE_LIMIT);
+    write(
+        &m.cp.dir,
+        "limit.yaml",
+        &route_limit("HTTPRoute", "reviews-route"),
+    );
     let body = until_status(&m.client, 429).await;
     assert!(body.contains("reviews-route-limit"), "{body}");
     let metrics = scrape(&m.server).await;
@@ -257,7 +257,11 @@ async fn a_per_route_rate_limit_from_the_control_plane_limits_the_route() {
     until_status(&m.client, 200).await;
 
     // A limit on a GRPCRoute counts the requests that route takes.
-    write(&m.cp.dir, "grpc-limit.yaml", GRPC_ROUTE_LIMIT);
+    write(
+        &m.cp.dir,
+        "grpc-limit.yaml",
+        &route_limit("GRPCRoute", "reviews-grpc"),
+    );
     let body = until_status(&m.client, 429).await;
     assert!(body.contains("reviews-grpc-limit"), "{body}");
 }
