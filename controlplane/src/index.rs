@@ -28,8 +28,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -86,6 +86,11 @@ pub trait Kind: Sized {
     /// find (the services whose slices name a Pod).
     fn related(_index: &Index, _key: &Key) -> Vec<Key> {
         Vec::new()
+    }
+    /// What the entry asks for that the mesh cannot do: the index applies
+    /// it and reports these among its [`Index::errors`].
+    fn unsupported(_entry: &Self::Entry) -> &[ValidationError] {
+        &[]
     }
     /// Whether the index keeps the reverse of [`Kind::affects`] for the
     /// kind, to find its objects by service. Not needed for Services,
@@ -166,7 +171,21 @@ impl Index {
         let key = key_of(obj.meta());
         match obj.convert(&key) {
             Ok(entry) => {
-                self.errors.remove(&(K::KIND, key.clone()));
+                let slot = (K::KIND, key.clone());
+                match K::unsupported(&entry) {
+                    [] => {
+                        self.errors.remove(&slot);
+                    }
+                    some if self.errors.get(&slot).map(Vec::as_slice) != Some(some) => {
+                        tracing::warn!(
+                            "{} {key} applied, but the mesh cannot do all it asks:\n{}",
+                            K::KIND,
+                            ValidationError::list(some)
+                        );
+                        self.errors.insert(slot, some.to_vec());
+                    }
+                    _ => {}
+                }
                 let mut changed = Changed::default();
                 // Sources re-apply unchanged objects all the time (a watch
                 // resync, every directory scan); they change nothing.
@@ -279,7 +298,8 @@ impl Index {
         self.errors.get(&(kind, key.clone())).map(Vec::as_slice)
     }
 
-    /// The objects currently refused, with their errors.
+    /// The objects currently refused, and those applied with parts the
+    /// mesh cannot do, with their errors.
     pub fn errors(&self) -> impl Iterator<Item = (&'static str, &Key, &[ValidationError])> {
         self.errors
             .iter()
@@ -334,6 +354,7 @@ impl Index {
                 name: route.name.clone(),
                 namespace: key.namespace.clone(),
                 rules: route.rules.clone(),
+                ports: route.parent_ports.get(service).cloned().unwrap_or_default(),
             });
         }
         Some(Outbound {
@@ -658,6 +679,10 @@ macro_rules! route_kind {
 
             fn affects(entry: &Route, _: &Key) -> Vec<Key> {
                 entry.parents.clone()
+            }
+
+            fn unsupported(entry: &Route) -> &[ValidationError] {
+                &entry.unsupported
             }
         }
     };

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use controlplane::discovery::{Applied, Config, Server, SyncState};
 use controlplane::index::{Index, Key, SERVICE_NAME_LABEL};
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_proto::discovery::v1::discovery_client::DiscoveryClient;

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use controlplane::index::{Index, SERVICE_NAME_LABEL};
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proxy::testutil::{echo_server, get, h1_client};
@@ -104,4 +104,97 @@ async fn a_route_sends_requests_to_a_backend_in_another_namespace() {
     let (status, headers, body) = get(&mut c, "http://reviews.bookinfo:9080/reviews/1", "x").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-served-by"], "reviews-next");
+}
+
+/// An HTTPRoute's filters, timeouts and parentRef port, from the
+/// Kubernetes object through the index to a real proxy; a filter the mesh
+/// cannot honour is reported by the index and its rule answers 500.
+#[tokio::test]
+async fn filters_timeouts_and_a_parent_port_reach_the_proxy() {
+    let mut index = Index::default();
+    index
+        .apply(obj::<Service>(
+            "metadata: { name: shop, namespace: bookinfo }\n\
+             spec: { clusterIP: 10.96.0.20, ports: [{ name: http, port: 9080 }, { name: admin, port: 9081 }] }\n",
+        ))
+        .unwrap();
+    let echo = echo_server("shop").await;
+    index
+        .apply(obj::<EndpointSlice>(&format!(
+            "metadata:\n  name: shop-x\n  namespace: bookinfo\n  labels: {{ {SERVICE_NAME_LABEL}: shop }}\n\
+             addressType: IPv4\nports: [{{ name: http, port: {0} }}, {{ name: admin, port: {0} }}]\n\
+             endpoints: [{{ addresses: [\"127.0.0.1\"], targetRef: {{ kind: Pod, name: shop }} }}]\n",
+            echo.port()
+        )))
+        .unwrap();
+    let route = obj::<HttpRoute>(
+        "metadata: { name: shop-route, namespace: bookinfo }\n\
+         spec:\n  parentRefs: [{ group: \"\", kind: Service, name: shop, port: 9080 }]\n  rules:\n  \
+         - matches: [{ path: { value: /headers } }]\n    \
+           filters:\n    \
+           - type: RequestHeaderModifier\n      requestHeaderModifier: { set: [{ name: x-route, value: shop-route }] }\n    \
+           - type: URLRewrite\n      urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /rewritten } }\n    \
+           timeouts: { request: 300ms }\n    \
+           backendRefs: [{ name: shop, port: 9080 }]\n  \
+         - matches: [{ path: { value: /cors } }]\n    \
+           filters: [{ type: CORS, cors: { allowOrigins: [\"https://example.com\"] } }]\n    \
+           backendRefs: [{ name: shop, port: 9080 }]\n",
+    );
+    index.apply(route.clone()).unwrap();
+    let reported: Vec<String> = index
+        .errors()
+        .flat_map(|(_, _, errors)| errors.iter().map(ToString::to_string))
+        .collect();
+    assert_eq!(
+        reported,
+        [
+            "HTTPRoute \"bookinfo/shop-route\": spec.rules[1].filters[0]: the CORS filter is not supported; the requests of this rule get 500"
+        ]
+    );
+    let verdicts = index.http_route_verdicts(&route);
+    assert!(!verdicts[0].accepted.holds, "{verdicts:?}");
+    assert_eq!(verdicts[0].accepted.reason, "UnsupportedValue");
+
+    let p = proxy_of(&index).await;
+    let mut c = h1_client(p.listener_addr("out").unwrap()).await;
+    let host = "shop.bookinfo.svc.cluster.local";
+
+    let (status, _, body) = get(&mut c, &format!("http://{host}:9080/headers/a"), "x").await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echo["headers"]["x-route"], "shop-route");
+    assert_eq!(echo["path"], "/rewritten/a");
+
+    let slow = http::Request::get(format!("http://{host}:9080/headers"))
+        .header("host", "x")
+        .header("x-echo-delay-ms", "10000")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = c.send_request(slow).await.unwrap();
+    assert_eq!(resp.status(), 504);
+
+    let mut c = h1_client(p.listener_addr("out").unwrap()).await;
+    let (status, _, body) = get(&mut c, &format!("http://{host}:9080/cors"), "x").await;
+    assert_eq!(status, 500);
+    assert!(body.contains("the CORS filter is not supported"), "{body}");
+    assert_eq!(
+        get(&mut c, &format!("http://{host}:9080/other"), "x")
+            .await
+            .0,
+        404
+    );
+
+    // Port 9081 is not the route's: its requests go to its backend as
+    // they are.
+    let (status, _, body) = get(&mut c, &format!("http://{host}:9081/headers/a"), "x").await;
+    assert_eq!(status, 200, "{body}");
+    let echo: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(echo["headers"].get("x-route").is_none());
+    assert_eq!(echo["path"], "/headers/a");
+    assert_eq!(
+        get(&mut c, &format!("http://{host}:9081/other"), "x")
+            .await
+            .0,
+        200
+    );
 }

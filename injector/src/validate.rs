@@ -9,8 +9,8 @@
 //! A route whose parents are all Gateways belongs to a gateway
 //! implementation, not to the mesh, and is allowed untouched.
 
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use kube_core::DynamicObject;
 use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use mesh_api::ValidationError;

@@ -444,7 +444,7 @@ const GATEWAY_API_APPROVAL: &str = "https://github.com/kubernetes-sigs/gateway-a
 /// These carry the same structural schemas; the mesh checks the rest
 /// itself (and reports what it refuses).
 pub fn gateway_crds() -> Vec<CustomResourceDefinition> {
-    use gateway_api::apis::standard::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+    use gateway_api::apis::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
     let mut crds = vec![HttpRoute::crd(), GrpcRoute::crd()];
     for crd in &mut crds {
         for version in &mut crd.spec.versions {
@@ -469,7 +469,7 @@ pub fn gateway_crds() -> Vec<CustomResourceDefinition> {
             ),
             (
                 "gateway.networking.k8s.io/channel".to_owned(),
-                "standard".to_owned(),
+                "experimental".to_owned(),
             ),
         ]));
     }

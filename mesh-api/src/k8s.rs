@@ -7,8 +7,8 @@
 
 use std::fmt;
 
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -165,13 +165,20 @@ impl Object {
 
     /// Checks the object as the control plane's index does before it takes
     /// it, with the same field-level errors: routes by [`crate::routes`],
-    /// the `trellis.dev` kinds by their own validation. The core kinds are
-    /// the API server's to check, and pass.
+    /// the `trellis.dev` kinds by their own validation. A route that asks
+    /// for what the mesh cannot do fails too, although the index would
+    /// take it (its rules answering 500): refusing it at apply tells its
+    /// author at once. The core kinds are the API server's to check, and
+    /// pass.
     pub fn check(&self) -> Result<(), Vec<ValidationError>> {
         let key = crate::routes::key_of(self.meta());
+        let route = |r: Result<crate::routes::Route, Vec<ValidationError>>| match r {
+            Ok(r) => Some(r.unsupported),
+            Err(errors) => Some(errors),
+        };
         let errors = match self {
-            Object::HttpRoute(r) => crate::routes::http_route(r.clone(), &key).err(),
-            Object::GrpcRoute(r) => crate::routes::grpc_route(r.clone(), &key).err(),
+            Object::HttpRoute(r) => route(crate::routes::http_route(r.clone(), &key)),
+            Object::GrpcRoute(r) => route(crate::routes::grpc_route(r.clone(), &key)),
             Object::DestinationPolicy(p) => Some(p.validate()),
             Object::PeerAuthentication(p) => Some(p.validate()),
             Object::AuthorizationPolicy(p) => policy::AuthorizationPolicy::from_crd(p).err(),

@@ -184,6 +184,10 @@ pub struct HttpRoute {
     /// Rules in order of appearance. Across rules, the most specific match
     /// wins; ties go to the earlier route and then the earlier rule.
     pub rules: Vec<RouteRule>,
+    /// The service ports the route binds to (its parentRefs' `port`s).
+    /// Empty binds every port of the service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
 }
 
 /// One rule of an HTTP route: the requests it matches and where they go.
@@ -199,6 +203,120 @@ pub struct RouteRule {
     /// matching requests get 500, as the Gateway API specifies.
     #[serde(default)]
     pub backend_refs: Vec<BackendRef>,
+    /// Filters applied, in order, to every request the rule matches,
+    /// before the backend's own filters. Each is written as a map of one
+    /// key, its kind: `- requestHeaderModifier: { set: [...] }`.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub filters: Vec<RouteFilter>,
+    /// How long the rule's requests may take (GEP-1742).
+    #[serde(default, skip_serializing_if = "Timeouts::is_unset")]
+    pub timeouts: Timeouts,
+}
+
+/// What a route rule (or one of its backends) does to a request on its
+/// way, with Gateway API's filter semantics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum RouteFilter {
+    /// Sets, adds and removes request headers before the request is sent.
+    RequestHeaderModifier(HeaderModifier),
+    /// Sets, adds and removes response headers before the response is
+    /// returned.
+    ResponseHeaderModifier(HeaderModifier),
+    /// Answers with a redirect instead of forwarding.
+    RequestRedirect(RequestRedirect),
+    /// Rewrites the host and path the backend sees.
+    UrlRewrite(UrlRewrite),
+    /// A filter the mesh cannot honour, with why. Gateway API forbids
+    /// skipping a filter, so the requests it would have handled get 500.
+    Unsupported(String),
+}
+
+/// Header edits: `set` replaces (or adds) a header, `add` appends a value,
+/// `remove` drops a header. Names are case-insensitive.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderModifier {
+    /// Headers to set, replacing any values they had.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HttpHeader>,
+    /// Headers to add a value to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HttpHeader>,
+    /// Names of headers to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+/// A header name and value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpHeader {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
+/// A redirect answered by the proxy. Unset parts keep the request's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestRedirect {
+    /// `http` or `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    /// The host of the `Location`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// How the path changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+    /// The port of the `Location`. Unset, it is the request's port, left
+    /// out when it is the scheme's default (Gateway API's rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "found")]
+    pub status_code: u16,
+}
+
+/// A rewrite of what the backend receives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UrlRewrite {
+    /// The new `Host` (or `:authority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// How the path changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathRewrite>,
+}
+
+/// A path change, for a redirect or a rewrite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum PathRewrite {
+    /// The whole path becomes this one; the query is kept.
+    ReplaceFullPath(String),
+    /// The prefix the rule's `PathPrefix` match matched becomes this one.
+    ReplacePrefixMatch(String),
+}
+
+/// A rule's timeouts (GEP-1742), in milliseconds; unset or 0 is none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// The whole exchange: from the request's arrival until the end of the
+    /// response, across every attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_ms: Option<u64>,
+    /// One attempt at a backend, until its response ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_request_ms: Option<u64>,
 }
 
 /// Conditions on a request. All conditions present must hold.
@@ -290,6 +408,13 @@ pub struct BackendRef {
     /// Relative weight; 0 sends this backend no traffic.
     #[serde(default = "one")]
     pub weight: u32,
+    /// Filters for the requests sent to this backend, after the rule's.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "serde_yaml::with::singleton_map_recursive"
+    )]
+    pub filters: Vec<RouteFilter>,
 }
 
 /// A named set of endpoints and how to balance load across them.
@@ -390,6 +515,13 @@ impl Service {
     }
 }
 
+impl Timeouts {
+    /// True when neither timeout is set.
+    pub fn is_unset(&self) -> bool {
+        self.request_ms.is_none() && self.backend_request_ms.is_none()
+    }
+}
+
 impl Protocol {
     /// True for the protocols carried over HTTP/2.
     pub fn is_http2(self) -> bool {
@@ -411,6 +543,10 @@ fn root_path() -> String {
 
 fn one() -> u32 {
     1
+}
+
+fn found() -> u16 {
+    302
 }
 
 /// The default protocol-detection timeout, in milliseconds.

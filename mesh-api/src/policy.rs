@@ -414,7 +414,7 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Writes a duration as [`parse_duration`] reads it, to the millisecond:
 /// `1h30m`, `1s`, `250ms`, `0s`.
-pub(crate) fn format_duration(duration: Duration) -> String {
+pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
     if ms == 0 {
         return "0s".into();

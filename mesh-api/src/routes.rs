@@ -7,22 +7,23 @@
 //! Every problem is collected (a [`Check`] per object), so one apply names
 //! all of them.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
-use gateway_api::apis::standard::grpcroutes::{
+use gateway_api::apis::experimental::grpcroutes::{
     GrpcRoute, GrpcRouteParentRefs, GrpcRouteRulesBackendRefs, GrpcRouteRulesMatches,
     GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethod, GrpcRouteRulesMatchesMethodType,
 };
-use gateway_api::apis::standard::httproutes::{
-    HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+use gateway_api::apis::experimental::httproutes::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRulesBackendRefs, HttpRouteRulesFilters,
+    HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::{
     BackendRef, HeaderMatch, PathMatch, PathMatchType, QueryParamMatch, RouteMatch, RouteRule,
-    ValidationError, ValueMatchType,
+    Timeouts, ValidationError, ValueMatchType,
 };
 
 /// A namespaced object's identity.
@@ -52,11 +53,14 @@ impl fmt::Display for Key {
     }
 }
 
+mod filters;
+
 /// Collects validation errors for one object.
 #[derive(Debug)]
 pub struct Check {
     object: String,
     errors: Vec<ValidationError>,
+    unsupported: Vec<ValidationError>,
 }
 
 impl Check {
@@ -65,7 +69,25 @@ impl Check {
         Self {
             object: format!("{kind} \"{key}\""),
             errors: Vec::new(),
+            unsupported: Vec::new(),
         }
+    }
+
+    /// Records that `field` asks for what the mesh cannot do, and returns
+    /// the filter that stands for it: the object is still applied, and
+    /// the requests the filter would have handled get 500.
+    pub fn unsupported(
+        &mut self,
+        field: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> crate::RouteFilter {
+        let reason = reason.into();
+        self.unsupported.push(ValidationError {
+            object: self.object.clone(),
+            field: field.into(),
+            reason: format!("{reason}; the requests of this rule get 500"),
+        });
+        crate::RouteFilter::Unsupported(reason)
     }
 
     /// Records that `field` is wrong for `reason`.
@@ -119,39 +141,58 @@ pub struct Route {
     pub name: String,
     /// The Services it attaches to (GAMMA parentRefs).
     pub parents: Vec<Key>,
+    /// Per parent, the ports the route binds to; a parent absent here (a
+    /// parentRef without `port`) binds every port.
+    pub parent_ports: BTreeMap<Key, Vec<u16>>,
+    /// What the route asks for that the mesh cannot do. The route is
+    /// applied with the rules concerned answering 500, and these are
+    /// reported (the webhook refuses the route for them).
+    pub unsupported: Vec<ValidationError>,
     /// Rules whose backend names are backend keys (`name.namespace:port`).
     pub rules: Vec<RouteRule>,
     /// Services the rules send to.
     pub backends: Vec<(Key, u16)>,
 }
 
-/// Checks an HTTPRoute and converts it: its Service parents, its rules'
-/// matches and weighted backends. Filters and timeouts are refused, so
-/// that a route is never half applied.
+/// Checks an HTTPRoute and converts it: its Service parents, and its
+/// rules' matches, weighted backends, filters and timeouts. Retries and
+/// session persistence are refused, so that a route is never half
+/// applied; filters the mesh cannot honour make their rules answer 500.
 pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationError>> {
-    let rules = route.spec.rules.unwrap_or_default();
     let mut c = Check::new("HTTPRoute", key);
-    for (i, rule) in rules.iter().enumerate() {
+    let rules = route.spec.rules.unwrap_or_default();
+    let mut parts = Vec::new();
+    for (i, rule) in rules.into_iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        refuse_filters(
-            &mut c,
-            &at,
-            rule.filters.iter().flatten().map(|f| &f.r#type),
-            rule.backend_refs
-                .iter()
-                .flatten()
-                .map(|b| b.filters.iter().flatten().map(|f| &f.r#type)),
-        );
-        if rule.timeouts.is_some() {
-            c.err(format!("{at}.timeouts"), "timeouts are not supported yet");
+        if rule.retry.is_some() {
+            c.err(format!("{at}.retry"), "retries are not supported yet");
         }
+        if rule.session_persistence.is_some() {
+            c.err(
+                format!("{at}.sessionPersistence"),
+                "session persistence is not supported",
+            );
+        }
+        let backend_refs = rule.backend_refs.unwrap_or_default().into_iter();
+        let backend_refs = backend_refs.enumerate().map(|(b, mut r)| {
+            let at = format!("{at}.backendRefs[{b}].filters");
+            let filters = reshape_all(&mut c, &at, r.filters.take());
+            (ServiceRef::from(r), filters)
+        });
+        let backend_refs = backend_refs.collect();
+        parts.push(RuleParts {
+            timeouts: filters::convert_timeouts(&mut c, &at, rule.timeouts),
+            matches: rule.matches,
+            filters: rule.filters.unwrap_or_default(),
+            backend_refs,
+        });
     }
     convert_route(
         c,
         key,
         key.name.clone(),
         route.spec.parent_refs,
-        rules.into_iter().map(|r| (r.matches, r.backend_refs)),
+        parts,
         convert_match,
     )
 }
@@ -159,28 +200,63 @@ pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationEr
 /// Checks a GRPCRoute and converts it, its method matches as path
 /// matches; named [`grpc_route_name`] in the model.
 pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationError>> {
-    let rules = route.spec.rules.unwrap_or_default();
     let mut c = Check::new("GRPCRoute", key);
-    for (i, rule) in rules.iter().enumerate() {
+    let rules = route.spec.rules.unwrap_or_default();
+    let mut parts = Vec::new();
+    for (i, rule) in rules.into_iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        refuse_filters(
-            &mut c,
-            &at,
-            rule.filters.iter().flatten().map(|f| &f.r#type),
-            rule.backend_refs
-                .iter()
-                .flatten()
-                .map(|b| b.filters.iter().flatten().map(|f| &f.r#type)),
-        );
+        if rule.session_persistence.is_some() {
+            c.err(
+                format!("{at}.sessionPersistence"),
+                "session persistence is not supported",
+            );
+        }
+        let backend_refs = rule.backend_refs.unwrap_or_default().into_iter();
+        let backend_refs = backend_refs.enumerate().map(|(b, mut r)| {
+            let at = format!("{at}.backendRefs[{b}].filters");
+            let filters = reshape_all(&mut c, &at, r.filters.take());
+            (ServiceRef::from(r), filters)
+        });
+        let backend_refs = backend_refs.collect();
+        let filters = reshape_all(&mut c, &format!("{at}.filters"), rule.filters);
+        parts.push(RuleParts {
+            timeouts: Timeouts::default(),
+            matches: rule.matches,
+            filters,
+            backend_refs,
+        });
     }
     convert_route(
         c,
         key,
         grpc_route_name(&key.name),
         route.spec.parent_refs,
-        rules.into_iter().map(|r| (r.matches, r.backend_refs)),
+        parts,
         convert_grpc_match,
     )
+}
+
+/// A rule of either route kind, its filters read as HTTPRoute rule
+/// filters.
+struct RuleParts<M> {
+    matches: Option<Vec<M>>,
+    filters: Vec<HttpRouteRulesFilters>,
+    backend_refs: Vec<(ServiceRef, Vec<HttpRouteRulesFilters>)>,
+    timeouts: Timeouts,
+}
+
+/// Filters of another generated type read as HTTPRoute rule filters.
+fn reshape_all<T: serde::Serialize>(
+    c: &mut Check,
+    at: &str,
+    filters: Option<Vec<T>>,
+) -> Vec<HttpRouteRulesFilters> {
+    filters
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| filters::reshape(c, &format!("{at}[{i}]"), f))
+        .collect()
 }
 
 /// Whether any of a route's parentRefs is a Service: a route with none
@@ -190,43 +266,6 @@ pub fn has_service_parent<P: Clone + Into<ServiceRef>>(parents: Option<&[P]>) ->
         .into_iter()
         .flatten()
         .any(|p| p.clone().into().is_service("Gateway"))
-}
-
-/// Refuses a rule's filters and each of its backends' filters.
-fn refuse_filters<R, B, I>(
-    c: &mut Check,
-    at: &str,
-    rule: impl Iterator<Item = R>,
-    backends: impl Iterator<Item = I>,
-) where
-    R: serde::Serialize,
-    B: serde::Serialize,
-    I: Iterator<Item = B>,
-{
-    unsupported_filters(c, at, rule);
-    for (b, filters) in backends.enumerate() {
-        unsupported_filters(c, &format!("{at}.backendRefs[{b}]"), filters);
-    }
-}
-
-/// Refuses every filter at `{at}.filters[i]`: the mesh applies none yet,
-/// and a route whose filters were skipped would send traffic its author
-/// did not mean.
-fn unsupported_filters<T: serde::Serialize>(
-    c: &mut Check,
-    at: &str,
-    types: impl Iterator<Item = T>,
-) {
-    for (i, kind) in types.enumerate() {
-        let name = serde_json::to_value(&kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "this".to_owned());
-        c.err(
-            format!("{at}.filters[{i}]"),
-            format!("the {name} filter is not supported yet"),
-        );
-    }
 }
 
 /// The model name of GRPCRoute `name`: `grpcroute/<name>`. An HTTPRoute
@@ -289,53 +328,74 @@ impl ServiceRef {
     }
 }
 
-/// Converts a route of either kind from its parentRefs and its rules'
-/// matches and backendRefs, the parts both kinds share; `convert_match`
-/// converts one of the kind's matches.
-fn convert_route<P, M, B>(
+/// Converts a route of either kind from its parentRefs and its rules;
+/// `convert_match` converts one of the kind's matches.
+fn convert_route<P, M>(
     mut c: Check,
     key: &Key,
     name: String,
     parent_refs: Option<Vec<P>>,
-    rules: impl Iterator<Item = (Option<Vec<M>>, Option<Vec<B>>)>,
+    rules: Vec<RuleParts<M>>,
     convert_match: fn(&mut Check, &str, M) -> RouteMatch,
 ) -> Result<Route, Vec<ValidationError>>
 where
     P: Into<ServiceRef>,
-    B: Into<ServiceRef>,
 {
     check_name(&mut c, key);
-    let parents = parent_services(&mut c, key, parent_refs.unwrap_or_default());
+    let (parents, parent_ports) = parent_services(&mut c, key, parent_refs.unwrap_or_default());
     let mut backends = Vec::new();
     let rules = rules
+        .into_iter()
         .enumerate()
-        .map(|(i, (matches, refs))| {
+        .map(|(i, rule)| {
             let at = format!("spec.rules[{i}]");
-            let matches = matches
+            let matches: Vec<RouteMatch> = rule
+                .matches
                 .unwrap_or_default()
                 .into_iter()
                 .enumerate()
                 .map(|(m, mat)| convert_match(&mut c, &format!("{at}.matches[{m}]"), mat))
                 .collect();
-            let refs = refs.unwrap_or_default();
+            let filters = filters::convert_filters(&mut c, &at, rule.filters, &matches);
+            let mut refs = Vec::new();
+            for (b, (r, f)) in rule.backend_refs.into_iter().enumerate() {
+                let at = format!("{at}.backendRefs[{b}]");
+                let f = filters::convert_filters(&mut c, &at, f, &matches);
+                if let Some(mut r) = backend_ref(&mut c, key, &at, r, &mut backends) {
+                    r.filters = f;
+                    refs.push(r);
+                }
+            }
             RouteRule {
                 matches,
-                backend_refs: backend_refs(&mut c, key, &at, refs, &mut backends),
+                backend_refs: refs,
+                filters,
+                timeouts: rule.timeouts,
             }
         })
         .collect();
+    let unsupported = std::mem::take(&mut c.unsupported);
     c.finish(Route {
         name,
         parents,
+        parent_ports,
+        unsupported,
         rules,
         backends,
     })
 }
 
-/// The Services a route attaches to (GAMMA). Refs to Gateways are not the
+/// The Services a route attaches to (GAMMA), and the ports it binds on
+/// those whose every parentRef names one. Refs to Gateways are not the
 /// mesh's business and are skipped.
-fn parent_services(c: &mut Check, route: &Key, refs: Vec<impl Into<ServiceRef>>) -> Vec<Key> {
+fn parent_services(
+    c: &mut Check,
+    route: &Key,
+    refs: Vec<impl Into<ServiceRef>>,
+) -> (Vec<Key>, BTreeMap<Key, Vec<u16>>) {
     let mut parents = Vec::new();
+    // None: some parentRef to the Service binds all its ports.
+    let mut ports: BTreeMap<Key, Option<Vec<u16>>> = BTreeMap::new();
     for (i, p) in refs.into_iter().map(Into::into).enumerate() {
         // A parentRef's kind defaults to Gateway.
         if !p.is_service("Gateway") {
@@ -344,58 +404,77 @@ fn parent_services(c: &mut Check, route: &Key, refs: Vec<impl Into<ServiceRef>>)
         if p.name.is_empty() {
             c.err(format!("spec.parentRefs[{i}].name"), "must not be empty");
         }
-        parents.push(Key {
+        let parent = Key {
             namespace: p.namespace.unwrap_or_else(|| route.namespace.clone()),
             name: p.name,
-        });
+        };
+        let port = p
+            .port
+            .map(|n| port_number(c, format!("spec.parentRefs[{i}].port"), n));
+        let bound = ports
+            .entry(parent.clone())
+            .or_insert_with(|| Some(Vec::new()));
+        match (bound.as_mut(), port) {
+            (Some(list), Some(n)) => {
+                list.push(n);
+                list.sort_unstable();
+                list.dedup();
+            }
+            (_, None) => *bound = None,
+            (None, Some(_)) => {}
+        }
+        if !parents.contains(&parent) {
+            parents.push(parent);
+        }
     }
-    parents
+    let ports = ports
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
+    (parents, ports)
 }
 
-/// A rule's weighted backends, each also added to `backends`.
-fn backend_refs(
+/// One weighted backend of a rule, also added to `backends`; `None`
+/// (with the error recorded) when it cannot be one.
+fn backend_ref(
     c: &mut Check,
     route: &Key,
-    at: &str,
-    refs: Vec<impl Into<ServiceRef>>,
+    field: &str,
+    r: ServiceRef,
     backends: &mut Vec<(Key, u16)>,
-) -> Vec<BackendRef> {
-    let mut out = Vec::new();
-    for (b, r) in refs.into_iter().map(Into::into).enumerate() {
-        let field = format!("{at}.backendRefs[{b}]");
-        if !r.is_service("Service") {
-            c.err(
-                format!("{field}.kind"),
-                "only Service backends are supported",
-            );
-            continue;
-        }
-        let Some(port) = r.port else {
-            c.err(format!("{field}.port"), "required for a Service backend");
-            continue;
-        };
-        let port = port_number(c, format!("{field}.port"), port);
-        let weight = match u32::try_from(r.weight.unwrap_or(1)) {
-            Ok(w) if w <= 1_000_000 => w,
-            _ => {
-                c.err(format!("{field}.weight"), "must be 0 to 1000000");
-                0
-            }
-        };
-        // GEP-1294: a mesh route may send to a Service in any namespace
-        // without a ReferenceGrant (the mesh's authorization policies,
-        // not the route, decide who may call it).
-        let service = Key {
-            namespace: r.namespace.unwrap_or_else(|| route.namespace.clone()),
-            name: r.name,
-        };
-        out.push(BackendRef {
-            name: backend_name(&service, port),
-            weight,
-        });
-        backends.push((service, port));
+) -> Option<BackendRef> {
+    if !r.is_service("Service") {
+        c.err(
+            format!("{field}.kind"),
+            "only Service backends are supported",
+        );
+        return None;
     }
-    out
+    let Some(port) = r.port else {
+        c.err(format!("{field}.port"), "required for a Service backend");
+        return None;
+    };
+    let port = port_number(c, format!("{field}.port"), port);
+    let weight = match u32::try_from(r.weight.unwrap_or(1)) {
+        Ok(w) if w <= 1_000_000 => w,
+        _ => {
+            c.err(format!("{field}.weight"), "must be 0 to 1000000");
+            0
+        }
+    };
+    // GEP-1294: a mesh route may send to a Service in any namespace
+    // without a ReferenceGrant (the mesh's authorization policies, not the
+    // route, decide who may call it).
+    let service = Key {
+        namespace: r.namespace.unwrap_or_else(|| route.namespace.clone()),
+        name: r.name,
+    };
+    backends.push((service.clone(), port));
+    Some(BackendRef {
+        name: backend_name(&service, port),
+        weight,
+        filters: Vec::new(),
+    })
 }
 
 fn check_regex(c: &mut Check, field: String, pattern: &str) {

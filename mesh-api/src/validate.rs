@@ -326,7 +326,9 @@ impl Validator<'_> {
                 );
             }
         }
+        self.filters(obj, at, &rule.filters);
         for (b, r) in rule.backend_refs.iter().enumerate() {
+            self.filters(obj, &format!("{at}.backendRefs[{b}]"), &r.filters);
             if !backends.contains(r.name.as_str()) {
                 self.err(
                     obj,
@@ -340,6 +342,67 @@ impl Validator<'_> {
                     format!("{at}.backendRefs[{b}].weight"),
                     "must be at most 1000000",
                 );
+            }
+        }
+    }
+
+    fn filters(&mut self, obj: &str, at: &str, filters: &[RouteFilter]) {
+        for (i, f) in filters.iter().enumerate() {
+            let at = format!("{at}.filters[{i}]");
+            let path = |v: &mut Self, p: &Option<PathRewrite>, field: &str| {
+                let (PathRewrite::ReplaceFullPath(s) | PathRewrite::ReplacePrefixMatch(s)) = match p
+                {
+                    Some(p) => p,
+                    None => return,
+                };
+                if !s.starts_with('/') {
+                    v.err(obj, format!("{at}.{field}.path"), "must start with '/'");
+                }
+            };
+            match f {
+                RouteFilter::RequestHeaderModifier(m) | RouteFilter::ResponseHeaderModifier(m) => {
+                    let names = m.set.iter().chain(&m.add).map(|h| &h.name);
+                    for name in names.chain(&m.remove) {
+                        if !is_http_token(name) {
+                            self.err(
+                                obj,
+                                at.clone(),
+                                format!("{name:?} is not a valid header name"),
+                            );
+                        }
+                    }
+                    for h in m.set.iter().chain(&m.add) {
+                        if h.value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                            self.err(
+                                obj,
+                                at.clone(),
+                                format!("the value of {:?} contains CR, LF or NUL", h.name),
+                            );
+                        }
+                    }
+                }
+                RouteFilter::RequestRedirect(r) => {
+                    if !matches!(r.status_code, 301 | 302 | 303 | 307 | 308) {
+                        self.err(
+                            obj,
+                            format!("{at}.requestRedirect.statusCode"),
+                            format!("{} is not 301, 302, 303, 307 or 308", r.status_code),
+                        );
+                    }
+                    if let Some(s) = &r.scheme
+                        && s != "http"
+                        && s != "https"
+                    {
+                        self.err(
+                            obj,
+                            format!("{at}.requestRedirect.scheme"),
+                            format!("{s:?} is not http or https"),
+                        );
+                    }
+                    path(self, &r.path, "requestRedirect");
+                }
+                RouteFilter::UrlRewrite(r) => path(self, &r.path, "urlRewrite"),
+                RouteFilter::Unsupported(_) => {}
             }
         }
     }
@@ -362,7 +425,7 @@ pub(crate) fn is_dns_label(s: &str) -> bool {
 }
 
 /// RFC 9110 token: the syntax of header names and methods.
-fn is_http_token(s: &str) -> bool {
+pub(crate) fn is_http_token(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))

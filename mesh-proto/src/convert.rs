@@ -190,10 +190,63 @@ fn route_to_wire(r: &m::HttpRoute) -> w::HttpRoute {
                     .map(|b| w::BackendRef {
                         name: b.name.clone(),
                         weight: b.weight,
+                        filters: b.filters.iter().map(filter_to_wire).collect(),
                     })
                     .collect(),
+                filters: rule.filters.iter().map(filter_to_wire).collect(),
+                timeouts: (!rule.timeouts.is_unset()).then(|| w::Timeouts {
+                    request_ms: rule.timeouts.request_ms.unwrap_or(0),
+                    backend_request_ms: rule.timeouts.backend_request_ms.unwrap_or(0),
+                }),
             })
             .collect(),
+        ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
+    }
+}
+
+fn filter_to_wire(f: &m::RouteFilter) -> w::RouteFilter {
+    use w::route_filter::Kind;
+    let headers = |h: &m::HeaderModifier| {
+        let pairs = |list: &[m::HttpHeader]| {
+            list.iter()
+                .map(|h| w::Header {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
+                .collect()
+        };
+        w::HeaderModifier {
+            set: pairs(&h.set),
+            add: pairs(&h.add),
+            remove: h.remove.clone(),
+        }
+    };
+    let kind = match f {
+        m::RouteFilter::RequestHeaderModifier(h) => Kind::RequestHeaderModifier(headers(h)),
+        m::RouteFilter::ResponseHeaderModifier(h) => Kind::ResponseHeaderModifier(headers(h)),
+        m::RouteFilter::RequestRedirect(r) => Kind::RequestRedirect(w::RequestRedirect {
+            scheme: r.scheme.clone().unwrap_or_default(),
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path_rewrite_to_wire),
+            port: r.port.map_or(0, u32::from),
+            status_code: u32::from(r.status_code),
+        }),
+        m::RouteFilter::UrlRewrite(r) => Kind::UrlRewrite(w::UrlRewrite {
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().map(path_rewrite_to_wire),
+        }),
+        m::RouteFilter::Unsupported(why) => Kind::Unsupported(why.clone()),
+    };
+    w::RouteFilter { kind: Some(kind) }
+}
+
+fn path_rewrite_to_wire(p: &m::PathRewrite) -> w::PathRewrite {
+    use w::path_rewrite::Kind;
+    w::PathRewrite {
+        kind: Some(match p {
+            m::PathRewrite::ReplaceFullPath(s) => Kind::ReplaceFullPath(s.clone()),
+            m::PathRewrite::ReplacePrefixMatch(s) => Kind::ReplacePrefixMatch(s.clone()),
+        }),
     }
 }
 
@@ -495,18 +548,87 @@ fn route_from_wire(r: &w::HttpRoute) -> Result<m::HttpRoute, Fault> {
         name: r.name.clone(),
         namespace: r.namespace.clone(),
         rules: each("rules", &r.rules, |rule| {
+            let timeouts = rule.timeouts.unwrap_or_default();
             Ok(m::RouteRule {
                 matches: each("matches", &rule.matches, match_from_wire)?,
-                backend_refs: rule
-                    .backend_refs
-                    .iter()
-                    .map(|b| m::BackendRef {
+                backend_refs: each("backend_refs", &rule.backend_refs, |b| {
+                    Ok(m::BackendRef {
                         name: b.name.clone(),
                         weight: b.weight,
+                        filters: each("filters", &b.filters, filter_from_wire)?,
                     })
-                    .collect(),
+                })?,
+                filters: each("filters", &rule.filters, filter_from_wire)?,
+                timeouts: m::Timeouts {
+                    request_ms: (timeouts.request_ms != 0).then_some(timeouts.request_ms),
+                    backend_request_ms: (timeouts.backend_request_ms != 0)
+                        .then_some(timeouts.backend_request_ms),
+                },
             })
         })?,
+        ports: each("ports", &r.ports, |&p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|&n| n != 0)
+                .ok_or_else(|| Fault::new("", Problem::BadPort(p)))
+        })?,
+    })
+}
+
+/// A filter; one of a kind this build does not know becomes
+/// [`m::RouteFilter::Unsupported`], so that its rule answers 500 rather
+/// than skip it (Gateway API forbids that), while the rest of the
+/// resource applies.
+fn filter_from_wire(f: &w::RouteFilter) -> Result<m::RouteFilter, Fault> {
+    use w::route_filter::Kind;
+    let headers = |h: &w::HeaderModifier| {
+        let pairs = |list: &[w::Header]| {
+            list.iter()
+                .map(|h| m::HttpHeader {
+                    name: h.name.clone(),
+                    value: h.value.clone(),
+                })
+                .collect()
+        };
+        m::HeaderModifier {
+            set: pairs(&h.set),
+            add: pairs(&h.add),
+            remove: h.remove.clone(),
+        }
+    };
+    Ok(match &f.kind {
+        None => m::RouteFilter::Unsupported(
+            "a filter kind this proxy does not know; is the control plane newer than this proxy?"
+                .to_owned(),
+        ),
+        Some(Kind::RequestHeaderModifier(h)) => m::RouteFilter::RequestHeaderModifier(headers(h)),
+        Some(Kind::ResponseHeaderModifier(h)) => m::RouteFilter::ResponseHeaderModifier(headers(h)),
+        Some(Kind::RequestRedirect(r)) => m::RouteFilter::RequestRedirect(m::RequestRedirect {
+            scheme: non_empty(&r.scheme),
+            hostname: non_empty(&r.hostname),
+            path: path_rewrite_from_wire(r.path.as_ref()),
+            port: match r.port {
+                0 => None,
+                p => Some(
+                    u16::try_from(p)
+                        .map_err(|_| Fault::new("request_redirect.port", Problem::BadPort(p)))?,
+                ),
+            },
+            status_code: u16::try_from(r.status_code).unwrap_or(0),
+        }),
+        Some(Kind::UrlRewrite(r)) => m::RouteFilter::UrlRewrite(m::UrlRewrite {
+            hostname: non_empty(&r.hostname),
+            path: path_rewrite_from_wire(r.path.as_ref()),
+        }),
+        Some(Kind::Unsupported(why)) => m::RouteFilter::Unsupported(why.clone()),
+    })
+}
+
+fn path_rewrite_from_wire(p: Option<&w::PathRewrite>) -> Option<m::PathRewrite> {
+    use w::path_rewrite::Kind;
+    Some(match p?.kind.as_ref()? {
+        Kind::ReplaceFullPath(s) => m::PathRewrite::ReplaceFullPath(s.clone()),
+        Kind::ReplacePrefixMatch(s) => m::PathRewrite::ReplacePrefixMatch(s.clone()),
     })
 }
 

@@ -5,6 +5,7 @@
 //! back to the pool, the endpoint's load count drops, and the request's
 //! telemetry is recorded.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +30,26 @@ pub struct RequestBody {
 pub struct ResponseBody {
     inner: Inner,
     end: Option<Box<OnEnd>>,
+    deadline: Option<Box<Deadline>>,
 }
+
+/// When an upstream body must have ended: past it, an HTTP body fails
+/// (hyper resets the stream or closes the connection, so the client sees
+/// a truncated response, not a complete one) and a gRPC body ends with
+/// `grpc-status: 4` trailers, which is how gRPC says deadline exceeded.
+struct Deadline {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    grpc: bool,
+    message: String,
+}
+
+/// An upstream body outlived its deadline.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyTimeout(String);
+
+/// The error of a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 enum Inner {
     Local(Option<Bytes>),
@@ -86,6 +106,7 @@ impl ResponseBody {
         Self {
             inner: Inner::Local((!bytes.is_empty()).then_some(bytes)),
             end: None,
+            deadline: None,
         }
     }
 
@@ -94,7 +115,19 @@ impl ResponseBody {
         Self {
             inner: Inner::Upstream(inner),
             end: None,
+            deadline: None,
         }
+    }
+
+    /// Ends the body at `at`: a gRPC body with `grpc-status: 4` and
+    /// `message` in its trailers, any other with an error.
+    pub fn deadline(mut self, at: tokio::time::Instant, grpc: bool, message: String) -> Self {
+        self.deadline = Some(Box::new(Deadline {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            grpc,
+            message,
+        }));
+        self
     }
 
     /// Attaches what happens when the body ends.
@@ -112,6 +145,39 @@ impl ResponseBody {
         }
     }
 
+    /// The upstream body is not ready: ends it if its deadline passed.
+    fn poll_deadline(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(d) = self.deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        ready!(d.sleep.as_mut().poll(cx));
+        let Some(d) = self.deadline.take() else {
+            return Poll::Pending;
+        };
+        // Drop the upstream body: the stream (or connection) is reset.
+        self.inner = Inner::Local(None);
+        if let Some(record) = self.record() {
+            record.flags = crate::telemetry::FLAG_UPSTREAM_TIMEOUT;
+        }
+        if d.grpc {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+            if let Ok(v) = http::HeaderValue::from_str(&d.message) {
+                trailers.insert("grpc-message", v);
+            }
+            if let Some(record) = self.record() {
+                record.grpc_status = Some(4);
+            }
+            self.finish(false);
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
+        self.finish(false);
+        Poll::Ready(Some(Err(Box::new(BodyTimeout(d.message)))))
+    }
+
     fn record(&mut self) -> Option<&mut RequestRecord> {
         self.end.as_mut().and_then(|e| e.record.as_mut())
     }
@@ -119,16 +185,19 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = match &mut this.inner {
             Inner::Local(bytes) => bytes.take().map(|b| Ok(Frame::data(b))),
-            Inner::Upstream(body) => ready!(Pin::new(body).poll_frame(cx)),
+            Inner::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(frame) => frame.map(|f| f.map_err(BoxError::from)),
+                Poll::Pending => return this.poll_deadline(cx),
+            },
         };
         match &frame {
             Some(Ok(f)) => {

@@ -21,10 +21,15 @@ use tracing::debug;
 use crate::balance::Pick;
 use crate::body::{OnEnd, RequestBody, ResponseBody};
 use crate::conn::{Conn, Dest};
+use crate::filters::{Filters, Outcome};
 use crate::pool::{self, ConnectError};
-use crate::route::RequestParts;
-use crate::snapshot::Snapshot;
-use crate::telemetry::{self, AccessFields, Dims, RequestRecord};
+use crate::resilience::timeout::{self, Deadlines};
+use crate::route::{RequestParts, Rule};
+use crate::snapshot::{BackendEntry, Snapshot};
+use crate::telemetry::{
+    self, AccessFields, Dims, FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE,
+    FLAG_UPSTREAM_TIMEOUT, RequestRecord,
+};
 
 /// Serves HTTP/1 on `io` until the client closes or the proxy drains.
 pub async fn serve_h1<I>(conn: Arc<Conn>, io: I)
@@ -93,7 +98,7 @@ where
 /// so hyper keeps the connection for the next request.
 async fn handle(
     conn: Arc<Conn>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let snap = conn.shared.snapshot();
@@ -159,11 +164,11 @@ async fn handle(
         let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
         return Ok(crate::tcp::connect_tunnel(conn, &snap, req, record).await);
     }
-    let routed = route(&conn, &snap, &req, &mut dims).await;
+    let routed = route(&conn, &snap, &mut req, &mut dims).await;
     let record = RequestRecord::new(conn.shared.metrics.clone(), dims, start, access);
     Ok(match routed {
-        Ok((pick, protocol)) => forward(&conn, req, pick, protocol, record).await,
-        Err((status, msg)) => local(status, &msg, record),
+        Ok(routed) => forward(&conn, req, routed, record, start).await,
+        Err(answer) => answer.respond(record),
     })
 }
 
@@ -236,22 +241,63 @@ async fn inbound_route(conn: &Conn, snap: &Snapshot, req: &Request<Incoming>) ->
         query: req.uri().query(),
         headers: req.headers(),
     };
-    svc.routes.find(&parts).map(|rule| rule.route.clone())
+    svc.routes
+        .find(&parts, Some(port))
+        .map(|m| m.rule.route.clone())
 }
 
-/// Finds the request's destination, matches its route and picks a backend
-/// and an endpoint. Sets the `destination_service` and `route` labels on
-/// `dims` as they become known.
+/// Where routing sends a request.
+struct Routed {
+    pick: Pick,
+    protocol: Protocol,
+    /// The matched rule and the index of its chosen backend, for the
+    /// rule's timeouts and the response filters; `None` without routes.
+    rule: Option<(Arc<Rule<Arc<BackendEntry>>>, usize)>,
+}
+
+/// A response the proxy gives instead of forwarding.
+enum Answer {
+    /// An error: status, message and response flags.
+    Error(StatusCode, String, &'static str),
+    /// A route's redirect: status and `Location`.
+    Redirect(StatusCode, HeaderValue),
+}
+
+impl Answer {
+    fn error(status: StatusCode, message: String) -> Self {
+        Answer::Error(status, message, "")
+    }
+
+    fn respond(self, mut record: RequestRecord) -> Response<ResponseBody> {
+        match self {
+            Answer::Error(status, message, flags) => {
+                record.flags = flags;
+                local(status, &message, record)
+            }
+            Answer::Redirect(status, location) => {
+                let mut resp = local(status, "", record);
+                resp.headers_mut().insert(header::LOCATION, location);
+                resp.headers_mut().remove("x-trellis-error");
+                resp
+            }
+        }
+    }
+}
+
+/// Finds the request's destination, matches its route, runs the rule's
+/// and the backend's request filters, and picks a backend and an
+/// endpoint. Sets the `destination_service` and `route` labels on `dims`
+/// as they become known.
 async fn route(
     conn: &Conn,
     snap: &Snapshot,
-    req: &Request<Incoming>,
+    req: &mut Request<Incoming>,
     dims: &mut Dims,
-) -> Result<(Pick, Protocol), (StatusCode, String)> {
+) -> Result<Routed, Answer> {
     let dest = conn
         .destination(snap, authority(req))
         .await
-        .map_err(|e| (e.status(), e.to_string()))?;
+        .map_err(|e| Answer::error(e.status(), e.to_string()))?;
     dims.destination_service = dest.name();
     // Inbound, the listener's target is the local app; the service the
     // client addressed names the destination better, when it is known.
@@ -262,15 +308,26 @@ async fn route(
         dims.destination_service = s.name.clone();
     }
     let (svc, port) = match dest {
-        Dest::Direct { endpoint, .. } => return Ok((Pick::direct(endpoint), Protocol::Auto)),
+        Dest::Direct { endpoint, .. } => {
+            return Ok(Routed {
+                pick: Pick::direct(endpoint),
+                protocol: Protocol::Auto,
+                rule: None,
+            });
+        }
         Dest::Service(svc, port) => (svc, port),
     };
-    let backend = if svc.routes.is_empty() {
+    let (backend, rule) = if !svc.routes.binds(port) {
         let port = svc.port_or_first(port);
-        port.and_then(|p| p.backend.as_ref()).ok_or_else(|| {
+        let backend = port.and_then(|p| p.backend.as_ref()).ok_or_else(|| {
             let msg = format!("service {} has no backend", svc.name);
-            (StatusCode::SERVICE_UNAVAILABLE, msg)
-        })?
+            Answer::Error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                msg,
+                FLAG_NO_HEALTHY_UPSTREAM,
+            )
+        })?;
+        (backend.clone(), None)
     } else {
         let parts = RequestParts {
             method: req.method(),
@@ -278,31 +335,80 @@ async fn route(
             query: req.uri().query(),
             headers: req.headers(),
         };
-        let rule = svc.routes.find(&parts).ok_or_else(|| {
+        let matched = svc.routes.find(&parts, port).ok_or_else(|| {
             let msg = format!("no route of service {} matches this request", svc.name);
-            (StatusCode::NOT_FOUND, msg)
+            Answer::Error(StatusCode::NOT_FOUND, msg, FLAG_NO_ROUTE)
         })?;
+        let rule = matched.rule;
         dims.route = rule.route.clone();
-        rule.pick(rand::rng().random()).ok_or_else(|| {
-            let msg = format!("route {} has no usable backend", rule.route);
-            (StatusCode::INTERNAL_SERVER_ERROR, msg)
-        })?
+        let default_port = port.unwrap_or(80);
+        filter(
+            &rule.route,
+            &rule.filters,
+            req,
+            matched.prefix,
+            default_port,
+        )?;
+        let (i, (backend, filters)) = rule
+            .pick(rand::rng().random())
+            .and_then(|i| Some((i, rule.backend(i)?)))
+            .ok_or_else(|| {
+                let msg = format!("route {} has no usable backend", rule.route);
+                Answer::error(StatusCode::INTERNAL_SERVER_ERROR, msg)
+            })?;
+        filter(&rule.route, filters, req, matched.prefix, default_port)?;
+        (backend.clone(), Some((rule.clone(), i)))
     };
     let pick = backend.balancer.pick().ok_or_else(|| {
         let msg = format!("backend {} has no endpoints", backend.name);
-        (StatusCode::SERVICE_UNAVAILABLE, msg)
+        Answer::Error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            msg,
+            FLAG_NO_HEALTHY_UPSTREAM,
+        )
     })?;
-    Ok((pick, backend.protocol))
+    Ok(Routed {
+        pick,
+        protocol: backend.protocol,
+        rule,
+    })
 }
 
-/// Sends `req` to the picked endpoint and wraps the response.
+/// Runs request filters; an answer if they redirect or cannot be honoured.
+fn filter(
+    route: &str,
+    filters: &Filters,
+    req: &mut Request<Incoming>,
+    prefix: &str,
+    default_port: u16,
+) -> Result<(), Answer> {
+    if filters.is_empty() {
+        return Ok(());
+    }
+    match filters.on_request(req, prefix, default_port) {
+        Outcome::Forward => Ok(()),
+        Outcome::Redirect(status, location) => Err(Answer::Redirect(status, location)),
+        Outcome::Unsupported(why) => Err(Answer::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("route {route}: {why}"),
+        )),
+    }
+}
+
+/// Sends `req` to the picked endpoint, within the rule's timeouts, and
+/// wraps the response.
 async fn forward(
     conn: &Conn,
     mut req: Request<Incoming>,
-    mut pick: Pick,
-    protocol: Protocol,
+    routed: Routed,
     mut record: RequestRecord,
+    start: Instant,
 ) -> Response<ResponseBody> {
+    let Routed {
+        mut pick,
+        protocol,
+        rule,
+    } = routed;
     let addr = pick.endpoint.addr;
     record.destination_workload = pick.endpoint.workload.clone();
     record.upstream = Some(addr);
@@ -321,6 +427,32 @@ async fn forward(
         Protocol::Auto => req.version() == Version::HTTP_2,
     } && !upgrade;
 
+    let grpc = is_grpc(req.headers());
+    let grpc_timeout = if grpc {
+        req.headers()
+            .get("grpc-timeout")
+            .and_then(timeout::parse_grpc_timeout)
+    } else {
+        None
+    };
+    let deadlines = match (&rule, grpc_timeout) {
+        (None, None) => None,
+        (rule, grpc_timeout) => {
+            let timeouts = rule.as_ref().map(|(r, _)| r.timeouts).unwrap_or_default();
+            // `start` is std's; the deadlines run on tokio's clock, so
+            // that tests can pause it. The time already spent counts.
+            let arrived = tokio::time::Instant::now() - start.elapsed();
+            Some(Deadlines::new(arrived, &timeouts, grpc_timeout)).filter(|d| !d.is_none())
+        }
+    };
+    let attempt = deadlines.and_then(|d| d.attempt(tokio::time::Instant::now()));
+    if grpc && let Some(a) = &attempt {
+        // The upstream learns what is left of the deadline.
+        let left = a.at.saturating_duration_since(tokio::time::Instant::now());
+        req.headers_mut()
+            .insert("grpc-timeout", timeout::grpc_timeout_value(left));
+    }
+
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     if let Err(msg) = prepare_request(&mut req, h2, upgrade) {
         return local(StatusCode::BAD_REQUEST, &msg, record);
@@ -328,19 +460,39 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let req = Request::from_parts(parts, RequestBody::new(body, record.request_bytes.clone()));
 
-    let sent = if h2 {
-        send_h2(&pick, req, &dial).await.map(|r| (r, None))
-    } else if upgrade {
-        match pool::connect_h1(&dial, true).await {
-            Ok(mut c) => c
-                .send_request(req)
-                .await
-                .map(|r| (r, None))
-                .map_err(Into::into),
-            Err(e) => Err(e.into()),
+    let send = async {
+        if h2 {
+            send_h2(&pick, req, &dial).await.map(|r| (r, None))
+        } else if upgrade {
+            match pool::connect_h1(&dial, true).await {
+                Ok(mut c) => c
+                    .send_request(req)
+                    .await
+                    .map(|r| (r, None))
+                    .map_err(Into::into),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            send_h1(&pick, req, &dial).await.map(|(r, c)| (r, Some(c)))
         }
-    } else {
-        send_h1(&pick, req, &dial).await.map(|(r, c)| (r, Some(c)))
+    };
+    let sent = match &attempt {
+        None => send.await,
+        Some(a) => match tokio::time::timeout_at(a.at, send).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                pick.observe_failure();
+                let route = rule.as_ref().map_or("", |(r, _)| &*r.route);
+                let message = a.message(route);
+                debug!(upstream = %addr, "{message}");
+                record.flags = FLAG_UPSTREAM_TIMEOUT;
+                return if grpc {
+                    grpc_local(4, &message, record)
+                } else {
+                    local(StatusCode::GATEWAY_TIMEOUT, &message, record)
+                };
+            }
+        },
     };
     let (mut resp, h1_conn) = match sent {
         Ok(r) => r,
@@ -354,6 +506,9 @@ async fn forward(
             };
             if status != StatusCode::BAD_REQUEST {
                 pick.observe_failure();
+            }
+            if let ForwardError::Connect(_) = e {
+                record.flags = FLAG_UPSTREAM_FAILURE;
             }
             debug!(upstream = %addr, error = %e, "forwarding failed");
             return local(status, &format!("upstream {addr}: {e}"), record);
@@ -372,15 +527,64 @@ async fn forward(
     } else {
         strip_hop_by_hop(resp.headers_mut(), false);
     }
+    if let Some((rule, i)) = &rule {
+        if let Some((_, filters)) = rule.backend(*i) {
+            filters.on_response(resp.headers_mut());
+        }
+        rule.filters.on_response(resp.headers_mut());
+    }
     record.status = resp.status().as_u16();
     record.grpc_status = grpc_status(resp.headers());
+    let route = rule.as_ref().map_or("", |(r, _)| &*r.route);
+    let deadline = attempt.map(|a| (a.at, a.message(route)));
     resp.map(|body| {
-        ResponseBody::upstream(body).on_end(OnEnd {
+        let body = ResponseBody::upstream(body).on_end(OnEnd {
             record: Some(record),
             pick: Some(pick),
             conn: h1_conn,
-        })
+        });
+        match deadline {
+            Some((at, message)) => body.deadline(at, grpc, message),
+            None => body,
+        }
     })
+}
+
+/// Whether a request is a gRPC call (`application/grpc`, `+proto` and the
+/// like).
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.strip_prefix("application/grpc")
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['+', ';']))
+        })
+}
+
+/// A gRPC error made by the proxy: a trailers-only response (HTTP 200 with
+/// `grpc-status` in the headers), which every gRPC client reads, where a
+/// 504 body would be a protocol error to it.
+fn grpc_local(code: u16, message: &str, mut record: RequestRecord) -> Response<ResponseBody> {
+    record.status = 200;
+    record.grpc_status = Some(code);
+    let mut resp = Response::new(ResponseBody::local("").on_end(OnEnd {
+        record: Some(record),
+        pick: None,
+        conn: None,
+    }));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    // grpc-message is percent-encoded; ours are ASCII without '%'.
+    if let Ok(v) = HeaderValue::from_str(message) {
+        h.insert("grpc-message", v);
+    }
+    h.insert("x-trellis-error", HeaderValue::from_static("1"));
+    resp
 }
 
 /// Why a request could not be forwarded.

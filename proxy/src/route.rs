@@ -18,9 +18,11 @@
 use std::sync::Arc;
 
 use mesh_api::{
-    HeaderMatch, HttpRoute, PathMatchType, QueryParamMatch, RouteMatch, ValueMatchType,
+    HeaderMatch, HttpRoute, PathMatchType, QueryParamMatch, RouteMatch, Timeouts, ValueMatchType,
 };
 use regex::Regex;
+
+use crate::filters::Filters;
 
 /// A compiled set of routes for one service.
 #[derive(Debug)]
@@ -28,20 +30,38 @@ pub struct RouteTable<B> {
     entries: Vec<Entry<B>>,
 }
 
-/// A rule's destination: its route's name and its weighted backends.
+/// A rule's destination: its route's name, its weighted backends, and
+/// what happens to its requests on the way.
 #[derive(Debug)]
 pub struct Rule<B> {
     /// The name of the route the rule belongs to (the `route` metric label).
     pub route: Arc<str>,
-    /// Backends with their weights; weight-0 backends are left out.
-    backends: Vec<(B, u32)>,
+    /// Backends with their weights and filters; weight-0 backends are left
+    /// out.
+    backends: Vec<(B, u32, Filters)>,
     total: u64,
+    /// The rule's own filters, run before the chosen backend's.
+    pub filters: Filters,
+    /// The rule's timeouts.
+    pub timeouts: Timeouts,
 }
 
 #[derive(Debug)]
 struct Entry<B> {
     matcher: Matcher,
     rule: Arc<Rule<B>>,
+    /// The service ports the route binds; empty is all of them.
+    ports: Arc<[u16]>,
+}
+
+/// The rule a request matched, and the path prefix it matched by (empty
+/// for the root prefix and for matches of other kinds), which
+/// `ReplacePrefixMatch` rewrites.
+pub struct Matched<'a, B> {
+    /// The rule.
+    pub rule: &'a Arc<Rule<B>>,
+    /// The matched prefix.
+    pub prefix: &'a str,
 }
 
 #[derive(Debug)]
@@ -115,18 +135,21 @@ impl<B: Clone> RouteTable<B> {
         let mut entries = Vec::new();
         for route in routes {
             let name: Arc<str> = Arc::from(route.name.as_str());
+            let ports: Arc<[u16]> = Arc::from(route.ports.as_slice());
             for rule in &route.rules {
-                let backends: Vec<(B, u32)> = rule
-                    .backend_refs
-                    .iter()
-                    .filter(|r| r.weight > 0)
-                    .filter_map(|r| backend(&r.name).map(|b| (b, r.weight)))
-                    .collect();
-                let total = backends.iter().map(|(_, w)| u64::from(*w)).sum();
+                let mut backends = Vec::new();
+                for r in rule.backend_refs.iter().filter(|r| r.weight > 0) {
+                    if let Some(b) = backend(&r.name) {
+                        backends.push((b, r.weight, Filters::new(&route.name, &r.filters)?));
+                    }
+                }
+                let total = backends.iter().map(|(_, w, _)| u64::from(*w)).sum();
                 let rule_arc = Arc::new(Rule {
                     route: name.clone(),
                     backends,
                     total,
+                    filters: Filters::new(&route.name, &rule.filters)?,
+                    timeouts: rule.timeouts,
                 });
                 let default_match = [RouteMatch::default()];
                 let matches = if rule.matches.is_empty() {
@@ -138,6 +161,7 @@ impl<B: Clone> RouteTable<B> {
                     entries.push(Entry {
                         matcher: Matcher::new(&route.name, m)?,
                         rule: rule_arc.clone(),
+                        ports: ports.clone(),
                     });
                 }
             }
@@ -147,38 +171,69 @@ impl<B: Clone> RouteTable<B> {
         Ok(Self { entries })
     }
 
-    /// The rule of the most specific match, or `None`: the request matches
-    /// no rule and must get 404.
-    pub fn find(&self, req: &RequestParts<'_>) -> Option<&Arc<Rule<B>>> {
+    /// The rule of the most specific match among the routes bound to
+    /// `port` (`None`: any port), or `None`: the request matches no rule
+    /// and must get 404.
+    pub fn find(&self, req: &RequestParts<'_>, port: Option<u16>) -> Option<Matched<'_, B>> {
         self.entries
             .iter()
+            .filter(|e| e.binds(port))
             .find(|e| e.matcher.matches(req))
-            .map(|e| &e.rule)
+            .map(|e| Matched {
+                rule: &e.rule,
+                prefix: match &e.matcher.path {
+                    PathMatcher::Prefix(p) => p,
+                    _ => "",
+                },
+            })
     }
 
     /// True when no route is attached.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Whether any route binds `port` (`None`: any port). A port no route
+    /// binds sends its requests to the port's backend (GAMMA: a route with
+    /// a parentRef port leaves the Service's other ports alone).
+    pub fn binds(&self, port: Option<u16>) -> bool {
+        self.entries.iter().any(|e| e.binds(port))
+    }
+}
+
+impl<B> Entry<B> {
+    fn binds(&self, port: Option<u16>) -> bool {
+        match port {
+            Some(p) => self.ports.is_empty() || self.ports.contains(&p),
+            None => true,
+        }
+    }
 }
 
 impl<B> Rule<B> {
     /// Picks a backend with probability proportional to its weight, using
-    /// `roll`, a uniform random number. `None` when the rule has no backend
-    /// with a positive weight.
-    pub fn pick(&self, roll: u64) -> Option<&B> {
+    /// `roll`, a uniform random number: its index for [`Rule::backend`].
+    /// `None` when the rule has no backend with a positive weight.
+    pub fn pick(&self, roll: u64) -> Option<usize> {
         if self.total == 0 {
             return None;
         }
         let mut point = roll % self.total;
-        for (b, w) in &self.backends {
+        for (i, (_, w, _)) in self.backends.iter().enumerate() {
             let w = u64::from(*w);
             if point < w {
-                return Some(b);
+                return Some(i);
             }
             point -= w;
         }
         None
+    }
+}
+
+impl<B> Rule<B> {
+    /// Backend `i` of [`Rule::pick`], with its filters.
+    pub fn backend(&self, i: usize) -> Option<(&B, &Filters)> {
+        self.backends.get(i).map(|(b, _, f)| (b, f))
     }
 }
 

@@ -36,6 +36,16 @@ pub const CONFIG_UPDATES: &str = "trellis_config_updates_total";
 /// Downstream connections accepted, by listener and detected protocol.
 pub const CONNECTIONS: &str = "trellis_downstream_connections_total";
 
+/// `response_flags`: the upstream did not answer in time (a route's
+/// request or backend timeout, or a gRPC deadline). Envoy's letters.
+pub const FLAG_UPSTREAM_TIMEOUT: &str = "UT";
+/// `response_flags`: no route of the service matched the request.
+pub const FLAG_NO_ROUTE: &str = "NR";
+/// `response_flags`: the connection to the upstream failed.
+pub const FLAG_UPSTREAM_FAILURE: &str = "UF";
+/// `response_flags`: the backend had no endpoint to send to.
+pub const FLAG_NO_HEALTHY_UPSTREAM: &str = "UH";
+
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
@@ -158,6 +168,7 @@ struct Key {
     destination_workload: Arc<str>,
     status: u16,
     grpc_status: Option<u16>,
+    flags: &'static str,
 }
 
 struct Handles {
@@ -198,6 +209,7 @@ impl RequestMetrics {
             ("grpc_status", grpc),
             ("tls", key.dims.tls.to_string()),
             ("source_principal", key.dims.source_principal.to_string()),
+            ("response_flags", key.flags.to_owned()),
         ];
         let h = Arc::new(Handles {
             requests: metrics::counter!(REQUESTS_TOTAL, &labels),
@@ -243,6 +255,9 @@ pub struct RequestRecord {
     pub request_bytes: Arc<AtomicU64>,
     /// Response body bytes.
     pub response_bytes: u64,
+    /// Why the proxy answered as it did, Envoy-style (`UT`, `NR`, ...);
+    /// empty for a response the upstream gave.
+    pub flags: &'static str,
     access: Option<Box<AccessFields>>,
 }
 
@@ -269,6 +284,7 @@ impl RequestRecord {
             grpc_status: None,
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
+            flags: "",
             access,
         }
     }
@@ -282,6 +298,7 @@ impl Drop for RequestRecord {
             destination_workload: self.destination_workload.clone(),
             status: self.status,
             grpc_status: self.grpc_status,
+            flags: self.flags,
         });
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         h.requests.increment(1);
@@ -298,6 +315,7 @@ impl Drop for RequestRecord {
                 "protocol": format!("{:?}", a.version),
                 "response_code": self.status,
                 "grpc_status": self.grpc_status,
+                "response_flags": self.flags,
                 "duration_ms": elapsed.as_secs_f64() * 1000.0,
                 "bytes_received": request_bytes,
                 "bytes_sent": self.response_bytes,

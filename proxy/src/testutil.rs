@@ -22,8 +22,10 @@ use crate::settings::Settings;
 
 /// Starts an HTTP/1.1 + h2c server whose every response is a JSON echo of
 /// the request: `{"server", "method", "path", "version", "headers",
-/// "body"}`. Header names are sent back as received (case kept) under
-/// `raw_headers` for HTTP/1.
+/// "body"}`, and every header value in order in `header_list`. Header names are sent back as received (case kept) under
+/// `raw_headers` for HTTP/1. A request header `x-echo-delay-ms: N` makes
+/// it wait N ms (on tokio's clock) before answering, and
+/// `x-echo-header: name=value` adds that header to the response.
 pub async fn echo_server(name: &str) -> SocketAddr {
     echo_server_on(SocketAddr::from(([127, 0, 0, 1], 0)), name).await
 }
@@ -54,6 +56,13 @@ pub async fn echo_server_on(addr: SocketAddr, name: &str) -> SocketAddr {
 
 async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
+    if let Some(ms) = parts
+        .headers
+        .get("x-echo-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let body = body
         .collect()
         .await
@@ -64,8 +73,14 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
         .collect();
+    let header_list: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
     let json = serde_json::json!({
         "server": &*name,
+        "header_list": header_list,
         "method": parts.method.as_str(),
         "path": parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
         "version": format!("{:?}", parts.version),
@@ -75,6 +90,14 @@ async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<By
     let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
     resp.headers_mut()
         .insert("x-served-by", name.parse().unwrap());
+    for v in parts.headers.get_all("x-echo-header") {
+        if let Some((k, v)) = v.to_str().ok().and_then(|v| v.split_once('=')) {
+            resp.headers_mut().append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+    }
     Ok(resp)
 }
 

@@ -2,7 +2,7 @@
 //! bounded queue, NACK bookkeeping. The protocol over real gRPC is tested
 //! in `tests/discovery.rs`.
 
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use mesh_proto::discovery::v1::{
     DiscoveryRequest, DiscoveryResponse, ErrorDetail, Node, OutboundService, TYPE_OUTBOUND_SERVICE,

@@ -8,8 +8,8 @@
 //! index knows, so that it can be recomputed at any time and compared with
 //! what the object's status already says.
 
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 
 use mesh_api::routes::ServiceRef;
 
@@ -104,7 +104,13 @@ impl Index {
         backends: Vec<(String, ServiceRef)>,
     ) -> Vec<ParentVerdict> {
         let key = key_of(route.meta());
-        let refused = route.clone().convert(&key).err();
+        // A route applied with parts the mesh cannot do (their rules
+        // answer 500) is not accepted either: Gateway API's reason for
+        // both is UnsupportedValue.
+        let refused = match route.clone().convert(&key) {
+            Err(errors) => Some(errors),
+            Ok(entry) => Some(K::unsupported(&entry).to_vec()).filter(|u| !u.is_empty()),
+        };
         let resolved_refs = self.resolve(&key, &backends);
         parents
             .into_iter()

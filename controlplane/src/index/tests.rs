@@ -282,13 +282,76 @@ fn not_ready_endpoints_are_left_out() {
 }
 
 #[test]
-fn filters_and_timeouts_are_refused_not_skipped() {
+fn a_filter_the_mesh_cannot_honour_is_applied_as_500_and_reported() {
     let mut index = mesh();
     let filtered = "  rules:\n  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: { set: [{ name: x, value: y }] }\n\
-                    \x20   backendRefs:\n    - name: reviews-v1\n      port: 9080\n      filters: [{ type: RequestMirror, requestMirror: { backendRef: { name: reviews-v2, port: 9080 } } }]\n\
-                    \x20   timeouts: { request: 5s }\n";
-    let err = index
+                    \x20   backendRefs:\n    - name: reviews-v1\n      port: 9080\n      filters: [{ type: ExternalAuth, externalAuth: { protocol: HTTP, backendRef: { name: auth, port: 80 } } }]\n\
+                    \x20   timeouts: { request: 5s, backendRequest: 1500ms }\n";
+    index
         .apply(route("bookinfo", "filtered", "reviews", filtered))
+        .unwrap();
+    let reported: Vec<(&str, &str)> = index
+        .errors()
+        .flat_map(|(_, _, errors)| errors.iter().map(|e| (e.field.as_str(), e.reason.as_str())))
+        .collect();
+    assert_eq!(
+        reported,
+        [(
+            "spec.rules[0].backendRefs[0].filters[0]",
+            "the ExternalAuth filter is not supported; the requests of this rule get 500"
+        )]
+    );
+    let svc = index
+        .outbound(&key("bookinfo", "reviews"), "bookinfo")
+        .unwrap()
+        .service;
+    let rule = &svc.routes[0].rules[0];
+    assert_eq!(
+        rule.filters,
+        [mesh_api::RouteFilter::RequestHeaderModifier(
+            mesh_api::HeaderModifier {
+                set: vec![mesh_api::HttpHeader {
+                    name: "x".into(),
+                    value: "y".into()
+                }],
+                ..Default::default()
+            }
+        )]
+    );
+    assert_eq!(
+        rule.backend_refs[0].filters,
+        [mesh_api::RouteFilter::Unsupported(
+            "the ExternalAuth filter is not supported".into()
+        )]
+    );
+    assert_eq!(
+        rule.timeouts,
+        mesh_api::Timeouts {
+            request_ms: Some(5000),
+            backend_request_ms: Some(1500)
+        }
+    );
+    // Fixed, the route is no longer reported.
+    let fixed = "  rules:\n  - backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "filtered", "reviews", fixed))
+        .unwrap();
+    assert_eq!(index.errors().count(), 0);
+}
+
+#[test]
+fn malformed_filters_and_timeouts_are_refused_naming_the_field() {
+    let mut index = mesh();
+    let bad = "  rules:\n  - matches: [{ path: { type: Exact, value: /x } }]\n    filters:\n\
+               \x20   - type: RequestHeaderModifier\n      requestHeaderModifier: { set: [{ name: 'bad name', value: y }] }\n\
+               \x20   - type: URLRewrite\n      urlRewrite: { path: { type: ReplacePrefixMatch, replacePrefixMatch: /y } }\n\
+               \x20   - type: RequestRedirect\n      requestRedirect: { statusCode: 305 }\n\
+               \x20   - type: ResponseHeaderModifier\n\
+               \x20   timeouts: { request: 1s, backendRequest: 2s }\n\
+               \x20   retry: { attempts: 2 }\n\
+               \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    let err = index
+        .apply(route("bookinfo", "bad", "reviews", bad))
         .unwrap_err();
     let fields: Vec<(&str, &str)> = err
         .errors
@@ -298,15 +361,31 @@ fn filters_and_timeouts_are_refused_not_skipped() {
     assert_eq!(
         fields,
         vec![
+            ("spec.rules[0].retry", "retries are not supported yet"),
             (
-                "spec.rules[0].filters[0]",
-                "the RequestHeaderModifier filter is not supported yet"
+                "spec.rules[0].timeouts.backendRequest",
+                "must not be longer than timeouts.request"
             ),
             (
-                "spec.rules[0].backendRefs[0].filters[0]",
-                "the RequestMirror filter is not supported yet"
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+                "\"bad name\" is not a valid header name"
             ),
-            ("spec.rules[0].timeouts", "timeouts are not supported yet"),
+            (
+                "spec.rules[0].filters[1].urlRewrite.path.type",
+                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix"
+            ),
+            (
+                "spec.rules[0].filters[2].requestRedirect.statusCode",
+                "305 is not a redirect status (301, 302, 303, 307 or 308)"
+            ),
+            (
+                "spec.rules[0].filters[3].responseHeaderModifier",
+                "required for type ResponseHeaderModifier"
+            ),
+            (
+                "spec.rules[0].filters",
+                "RequestRedirect and URLRewrite cannot both be set"
+            ),
         ]
     );
 }

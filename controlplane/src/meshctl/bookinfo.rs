@@ -454,9 +454,13 @@ fn reviews_route() -> HttpRoute {
                 .map(|(name, weight)| BackendRef {
                     name: (*name).to_owned(),
                     weight: *weight,
+                    filters: Vec::new(),
                 })
                 .collect(),
+            filters: Vec::new(),
+            timeouts: Default::default(),
         }],
+        ports: Vec::new(),
     }
 }
 

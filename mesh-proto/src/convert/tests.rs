@@ -33,7 +33,43 @@ fn backend_ref(name: &str, weight: u32) -> m::BackendRef {
     m::BackendRef {
         name: name.to_owned(),
         weight,
+        filters: Vec::new(),
     }
+}
+
+/// One filter of every kind, each path rewrite kind, set and unset parts.
+fn every_filter() -> Vec<m::RouteFilter> {
+    let header = |name: &str, value: &str| m::HttpHeader {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    };
+    vec![
+        m::RouteFilter::RequestHeaderModifier(m::HeaderModifier {
+            set: vec![header("x-set", "1")],
+            add: vec![header("x-add", "a"), header("x-add", "b")],
+            remove: vec!["x-drop".to_owned()],
+        }),
+        m::RouteFilter::ResponseHeaderModifier(m::HeaderModifier::default()),
+        m::RouteFilter::RequestRedirect(m::RequestRedirect {
+            scheme: Some("https".to_owned()),
+            hostname: Some("example.com".to_owned()),
+            path: Some(m::PathRewrite::ReplacePrefixMatch("/new".to_owned())),
+            port: Some(8443),
+            status_code: 301,
+        }),
+        m::RouteFilter::RequestRedirect(m::RequestRedirect {
+            scheme: None,
+            hostname: None,
+            path: None,
+            port: None,
+            status_code: 302,
+        }),
+        m::RouteFilter::UrlRewrite(m::UrlRewrite {
+            hostname: None,
+            path: Some(m::PathRewrite::ReplaceFullPath("/full".to_owned())),
+        }),
+        m::RouteFilter::Unsupported("the CORS filter is not supported".to_owned()),
+    ]
 }
 
 fn backend(name: &str, algorithm: m::LoadBalancerAlgorithm, protocol: m::Protocol) -> m::Backend {
@@ -108,7 +144,15 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                             // No conditions at all: matches every request.
                             m::RouteMatch::default(),
                         ],
-                        backend_refs: vec![backend_ref("reviews-v2.bookinfo:9080", 1)],
+                        backend_refs: vec![m::BackendRef {
+                            filters: every_filter(),
+                            ..backend_ref("reviews-v2.bookinfo:9080", 1)
+                        }],
+                        filters: every_filter(),
+                        timeouts: m::Timeouts {
+                            request_ms: Some(10_000),
+                            backend_request_ms: Some(2_500),
+                        },
                     },
                     m::RouteRule {
                         matches: vec![m::RouteMatch {
@@ -121,13 +165,21 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                             backend_ref("reviews-v2.bookinfo:9080", 10),
                             backend_ref("reviews-v3.bookinfo:9080", 0),
                         ],
+                        filters: Vec::new(),
+                        timeouts: m::Timeouts {
+                            request_ms: None,
+                            backend_request_ms: Some(100),
+                        },
                     },
                     // No matches (every request) and no backends (500).
                     m::RouteRule {
                         matches: Vec::new(),
                         backend_refs: Vec::new(),
+                        filters: Vec::new(),
+                        timeouts: m::Timeouts::default(),
                     },
                 ],
+                ports: vec![9080, 9093],
             },
             m::HttpRoute {
                 name: "reviews-consumer".to_owned(),
@@ -135,7 +187,10 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                 rules: vec![m::RouteRule {
                     matches: Vec::new(),
                     backend_refs: vec![backend_ref("reviews-v3.bookinfo:9080", 1)],
+                    filters: Vec::new(),
+                    timeouts: m::Timeouts::default(),
                 }],
+                ports: Vec::new(),
             },
         ],
         backend: Some("reviews.bookinfo:9093".to_owned()),

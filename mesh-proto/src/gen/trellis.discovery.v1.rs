@@ -156,6 +156,9 @@ pub struct HttpRoute {
     pub namespace: ::prost::alloc::string::String,
     #[prost(message, repeated, tag = "3")]
     pub rules: ::prost::alloc::vec::Vec<RouteRule>,
+    /// The service ports the route binds to; empty binds them all.
+    #[prost(uint32, repeated, tag = "4")]
+    pub ports: ::prost::alloc::vec::Vec<u32>,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouteRule {
@@ -163,6 +166,97 @@ pub struct RouteRule {
     pub matches: ::prost::alloc::vec::Vec<RouteMatch>,
     #[prost(message, repeated, tag = "2")]
     pub backend_refs: ::prost::alloc::vec::Vec<BackendRef>,
+    /// Applied in order, before the chosen backend's own filters.
+    #[prost(message, repeated, tag = "3")]
+    pub filters: ::prost::alloc::vec::Vec<RouteFilter>,
+    #[prost(message, optional, tag = "4")]
+    pub timeouts: ::core::option::Option<Timeouts>,
+}
+/// A filter with Gateway API semantics. A proxy that finds none of these
+/// set (a filter kind newer than the proxy) must answer the rule's
+/// requests with 500, as for `unsupported`, never skip it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct RouteFilter {
+    #[prost(oneof = "route_filter::Kind", tags = "1, 2, 3, 4, 5")]
+    pub kind: ::core::option::Option<route_filter::Kind>,
+}
+/// Nested message and enum types in `RouteFilter`.
+pub mod route_filter {
+    #[derive(Clone, PartialEq, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(message, tag = "1")]
+        RequestHeaderModifier(super::HeaderModifier),
+        #[prost(message, tag = "2")]
+        ResponseHeaderModifier(super::HeaderModifier),
+        #[prost(message, tag = "3")]
+        RequestRedirect(super::RequestRedirect),
+        #[prost(message, tag = "4")]
+        UrlRewrite(super::UrlRewrite),
+        /// Why the control plane could not translate the filter.
+        #[prost(string, tag = "5")]
+        Unsupported(::prost::alloc::string::String),
+    }
+}
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct HeaderModifier {
+    #[prost(message, repeated, tag = "1")]
+    pub set: ::prost::alloc::vec::Vec<Header>,
+    #[prost(message, repeated, tag = "2")]
+    pub add: ::prost::alloc::vec::Vec<Header>,
+    #[prost(string, repeated, tag = "3")]
+    pub remove: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Header {
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RequestRedirect {
+    /// Empty: the request's.
+    #[prost(string, tag = "1")]
+    pub scheme: ::prost::alloc::string::String,
+    #[prost(string, tag = "2")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "3")]
+    pub path: ::core::option::Option<PathRewrite>,
+    /// 0: the request's.
+    #[prost(uint32, tag = "4")]
+    pub port: u32,
+    #[prost(uint32, tag = "5")]
+    pub status_code: u32,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct UrlRewrite {
+    #[prost(string, tag = "1")]
+    pub hostname: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub path: ::core::option::Option<PathRewrite>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct PathRewrite {
+    #[prost(oneof = "path_rewrite::Kind", tags = "1, 2")]
+    pub kind: ::core::option::Option<path_rewrite::Kind>,
+}
+/// Nested message and enum types in `PathRewrite`.
+pub mod path_rewrite {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Kind {
+        #[prost(string, tag = "1")]
+        ReplaceFullPath(::prost::alloc::string::String),
+        #[prost(string, tag = "2")]
+        ReplacePrefixMatch(::prost::alloc::string::String),
+    }
+}
+/// Milliseconds; 0 is no timeout.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Timeouts {
+    #[prost(uint64, tag = "1")]
+    pub request_ms: u64,
+    #[prost(uint64, tag = "2")]
+    pub backend_request_ms: u64,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouteMatch {
@@ -200,12 +294,15 @@ pub struct QueryParamMatch {
     #[prost(string, tag = "3")]
     pub value: ::prost::alloc::string::String,
 }
-#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+#[derive(Clone, PartialEq, ::prost::Message)]
 pub struct BackendRef {
     #[prost(string, tag = "1")]
     pub name: ::prost::alloc::string::String,
     #[prost(uint32, tag = "2")]
     pub weight: u32,
+    /// Applied after the rule's filters, to requests sent to this backend.
+    #[prost(message, repeated, tag = "3")]
+    pub filters: ::prost::alloc::vec::Vec<RouteFilter>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Backend {

@@ -87,13 +87,18 @@ fn reviews_outbound() -> pb::DiscoveryResponse {
                 BackendRef {
                     name: "reviews-v1.shop:9080".into(),
                     weight: 90,
+                    filters: Vec::new(),
                 },
                 BackendRef {
                     name: "reviews-v2.shop:9080".into(),
                     weight: 10,
+                    filters: Vec::new(),
                 },
             ],
+            filters: Vec::new(),
+            timeouts: Default::default(),
         }],
+        ports: Vec::new(),
     }];
     let backends = [
         backend("reviews-v1.shop:9080"),

@@ -26,8 +26,12 @@ fn route_of(
         query: uri.query(),
         headers: &map,
     };
-    t.find(&parts)
-        .map(|r| r.pick(0).cloned().unwrap_or_else(|| "<none>".into()))
+    t.find(&parts, None).map(|m| {
+        m.rule
+            .pick(0)
+            .and_then(|i| m.rule.backend(i))
+            .map_or_else(|| "<none>".into(), |(b, _)| b.clone())
+    })
 }
 
 fn get(t: &RouteTable<String>, uri: &str) -> Option<String> {
@@ -183,10 +187,11 @@ fn weights_split_proportionally() {
         query: None,
         headers: &http::HeaderMap::new(),
     };
-    let rule = t.find(&parts).unwrap();
+    let rule = t.find(&parts, None).unwrap().rule;
     let mut counts = std::collections::HashMap::new();
     for roll in 0..100u64 {
-        *counts.entry(rule.pick(roll).unwrap().clone()).or_insert(0) += 1;
+        let (b, _) = rule.backend(rule.pick(roll).unwrap()).unwrap();
+        *counts.entry(b.clone()).or_insert(0) += 1;
     }
     assert_eq!(counts["a"], 80);
     assert_eq!(counts["b"], 10);

@@ -328,9 +328,12 @@ mod tests {
                         .map(|w| pb::BackendRef {
                             name: "b".to_owned(),
                             weight: *w,
+                            ..Default::default()
                         })
                         .collect(),
+                    ..Default::default()
                 }],
+                ..Default::default()
             }],
             ..Default::default()
         };

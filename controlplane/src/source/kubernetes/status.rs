@@ -24,8 +24,8 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::time::Duration;
 
-use gateway_api::apis::standard::grpcroutes::GrpcRoute;
-use gateway_api::apis::standard::httproutes::HttpRoute;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};

@@ -1,0 +1,368 @@
+//! Route filters and timeouts, checked and converted to the model.
+//!
+//! Every filter kind of both route kinds, at rule and at backendRef level,
+//! is read through [`HttpRouteRulesFilters`]: Gateway API generates a
+//! struct per place a filter can appear, all with this shape, and the
+//! GRPCRoute kinds are a subset of the HTTPRoute ones.
+//!
+//! A malformed filter (a missing field, a bad header name) refuses the
+//! route. A well-formed filter the mesh cannot honour is converted to
+//! [`RouteFilter::Unsupported`]: the route is applied, the requests of
+//! that rule get 500 (Gateway API forbids skipping a filter), and the
+//! route is reported with [`Check::unsupported`].
+
+use gateway_api::apis::experimental::httproutes::{
+    HttpRouteRulesFilters, HttpRouteRulesFiltersRequestHeaderModifier,
+    HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
+    HttpRouteRulesFiltersUrlRewritePath, HttpRouteRulesFiltersUrlRewritePathType,
+    HttpRouteRulesTimeouts,
+};
+
+use super::Check;
+use crate::{
+    HeaderModifier, HttpHeader, PathMatchType, PathRewrite, RequestRedirect, RouteFilter,
+    RouteMatch, Timeouts, UrlRewrite,
+};
+
+/// A generated struct read as another with the same fields (or more):
+/// Gateway API generates one per place a filter can appear. `None`, with
+/// an error at `at`, if it does not fit, which only a filter kind newer
+/// than this code could cause.
+pub(super) fn reshape<T: serde::Serialize, U: serde::de::DeserializeOwned>(
+    c: &mut Check,
+    at: &str,
+    value: &T,
+) -> Option<U> {
+    let json = serde_json::to_value(value).ok()?;
+    match serde_json::from_value(json) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            c.err(at, format!("not a filter the mesh knows: {e}"));
+            None
+        }
+    }
+}
+
+/// Converts the filters at `{at}.filters`. `matches` are the rule's, for
+/// `ReplacePrefixMatch`, which needs every match to be a path prefix.
+pub(super) fn convert_filters(
+    c: &mut Check,
+    at: &str,
+    filters: Vec<HttpRouteRulesFilters>,
+    matches: &[RouteMatch],
+) -> Vec<RouteFilter> {
+    let mut seen: Vec<&'static str> = Vec::new();
+    let mut out = Vec::new();
+    for (i, f) in filters.into_iter().enumerate() {
+        let at = format!("{at}.filters[{i}]");
+        let kind = type_name(&f.r#type);
+        // Gateway API: each kind at most once per list, except the ones
+        // that may repeat.
+        let repeats = matches!(
+            f.r#type,
+            HttpRouteRulesFiltersType::ExtensionRef | HttpRouteRulesFiltersType::RequestMirror
+        );
+        if !repeats && seen.contains(&kind) {
+            c.err(format!("{at}.type"), format!("{kind} may appear only once"));
+        }
+        seen.push(kind);
+        if let Some(f) = convert_filter(c, &at, f, matches) {
+            out.push(f);
+        }
+    }
+    if seen.contains(&"RequestRedirect") && seen.contains(&"URLRewrite") {
+        c.err(
+            format!("{at}.filters"),
+            "RequestRedirect and URLRewrite cannot both be set",
+        );
+    }
+    out
+}
+
+fn convert_filter(
+    c: &mut Check,
+    at: &str,
+    f: HttpRouteRulesFilters,
+    matches: &[RouteMatch],
+) -> Option<RouteFilter> {
+    use HttpRouteRulesFiltersType as T;
+    // The field that must hold the filter's settings, named as in YAML.
+    let missing = |c: &mut Check, field: &str| {
+        c.err(
+            format!("{at}.{field}"),
+            format!("required for type {}", type_name(&f.r#type)),
+        );
+        None
+    };
+    Some(match f.r#type {
+        T::RequestHeaderModifier => match f.request_header_modifier {
+            Some(m) => RouteFilter::RequestHeaderModifier(header_modifier(
+                c,
+                &format!("{at}.requestHeaderModifier"),
+                m,
+            )),
+            None => return missing(c, "requestHeaderModifier"),
+        },
+        T::ResponseHeaderModifier => match f.response_header_modifier {
+            // The two modifiers have the same fields.
+            Some(m) => {
+                let field = format!("{at}.responseHeaderModifier");
+                let m = reshape(c, &field, &m)?;
+                RouteFilter::ResponseHeaderModifier(header_modifier(c, &field, m))
+            }
+            None => return missing(c, "responseHeaderModifier"),
+        },
+        T::RequestRedirect => {
+            let Some(r) = f.request_redirect else {
+                return missing(c, "requestRedirect");
+            };
+            let at = format!("{at}.requestRedirect");
+            let status_code = match r.status_code.unwrap_or(302) {
+                code @ (301 | 302 | 303 | 307 | 308) => code as u16,
+                other => {
+                    c.err(
+                        format!("{at}.statusCode"),
+                        format!("{other} is not a redirect status (301, 302, 303, 307 or 308)"),
+                    );
+                    302
+                }
+            };
+            let port = r
+                .port
+                .map(|p| super::port_number(c, format!("{at}.port"), p));
+            if let Some(h) = &r.hostname {
+                check_hostname(c, &format!("{at}.hostname"), h);
+            }
+            let path = r.path.and_then(|p| {
+                let field = format!("{at}.path");
+                // The redirect's path has the rewrite's fields.
+                let p = reshape(c, &field, &p)?;
+                path_rewrite(c, &field, p, matches)
+            });
+            RouteFilter::RequestRedirect(RequestRedirect {
+                scheme: r.scheme.map(|s| {
+                    match s {
+                        HttpRouteRulesFiltersRequestRedirectScheme::Http => "http",
+                        HttpRouteRulesFiltersRequestRedirectScheme::Https => "https",
+                    }
+                    .to_owned()
+                }),
+                hostname: r.hostname,
+                path,
+                port,
+                status_code,
+            })
+        }
+        T::UrlRewrite => {
+            let Some(r) = f.url_rewrite else {
+                return missing(c, "urlRewrite");
+            };
+            let at = format!("{at}.urlRewrite");
+            if let Some(h) = &r.hostname {
+                check_hostname(c, &format!("{at}.hostname"), h);
+            }
+            RouteFilter::UrlRewrite(UrlRewrite {
+                hostname: r.hostname,
+                path: r
+                    .path
+                    .and_then(|p| path_rewrite(c, &format!("{at}.path"), p, matches)),
+            })
+        }
+        T::RequestMirror => c.unsupported(at, "the RequestMirror filter is not supported yet"),
+        T::ExtensionRef => {
+            let what = f.extension_ref.map_or_else(
+                || "an extensionRef".to_owned(),
+                |r| format!("{} {:?} of group {:?}", r.kind, r.name, r.group),
+            );
+            c.unsupported(
+                at,
+                format!("{what}: the mesh supports no extension filter yet"),
+            )
+        }
+        T::Cors => c.unsupported(at, "the CORS filter is not supported"),
+        T::ExternalAuth => c.unsupported(at, "the ExternalAuth filter is not supported"),
+    })
+}
+
+fn header_modifier(
+    c: &mut Check,
+    at: &str,
+    m: HttpRouteRulesFiltersRequestHeaderModifier,
+) -> HeaderModifier {
+    let mut names: Vec<String> = Vec::new();
+    let mut name = |c: &mut Check, field: String, n: &str| {
+        if !crate::validate::is_http_token(n) {
+            c.err(field, format!("{n:?} is not a valid header name"));
+        } else if names.iter().any(|seen| seen.eq_ignore_ascii_case(n)) {
+            c.err(field, format!("header {n:?} is named more than once"));
+        }
+        names.push(n.to_owned());
+    };
+    let mut pairs = |c: &mut Check, list: &str, items: Vec<(String, String)>| {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, (n, value))| {
+                name(c, format!("{at}.{list}[{i}].name"), &n);
+                if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                    c.err(
+                        format!("{at}.{list}[{i}].value"),
+                        "must not contain CR, LF or NUL",
+                    );
+                }
+                HttpHeader { name: n, value }
+            })
+            .collect::<Vec<_>>()
+    };
+    let set = pairs(
+        c,
+        "set",
+        m.set
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name, h.value))
+            .collect(),
+    );
+    let add = pairs(
+        c,
+        "add",
+        m.add
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| (h.name, h.value))
+            .collect(),
+    );
+    let remove = m.remove.unwrap_or_default();
+    for (i, n) in remove.iter().enumerate() {
+        if !crate::validate::is_http_token(n) {
+            c.err(
+                format!("{at}.remove[{i}]"),
+                format!("{n:?} is not a valid header name"),
+            );
+        }
+    }
+    HeaderModifier { set, add, remove }
+}
+
+fn path_rewrite(
+    c: &mut Check,
+    at: &str,
+    p: HttpRouteRulesFiltersUrlRewritePath,
+    matches: &[RouteMatch],
+) -> Option<PathRewrite> {
+    match p.r#type {
+        HttpRouteRulesFiltersUrlRewritePathType::ReplaceFullPath => {
+            let Some(path) = p.replace_full_path else {
+                c.err(
+                    format!("{at}.replaceFullPath"),
+                    "required for type ReplaceFullPath",
+                );
+                return None;
+            };
+            check_path(c, &format!("{at}.replaceFullPath"), &path);
+            Some(PathRewrite::ReplaceFullPath(path))
+        }
+        HttpRouteRulesFiltersUrlRewritePathType::ReplacePrefixMatch => {
+            let Some(prefix) = p.replace_prefix_match else {
+                c.err(
+                    format!("{at}.replacePrefixMatch"),
+                    "required for type ReplacePrefixMatch",
+                );
+                return None;
+            };
+            check_path(c, &format!("{at}.replacePrefixMatch"), &prefix);
+            let all_prefix = matches.iter().all(|m| {
+                m.path
+                    .as_ref()
+                    .is_none_or(|p| p.kind == PathMatchType::PathPrefix)
+            });
+            if !all_prefix {
+                c.err(
+                    format!("{at}.type"),
+                    "ReplacePrefixMatch needs every match of the rule to be a PathPrefix",
+                );
+            }
+            Some(PathRewrite::ReplacePrefixMatch(prefix))
+        }
+    }
+}
+
+fn check_path(c: &mut Check, at: &str, path: &str) {
+    if !path.starts_with('/') {
+        c.err(at, "must start with '/'");
+    } else if path
+        .bytes()
+        .any(|b| b <= b' ' || b == b'?' || b == b'#' || b == 0x7f)
+    {
+        c.err(
+            at,
+            "must be a path without spaces, control characters, '?' or '#'",
+        );
+    }
+}
+
+fn check_hostname(c: &mut Check, at: &str, host: &str) {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.len() > 253 || !host.split('.').all(label_ok) {
+        c.err(at, format!("{host:?} is not a DNS host name"));
+    }
+}
+
+/// The filter type as written in YAML.
+fn type_name(t: &HttpRouteRulesFiltersType) -> &'static str {
+    use HttpRouteRulesFiltersType as T;
+    match t {
+        T::RequestHeaderModifier => "RequestHeaderModifier",
+        T::ResponseHeaderModifier => "ResponseHeaderModifier",
+        T::RequestMirror => "RequestMirror",
+        T::RequestRedirect => "RequestRedirect",
+        T::UrlRewrite => "URLRewrite",
+        T::ExtensionRef => "ExtensionRef",
+        T::Cors => "CORS",
+        T::ExternalAuth => "ExternalAuth",
+    }
+}
+
+/// A rule's `timeouts` (GEP-1742). `backendRequest` may not exceed
+/// `request`: one attempt cannot outlast the whole exchange.
+pub(super) fn convert_timeouts(
+    c: &mut Check,
+    at: &str,
+    t: Option<HttpRouteRulesTimeouts>,
+) -> Timeouts {
+    let Some(t) = t else {
+        return Timeouts::default();
+    };
+    let mut parse = |field: &str, value: Option<String>| {
+        let value = value?;
+        match crate::policy::parse_duration(&value) {
+            // 0s means no timeout.
+            Ok(d) if d.is_zero() => None,
+            Ok(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            Err(reason) => {
+                c.err(format!("{at}.timeouts.{field}"), reason);
+                None
+            }
+        }
+    };
+    let request_ms = parse("request", t.request);
+    let backend_request_ms = parse("backendRequest", t.backend_request);
+    if let (Some(r), Some(b)) = (request_ms, backend_request_ms)
+        && b > r
+    {
+        c.err(
+            format!("{at}.timeouts.backendRequest"),
+            "must not be longer than timeouts.request",
+        );
+    }
+    Timeouts {
+        request_ms,
+        backend_request_ms,
+    }
+}

@@ -1,0 +1,5 @@
+//! What keeps a request's failures contained: timeouts today; retries,
+//! circuit breakers, outlier detection, faults and mirrors as they come
+//! (each its own module here).
+
+pub mod timeout;
