@@ -162,6 +162,7 @@ struct SliceEndpoint {
 pub struct Policy {
     target: Key,
     load_balancer: LoadBalancer,
+    retry_budget: mesh_api::RetryBudget,
 }
 
 impl Index {
@@ -368,6 +369,7 @@ impl Index {
                     endpoints: Vec::new(),
                     load_balancer: self.load_balancer(&k),
                     protocol: self.port_protocol(&k, port),
+                    retry_budget: self.retry_budget(&k),
                 })
                 .collect(),
         })
@@ -485,6 +487,13 @@ impl Index {
         self.refs::<DestinationPolicy>(service)
             .find_map(|k| self.policies.get(k))
             .map(|p| p.load_balancer)
+            .unwrap_or_default()
+    }
+
+    fn retry_budget(&self, service: &Key) -> mesh_api::RetryBudget {
+        self.refs::<DestinationPolicy>(service)
+            .find_map(|k| self.policies.get(k))
+            .map(|p| p.retry_budget)
             .unwrap_or_default()
     }
 
@@ -702,6 +711,7 @@ impl Kind for DestinationPolicy {
             return Err(errors);
         }
         Ok(Policy {
+            retry_budget: self.retry_budget(),
             target: Key {
                 namespace: key.namespace.clone(),
                 name: self.spec.target_ref.name,

@@ -215,6 +215,92 @@ pub struct RouteRule {
     /// How long the rule's requests may take (GEP-1742).
     #[serde(default, skip_serializing_if = "Timeouts::is_unset")]
     pub timeouts: Timeouts,
+    /// Whether and how failed requests are tried again (GEP-1731).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+/// A rule's retry policy (GEP-1731). A retry goes to another endpoint
+/// when there is one, after a jittered backoff, and only while the
+/// backend's [`RetryBudget`] allows it. Requests whose body was not
+/// buffered (over 64 KiB, or of unknown length) are retried only when the
+/// connection failed before the request was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Retries after the first attempt.
+    #[serde(default = "one")]
+    pub attempts: u32,
+    /// The response statuses that are retried; empty means 502, 503 and
+    /// 504. Connection failures, resets and backend timeouts are always
+    /// retryable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    /// The least wait before a retry, in milliseconds; it doubles with
+    /// each retry, with jitter on top.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+}
+
+/// How much retries may add to a backend's load (Linkerd's model): at
+/// most `percent` of the requests of the last `ttl_ms`, plus
+/// `min_per_second`, so that retries cannot multiply an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudget {
+    /// Retries allowed per 100 requests.
+    #[serde(default = "default_retry_percent")]
+    pub percent: u32,
+    /// Retries allowed per second regardless of the request rate, so that
+    /// a quiet backend can still be retried.
+    #[serde(default = "default_min_retries_per_second")]
+    pub min_per_second: u32,
+    /// The window over which requests and retries are counted, in
+    /// milliseconds.
+    #[serde(default = "default_budget_ttl_ms")]
+    pub ttl_ms: u64,
+}
+
+/// [`RetryBudget::percent`] by default.
+pub const DEFAULT_RETRY_PERCENT: u32 = 20;
+/// [`RetryBudget::min_per_second`] by default.
+pub const DEFAULT_MIN_RETRIES_PER_SECOND: u32 = 10;
+/// [`RetryBudget::ttl_ms`] by default.
+pub const DEFAULT_BUDGET_TTL_MS: u64 = 10_000;
+/// [`Retry::backoff_ms`] by default (Envoy's base interval).
+pub const DEFAULT_BACKOFF_MS: u64 = 25;
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: DEFAULT_RETRY_PERCENT,
+            min_per_second: DEFAULT_MIN_RETRIES_PER_SECOND,
+            ttl_ms: DEFAULT_BUDGET_TTL_MS,
+        }
+    }
+}
+
+impl RetryBudget {
+    /// True for the default budget, which configs leave out.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_backoff_ms() -> u64 {
+    DEFAULT_BACKOFF_MS
+}
+
+fn default_retry_percent() -> u32 {
+    DEFAULT_RETRY_PERCENT
+}
+
+fn default_min_retries_per_second() -> u32 {
+    DEFAULT_MIN_RETRIES_PER_SECOND
+}
+
+fn default_budget_ttl_ms() -> u64 {
+    DEFAULT_BUDGET_TTL_MS
 }
 
 /// What a route rule (or one of its backends) does to a request on its
@@ -433,6 +519,9 @@ pub struct Backend {
     /// client's HTTP version.
     #[serde(default)]
     pub protocol: Protocol,
+    /// How much retries may add to the backend's load.
+    #[serde(default, skip_serializing_if = "RetryBudget::is_default")]
+    pub retry_budget: RetryBudget,
 }
 
 /// One instance of a backend.

@@ -155,18 +155,15 @@ pub struct Route {
 }
 
 /// Checks an HTTPRoute and converts it: its Service parents, and its
-/// rules' matches, weighted backends, filters and timeouts. Retries and
-/// session persistence are refused, so that a route is never half
-/// applied; filters the mesh cannot honour make their rules answer 500.
+/// rules' matches, weighted backends, filters, timeouts and retries.
+/// Session persistence is refused, so that a route is never half applied;
+/// filters the mesh cannot honour make their rules answer 500.
 pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationError>> {
     let mut c = Check::new("HTTPRoute", key);
     let rules = route.spec.rules.unwrap_or_default();
     let mut parts = Vec::new();
     for (i, rule) in rules.into_iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        if rule.retry.is_some() {
-            c.err(format!("{at}.retry"), "retries are not supported yet");
-        }
         if rule.session_persistence.is_some() {
             c.err(
                 format!("{at}.sessionPersistence"),
@@ -181,6 +178,7 @@ pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationEr
         });
         let backend_refs = backend_refs.collect();
         parts.push(RuleParts {
+            retry: rule.retry.map(|r| filters::convert_retry(&mut c, &at, r)),
             timeouts: filters::convert_timeouts(&mut c, &at, rule.timeouts),
             matches: rule.matches,
             filters: rule.filters.unwrap_or_default(),
@@ -220,6 +218,7 @@ pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationEr
         let backend_refs = backend_refs.collect();
         let filters = reshape_all(&mut c, &format!("{at}.filters"), rule.filters);
         parts.push(RuleParts {
+            retry: None,
             timeouts: Timeouts::default(),
             matches: rule.matches,
             filters,
@@ -243,6 +242,7 @@ struct RuleParts<M> {
     filters: Vec<HttpRouteRulesFilters>,
     backend_refs: Vec<(ServiceRef, Vec<HttpRouteRulesFilters>)>,
     timeouts: Timeouts,
+    retry: Option<crate::Retry>,
 }
 
 /// Filters of another generated type read as HTTPRoute rule filters.
@@ -371,6 +371,7 @@ where
                 backend_refs: refs,
                 filters,
                 timeouts: rule.timeouts,
+                retry: rule.retry,
             }
         })
         .collect();

@@ -60,6 +60,9 @@ pub enum Problem {
         /// The value on the wire.
         value: i32,
     },
+    /// A number that should be an HTTP status.
+    #[error("{0} is not an HTTP status (100-599)")]
+    BadStatus(u32),
     /// A backend whose endpoints are in a resource not named like it,
     /// which the model cannot express.
     #[error("{found:?} must equal the backend name {backend:?}")]
@@ -198,6 +201,11 @@ fn route_to_wire(r: &m::HttpRoute) -> w::HttpRoute {
                     request_ms: rule.timeouts.request_ms.unwrap_or(0),
                     backend_request_ms: rule.timeouts.backend_request_ms.unwrap_or(0),
                 }),
+                retry: rule.retry.as_ref().map(|r| w::Retry {
+                    attempts: r.attempts,
+                    codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
+                    backoff_ms: r.backoff_ms,
+                }),
             })
             .collect(),
         ports: r.ports.iter().map(|&p| u32::from(p)).collect(),
@@ -286,6 +294,11 @@ fn backend_to_wire(b: &m::Backend) -> w::Backend {
         }),
         protocol: w::Protocol::from(b.protocol).into(),
         endpoints: b.name.clone(),
+        retry_budget: (!b.retry_budget.is_default()).then_some(w::RetryBudget {
+            percent: b.retry_budget.percent,
+            min_per_second: b.retry_budget.min_per_second,
+            ttl_ms: b.retry_budget.ttl_ms,
+        }),
     }
 }
 
@@ -564,6 +577,22 @@ fn route_from_wire(r: &w::HttpRoute) -> Result<m::HttpRoute, Fault> {
                     backend_request_ms: (timeouts.backend_request_ms != 0)
                         .then_some(timeouts.backend_request_ms),
                 },
+                retry: rule
+                    .retry
+                    .as_ref()
+                    .map(|r| {
+                        Ok(m::Retry {
+                            attempts: r.attempts,
+                            codes: each("retry.codes", &r.codes, |&c| {
+                                u16::try_from(c)
+                                    .ok()
+                                    .filter(|c| (100..=599).contains(c))
+                                    .ok_or_else(|| Fault::new("", Problem::BadStatus(c)))
+                            })?,
+                            backoff_ms: r.backoff_ms,
+                        })
+                    })
+                    .transpose()?,
             })
         })?,
         ports: each("ports", &r.ports, |&p| {
@@ -683,6 +712,13 @@ fn backend_from_wire(b: &w::Backend) -> Result<m::Backend, Fault> {
         endpoints: Vec::new(),
         load_balancer: m::LoadBalancer { algorithm },
         protocol: enum_from_wire::<w::Protocol, _>("protocol", "Protocol", b.protocol)?,
+        retry_budget: b
+            .retry_budget
+            .map_or_else(m::RetryBudget::default, |r| m::RetryBudget {
+                percent: r.percent,
+                min_per_second: r.min_per_second,
+                ttl_ms: r.ttl_ms,
+            }),
     })
 }
 

@@ -175,6 +175,36 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    /// Picks an endpoint other than `avoid` (the one a retry follows),
+    /// the same way [`Balancer::pick`] does; `avoid` itself when it is the
+    /// only one.
+    pub fn pick_other(&self, avoid: SocketAddr) -> Option<Pick> {
+        let others: Vec<&Arc<Endpoint>> =
+            self.endpoints.iter().filter(|e| e.addr != avoid).collect();
+        let endpoint = match others.len() {
+            0 => return self.pick(),
+            1 => others[0],
+            n => match self.algorithm {
+                LoadBalancerAlgorithm::RoundRobin => {
+                    others[self.next.fetch_add(1, Ordering::Relaxed) % n]
+                }
+                LoadBalancerAlgorithm::PeakEwma => {
+                    let mut rng = rand::rng();
+                    let a = rng.random_range(0..n);
+                    let b = (a + rng.random_range(1..n)) % n;
+                    if others[b].cost() < others[a].cost() {
+                        others[b]
+                    } else {
+                        others[a]
+                    }
+                }
+            },
+        };
+        Some(Pick::direct(endpoint.clone()))
+    }
+}
+
 impl Pick {
     /// Takes a load slot on `endpoint` without balancing, for destinations
     /// outside any backend (passthrough).

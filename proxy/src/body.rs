@@ -19,11 +19,24 @@ use hyper::client::conn::http1;
 use crate::balance::Pick;
 use crate::telemetry::RequestRecord;
 
-/// A request body streamed upstream, counting its bytes.
+/// A request body sent upstream: streamed from the client, counting its
+/// bytes, or replayed from a buffer (a retry, or a first attempt whose
+/// body was read ahead so that retries can send it again).
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
-    bytes: Arc<AtomicU64>,
+    inner: RequestInner,
+}
+
+#[derive(Debug)]
+enum RequestInner {
+    Streamed {
+        body: Incoming,
+        bytes: Arc<AtomicU64>,
+    },
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
 }
 
 /// A response body: from upstream, or made by the proxy.
@@ -70,7 +83,19 @@ pub struct OnEnd {
 impl RequestBody {
     /// Wraps `inner`, adding its size to `bytes`.
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
-        Self { inner, bytes }
+        Self {
+            inner: RequestInner::Streamed { body: inner, bytes },
+        }
+    }
+
+    /// A body already read: `data` and, for gRPC and the like, trailers.
+    pub fn buffered(data: Bytes, trailers: Option<http::HeaderMap>) -> Self {
+        Self {
+            inner: RequestInner::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
     }
 }
 
@@ -82,20 +107,35 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(d)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
-            self.bytes
-                .fetch_add(d.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+        match &mut self.inner {
+            RequestInner::Streamed { body, bytes } => {
+                let frame = ready!(Pin::new(body).poll_frame(cx));
+                if let Some(Ok(d)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    bytes.fetch_add(d.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+                }
+                Poll::Ready(frame)
+            }
+            RequestInner::Buffered { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            RequestInner::Streamed { body, .. } => body.is_end_stream(),
+            RequestInner::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            RequestInner::Streamed { body, .. } => body.size_hint(),
+            RequestInner::Buffered { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
     }
 }
 

@@ -5,8 +5,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -23,6 +24,9 @@ use crate::body::{OnEnd, RequestBody, ResponseBody};
 use crate::conn::{Conn, Dest};
 use crate::filters::{Filters, Outcome};
 use crate::pool::{self, ConnectError};
+use crate::resilience::retry::{
+    ATTEMPT_HEADER, MAX_BUFFERED_BODY, REASON_LABEL, RETRIES_SKIPPED_TOTAL, RETRIES_TOTAL, Reason,
+};
 use crate::resilience::timeout::{self, Deadlines};
 use crate::route::{RequestParts, Rule};
 use crate::snapshot::{BackendEntry, Snapshot};
@@ -253,6 +257,9 @@ struct Routed {
     /// The matched rule and the index of its chosen backend, for the
     /// rule's timeouts and the response filters; `None` without routes.
     rule: Option<(Arc<Rule<Arc<BackendEntry>>>, usize)>,
+    /// The backend, for retries' endpoints and budget; `None` for a
+    /// passthrough destination.
+    backend: Option<Arc<BackendEntry>>,
 }
 
 /// A response the proxy gives instead of forwarding.
@@ -313,6 +320,7 @@ async fn route(
                 pick: Pick::direct(endpoint),
                 protocol: Protocol::Auto,
                 rule: None,
+                backend: None,
             });
         }
         Dest::Service(svc, port) => (svc, port),
@@ -371,6 +379,7 @@ async fn route(
         pick,
         protocol: backend.protocol,
         rule,
+        backend: Some(backend),
     })
 }
 
@@ -395,8 +404,9 @@ fn filter(
     }
 }
 
-/// Sends `req` to the picked endpoint, within the rule's timeouts, and
-/// wraps the response.
+/// Sends `req` to the picked endpoint, within the rule's timeouts,
+/// retrying as its retry policy and the backend's budget allow, and wraps
+/// the response.
 async fn forward(
     conn: &Conn,
     mut req: Request<Incoming>,
@@ -408,24 +418,17 @@ async fn forward(
         mut pick,
         protocol,
         rule,
+        backend,
     } = routed;
-    let addr = pick.endpoint.addr;
-    record.destination_workload = pick.endpoint.workload.clone();
-    record.upstream = Some(addr);
-    let dial = pool::Dial::to(
-        &pick.endpoint,
-        conn.shared.limits.connect_timeout,
-        &conn.shared.tls,
-    );
-    if dial.is_tls() {
-        record.set_tls(true);
-    }
     let upgrade = is_upgrade(&req);
     let h2 = match protocol {
         Protocol::Http2 | Protocol::Grpc => true,
         Protocol::Http | Protocol::Tcp => false,
         Protocol::Auto => req.version() == Version::HTTP_2,
     } && !upgrade;
+    let route: Arc<str> = rule
+        .as_ref()
+        .map_or_else(telemetry::empty, |(r, _)| r.route.clone());
 
     let grpc = is_grpc(req.headers());
     let grpc_timeout = if grpc {
@@ -445,12 +448,9 @@ async fn forward(
             Some(Deadlines::new(arrived, &timeouts, grpc_timeout)).filter(|d| !d.is_none())
         }
     };
-    let attempt = deadlines.and_then(|d| d.attempt(tokio::time::Instant::now()));
-    if grpc && let Some(a) = &attempt {
-        // The upstream learns what is left of the deadline.
-        let left = a.at.saturating_duration_since(tokio::time::Instant::now());
-        req.headers_mut()
-            .insert("grpc-timeout", timeout::grpc_timeout_value(left));
+    let policy = rule.as_ref().and_then(|(r, _)| r.retry.as_ref());
+    if let Some(b) = &backend {
+        b.budget.deposit(tokio::time::Instant::now());
     }
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -458,63 +458,175 @@ async fn forward(
         return local(StatusCode::BAD_REQUEST, &msg, record);
     }
     let (parts, body) = req.into_parts();
-    let req = Request::from_parts(parts, RequestBody::new(body, record.request_bytes.clone()));
-
-    let send = async {
-        if h2 {
-            send_h2(&pick, req, &dial).await.map(|r| (r, None))
-        } else if upgrade {
-            match pool::connect_h1(&dial, true).await {
-                Ok(mut c) => c
-                    .send_request(req)
-                    .await
-                    .map(|r| (r, None))
-                    .map_err(Into::into),
-                Err(e) => Err(e.into()),
-            }
-        } else {
-            send_h1(&pick, req, &dial).await.map(|(r, c)| (r, Some(c)))
-        }
-    };
-    let sent = match &attempt {
-        None => send.await,
-        Some(a) => match tokio::time::timeout_at(a.at, send).await {
-            Ok(sent) => sent,
-            Err(_) => {
-                pick.observe_failure();
-                let route = rule.as_ref().map_or("", |(r, _)| &*r.route);
-                let message = a.message(route);
-                debug!(upstream = %addr, "{message}");
-                record.flags = FLAG_UPSTREAM_TIMEOUT;
-                return if grpc {
-                    grpc_local(4, &message, record)
-                } else {
-                    local(StatusCode::GATEWAY_TIMEOUT, &message, record)
+    // A retry needs the body again: read it ahead when it is small.
+    let (first_body, replay) = if policy.is_some() && !upgrade {
+        let first = deadlines.and_then(|d| d.attempt(tokio::time::Instant::now()));
+        match buffer(body, &record, first.map(|a| a.at)).await {
+            Ok(Buffered::Whole(data, trailers)) => {
+                let r = Replay {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    version: parts.version,
+                    headers: parts.headers.clone(),
+                    data,
+                    trailers,
                 };
+                (r.body(), Some(r))
             }
-        },
-    };
-    let (mut resp, h1_conn) = match sent {
-        Ok(r) => r,
-        Err(e) => {
-            let status = match &e {
-                ForwardError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
-                // Our own request body failed: the client sent a broken
-                // body or went away. Not the upstream's fault.
-                ForwardError::Http(h) if h.is_user() => StatusCode::BAD_REQUEST,
-                ForwardError::Http(_) => StatusCode::BAD_GATEWAY,
-            };
-            if status != StatusCode::BAD_REQUEST {
-                pick.observe_failure();
+            Ok(Buffered::Streaming(body)) => {
+                (RequestBody::new(body, record.request_bytes.clone()), None)
             }
-            if let ForwardError::Connect(_) = e {
-                record.flags = FLAG_UPSTREAM_FAILURE;
+            Err(e) => {
+                let msg = format!("reading the request body: {e}");
+                return local(StatusCode::BAD_REQUEST, &msg, record);
             }
-            debug!(upstream = %addr, error = %e, "forwarding failed");
-            return local(status, &format!("upstream {addr}: {e}"), record);
         }
+    } else {
+        (RequestBody::new(body, record.request_bytes.clone()), None)
+    };
+    let mut next = Some(Request::from_parts(parts, first_body));
+
+    let mut retries = 0u32;
+    let (mut resp, h1_conn, attempt) = loop {
+        let mut req = match next.take() {
+            Some(r) => r,
+            // Only a buffered request reaches a retry without its body.
+            None => match &replay {
+                Some(r) => r.request(),
+                None => break (None, None, None),
+            },
+        };
+        if policy.is_some() {
+            req.headers_mut()
+                .insert(ATTEMPT_HEADER, HeaderValue::from(retries + 1));
+        }
+        let attempt = deadlines.and_then(|d| d.attempt(tokio::time::Instant::now()));
+        if grpc && let Some(a) = &attempt {
+            // The upstream learns what is left of the deadline.
+            let left = a.at.saturating_duration_since(tokio::time::Instant::now());
+            req.headers_mut()
+                .insert("grpc-timeout", timeout::grpc_timeout_value(left));
+        }
+        let addr = pick.endpoint.addr;
+        record.destination_workload = pick.endpoint.workload.clone();
+        record.upstream = Some(addr);
+        let dial = pool::Dial::to(
+            &pick.endpoint,
+            conn.shared.limits.connect_timeout,
+            &conn.shared.tls,
+        );
+        record.set_tls(dial.is_tls());
+        let send = send(&pick, req, &dial, h2, upgrade);
+        let sent = match &attempt {
+            None => Ok(send.await),
+            Some(a) => tokio::time::timeout_at(a.at, send).await.map_err(|_| *a),
+        };
+        // Why this attempt failed, and whether it may be retried: the
+        // request back when it was never written.
+        let (reason, unsent, failure) = match sent {
+            Ok(Ok((r, c))) => match policy {
+                Some(p) if p.retries_status(r.status()) => {
+                    pick.observe_failure();
+                    (Reason::Status, None, Failure::Status(r, c))
+                }
+                _ => break (Some(r), c, attempt),
+            },
+            Ok(Err(SendError { error, unsent })) => {
+                let reason = match &error {
+                    ForwardError::Connect(_) => Reason::Connect,
+                    ForwardError::Http(_) => Reason::Reset,
+                };
+                if !matches!(&error, ForwardError::Http(h) if h.is_user()) {
+                    pick.observe_failure();
+                }
+                (reason, unsent, Failure::Error(error))
+            }
+            Err(a) => {
+                pick.observe_failure();
+                (Reason::Timeout, None, Failure::Timeout(a))
+            }
+        };
+        let user_error = matches!(&failure, Failure::Error(ForwardError::Http(h)) if h.is_user());
+        let wanted = match policy {
+            Some(p) => retries < p.attempts,
+            // Without a policy, only a request never written is retried,
+            // once.
+            None => reason == Reason::Connect && retries < 1,
+        } && !user_error
+            && !matches!(&failure, Failure::Timeout(a) if a.source != timeout::Source::Backend);
+        let replayable = unsent.is_some() || replay.is_some();
+        if wanted && !replayable {
+            metrics::counter!(RETRIES_SKIPPED_TOTAL, REASON_LABEL => "unbuffered").increment(1);
+        }
+        let allowed = wanted && replayable;
+        let backoff = policy.map_or(Duration::ZERO, |p| p.backoff(retries + 1));
+        let in_time = deadlines
+            .and_then(|d| d.attempt(tokio::time::Instant::now()))
+            .is_none_or(|a| {
+                a.source == timeout::Source::Backend || tokio::time::Instant::now() + backoff < a.at
+            });
+        let repick = allowed
+            && in_time
+            && backend.as_ref().is_some_and(|b| {
+                let ok = b.budget.withdraw(tokio::time::Instant::now());
+                if !ok {
+                    metrics::counter!(RETRIES_SKIPPED_TOTAL, REASON_LABEL => "budget").increment(1);
+                }
+                ok
+            });
+        let other = repick
+            .then(|| backend.as_ref().and_then(|b| b.balancer.pick_other(addr)))
+            .flatten();
+        let Some(other) = other else {
+            // No retry: this attempt's failure is the answer.
+            match failure {
+                Failure::Status(r, c) => break (Some(r), c, attempt),
+                Failure::Error(e) => {
+                    let status = match &e {
+                        ForwardError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        // Our own request body failed: the client sent a
+                        // broken body or went away. Not the upstream's
+                        // fault.
+                        ForwardError::Http(h) if h.is_user() => StatusCode::BAD_REQUEST,
+                        ForwardError::Http(_) => StatusCode::BAD_GATEWAY,
+                    };
+                    if let ForwardError::Connect(_) = e {
+                        record.flags = FLAG_UPSTREAM_FAILURE;
+                    }
+                    debug!(upstream = %addr, error = %e, "forwarding failed");
+                    return local(status, &format!("upstream {addr}: {e}"), record);
+                }
+                Failure::Timeout(a) => {
+                    let message = a.message(&route);
+                    debug!(upstream = %addr, "{message}");
+                    record.flags = FLAG_UPSTREAM_TIMEOUT;
+                    return if grpc {
+                        grpc_local(4, &message, record)
+                    } else {
+                        local(StatusCode::GATEWAY_TIMEOUT, &message, record)
+                    };
+                }
+            }
+        };
+        drop(failure);
+        metrics::counter!(RETRIES_TOTAL, REASON_LABEL => reason.label()).increment(1);
+        debug!(upstream = %addr, reason = reason.label(), retry = retries + 1, "retrying");
+        retries += 1;
+        next = unsent;
+        pick = other;
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+        }
+    };
+    let Some(mut resp) = resp.take() else {
+        return local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request could not be sent again",
+            record,
+        );
     };
     pick.observe_response();
+    let addr = pick.endpoint.addr;
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
@@ -535,8 +647,7 @@ async fn forward(
     }
     record.status = resp.status().as_u16();
     record.grpc_status = grpc_status(resp.headers());
-    let route = rule.as_ref().map_or("", |(r, _)| &*r.route);
-    let deadline = attempt.map(|a| (a.at, a.message(route)));
+    let deadline = attempt.map(|a| (a.at, a.message(&route)));
     resp.map(|body| {
         let body = ResponseBody::upstream(body).on_end(OnEnd {
             record: Some(record),
@@ -548,6 +659,114 @@ async fn forward(
             None => body,
         }
     })
+}
+
+/// How an attempt failed.
+enum Failure {
+    /// A response whose status the policy retries.
+    Status(
+        Response<Incoming>,
+        Option<hyper::client::conn::http1::SendRequest<RequestBody>>,
+    ),
+    /// No response.
+    Error(ForwardError),
+    /// The attempt's deadline passed.
+    Timeout(timeout::AttemptDeadline),
+}
+
+/// A request kept to be sent again: its head, and its body read ahead.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Replay {
+    fn body(&self) -> RequestBody {
+        RequestBody::buffered(self.data.clone(), self.trailers.clone())
+    }
+
+    fn request(&self) -> Request<RequestBody> {
+        let mut req = Request::new(self.body());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// A request body read ahead for retries, or left streaming.
+enum Buffered {
+    Whole(Bytes, Option<HeaderMap>),
+    Streaming(Incoming),
+}
+
+/// Reads `body` whole when it is empty or its length is known and at most
+/// [`MAX_BUFFERED_BODY`], before `deadline`; leaves it streaming
+/// otherwise. Its size is counted in `record` here, once, however many
+/// attempts send it.
+async fn buffer(
+    body: Incoming,
+    record: &RequestRecord,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Buffered, String> {
+    use http_body::Body as _;
+    if !body.is_end_stream()
+        && body
+            .size_hint()
+            .exact()
+            .is_none_or(|n| n > MAX_BUFFERED_BODY)
+    {
+        return Ok(Buffered::Streaming(body));
+    }
+    let read = http_body_util::BodyExt::collect(body);
+    let collected = match deadline {
+        Some(at) => tokio::time::timeout_at(at, read)
+            .await
+            .map_err(|_| "the client did not send it in time".to_owned())?,
+        None => read.await,
+    }
+    .map_err(|e| e.to_string())?;
+    let trailers = collected.trailers().cloned();
+    let data = collected.to_bytes();
+    record
+        .request_bytes
+        .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(Buffered::Whole(data, trailers))
+}
+
+/// Sends one attempt on the endpoint's pool.
+async fn send(
+    pick: &Pick,
+    req: Request<RequestBody>,
+    dial: &pool::Dial,
+    h2: bool,
+    upgrade: bool,
+) -> Result<
+    (
+        Response<Incoming>,
+        Option<hyper::client::conn::http1::SendRequest<RequestBody>>,
+    ),
+    SendError,
+> {
+    if h2 {
+        send_h2(pick, req, dial).await.map(|r| (r, None))
+    } else if upgrade {
+        let mut c = match pool::connect_h1(dial, true).await {
+            Ok(c) => c,
+            Err(e) => return Err(SendError::unsent(e.into(), req)),
+        };
+        c.send_request(req)
+            .await
+            .map(|r| (r, None))
+            .map_err(|e| SendError::sent(e.into()))
+    } else {
+        send_h1(pick, req, dial).await.map(|(r, c)| (r, Some(c)))
+    }
 }
 
 /// Whether a request is a gRPC call (`application/grpc`, `+proto` and the
@@ -596,6 +815,29 @@ enum ForwardError {
     Http(#[from] hyper::Error),
 }
 
+/// A failed attempt, with the request when it was never written (and so
+/// may go to another endpoint whatever its body).
+struct SendError {
+    error: ForwardError,
+    unsent: Option<Request<RequestBody>>,
+}
+
+impl SendError {
+    fn sent(error: ForwardError) -> Self {
+        Self {
+            error,
+            unsent: None,
+        }
+    }
+
+    fn unsent(error: ForwardError, req: Request<RequestBody>) -> Self {
+        Self {
+            error,
+            unsent: Some(req),
+        }
+    }
+}
+
 /// How often a request is re-sent on another connection when a pooled one
 /// turns out to be closed before the request was written.
 const STALE_RETRIES: usize = 3;
@@ -609,7 +851,7 @@ async fn send_h1(
         Response<Incoming>,
         hyper::client::conn::http1::SendRequest<RequestBody>,
     ),
-    ForwardError,
+    SendError,
 > {
     let pool = &pick.endpoint.pool;
     for _ in 0..STALE_RETRIES {
@@ -622,31 +864,49 @@ async fn send_h1(
             Err(mut e) => match e.take_message() {
                 // Never written: safe to send again on a fresh connection.
                 Some(r) => req = r,
-                None => return Err(e.into_error().into()),
+                None => return Err(SendError::sent(e.into_error().into())),
             },
         }
     }
-    let mut c = pool::connect_h1(dial, false).await?;
-    let resp = c.send_request(req).await?;
-    Ok((resp, c))
+    let mut c = match pool::connect_h1(dial, false).await {
+        Ok(c) => c,
+        Err(e) => return Err(SendError::unsent(e.into(), req)),
+    };
+    match c.try_send_request(req).await {
+        Ok(resp) => Ok((resp, c)),
+        Err(mut e) => Err(match e.take_message() {
+            Some(r) => SendError::unsent(e.into_error().into(), r),
+            None => SendError::sent(e.into_error().into()),
+        }),
+    }
 }
 
 async fn send_h2(
     pick: &Pick,
     req: Request<RequestBody>,
     dial: &pool::Dial,
-) -> Result<Response<Incoming>, ForwardError> {
+) -> Result<Response<Incoming>, SendError> {
     let pool = &pick.endpoint.pool;
     let mut c = match pool.h2() {
         Some(c) => c,
-        None => {
-            let c = pool::connect_h2(dial).await?;
-            pool.set_h2(c.clone());
-            c
-        }
+        None => match pool::connect_h2(dial).await {
+            Ok(c) => {
+                pool.set_h2(c.clone());
+                c
+            }
+            Err(e) => return Err(SendError::unsent(e.into(), req)),
+        },
     };
-    c.ready().await?;
-    Ok(c.send_request(req).await?)
+    if let Err(e) = c.ready().await {
+        return Err(SendError::unsent(e.into(), req));
+    }
+    match c.try_send_request(req).await {
+        Ok(resp) => Ok(resp),
+        Err(mut e) => Err(match e.take_message() {
+            Some(r) => SendError::unsent(e.into_error().into(), r),
+            None => SendError::sent(e.into_error().into()),
+        }),
+    }
 }
 
 /// The request's target authority: the URI's (absolute form, HTTP/2) or

@@ -2,4 +2,5 @@
 //! circuit breakers, outlier detection, faults and mirrors as they come
 //! (each its own module here).
 
+pub mod retry;
 pub mod timeout;

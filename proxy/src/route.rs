@@ -44,6 +44,8 @@ pub struct Rule<B> {
     pub filters: Filters,
     /// The rule's timeouts.
     pub timeouts: Timeouts,
+    /// The rule's retry policy.
+    pub retry: Option<crate::resilience::retry::Policy>,
 }
 
 #[derive(Debug)]
@@ -150,6 +152,10 @@ impl<B: Clone> RouteTable<B> {
                     total,
                     filters: Filters::new(&route.name, &rule.filters)?,
                     timeouts: rule.timeouts,
+                    retry: rule
+                        .retry
+                        .as_ref()
+                        .map(crate::resilience::retry::Policy::new),
                 });
                 let default_match = [RouteMatch::default()];
                 let matches = if rule.matches.is_empty() {

@@ -23,6 +23,7 @@ use mesh_api::{Protocol, ProxyConfig};
 use crate::authz::Authorizer;
 use crate::balance::{Balancer, Endpoint};
 use crate::ratelimit::RateLimits;
+use crate::resilience::retry::Budget;
 use crate::route::{RouteError, RouteTable};
 
 /// A compiled config.
@@ -48,6 +49,7 @@ pub struct Snapshot {
     by_host: HashMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<SocketAddr, Arc<ServiceEntry>>,
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
+    budgets: HashMap<String, Arc<Budget>>,
 }
 
 /// A service ready to route.
@@ -89,6 +91,9 @@ pub struct BackendEntry {
     pub balancer: Balancer,
     /// Protocol to speak upstream.
     pub protocol: Protocol,
+    /// How much retries may add to the backend's load; kept across
+    /// snapshots while the backend's budget settings stay the same.
+    pub budget: Arc<Budget>,
 }
 
 impl Snapshot {
@@ -102,6 +107,7 @@ impl Snapshot {
     ) -> Result<Self, RouteError> {
         let mut endpoints = HashMap::new();
         let mut backends = HashMap::new();
+        let mut budgets = HashMap::new();
         for b in &config.backends {
             let eps = b
                 .endpoints
@@ -127,12 +133,19 @@ impl Snapshot {
                         .clone()
                 })
                 .collect();
+            let budget = previous
+                .and_then(|p| p.budgets.get(&b.name))
+                .filter(|old| *old.settings() == b.retry_budget)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Budget::new(b.retry_budget)));
+            budgets.insert(b.name.clone(), budget.clone());
             backends.insert(
                 b.name.clone(),
                 Arc::new(BackendEntry {
                     name: Arc::from(b.name.as_str()),
                     balancer: Balancer::new(eps, b.load_balancer.algorithm),
                     protocol: b.protocol,
+                    budget,
                 }),
             );
         }
@@ -200,6 +213,7 @@ impl Snapshot {
             by_host,
             by_vip,
             endpoints,
+            budgets,
         })
     }
 

@@ -348,7 +348,7 @@ fn malformed_filters_and_timeouts_are_refused_naming_the_field() {
                \x20   - type: RequestRedirect\n      requestRedirect: { statusCode: 305 }\n\
                \x20   - type: ResponseHeaderModifier\n\
                \x20   timeouts: { request: 1s, backendRequest: 2s }\n\
-               \x20   retry: { attempts: 2 }\n\
+               \x20   retry: { attempts: 11, codes: [200] }\n\
                \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
     let err = index
         .apply(route("bookinfo", "bad", "reviews", bad))
@@ -361,7 +361,11 @@ fn malformed_filters_and_timeouts_are_refused_naming_the_field() {
     assert_eq!(
         fields,
         vec![
-            ("spec.rules[0].retry", "retries are not supported yet"),
+            ("spec.rules[0].retry.attempts", "11 is not 0 to 10"),
+            (
+                "spec.rules[0].retry.codes[0]",
+                "200 is not an error status (400-599)"
+            ),
             (
                 "spec.rules[0].timeouts.backendRequest",
                 "must not be longer than timeouts.request"
@@ -485,6 +489,47 @@ fn destination_policy_sets_the_load_balancer() {
         o.backends[0].load_balancer.algorithm,
         mesh_api::LoadBalancerAlgorithm::RoundRobin
     );
+}
+
+#[test]
+fn destination_policy_sets_the_retry_budget_and_routes_their_retries() {
+    let mut index = mesh();
+    let policy: DestinationPolicy = obj(
+        "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\nmetadata: { name: budget, namespace: bookinfo }\n\
+         spec: { targetRef: { name: reviews-v1 }, retryBudget: { retryPercent: 50, ttl: 30s } }\n",
+    );
+    index.apply(policy).unwrap();
+    let retried = "  rules:\n  - retry: { attempts: 2, codes: [503], backoff: 100ms }\n    backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "retried", "reviews", retried))
+        .unwrap();
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "default")
+        .unwrap();
+    assert_eq!(
+        o.service.routes[0].rules[0].retry,
+        Some(mesh_api::Retry {
+            attempts: 2,
+            codes: vec![503],
+            backoff_ms: 100
+        })
+    );
+    let budget = |name: &str| {
+        o.backends
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| b.retry_budget)
+            .unwrap()
+    };
+    assert_eq!(
+        budget("reviews-v1.bookinfo:9080"),
+        mesh_api::RetryBudget {
+            percent: 50,
+            min_per_second: mesh_api::DEFAULT_MIN_RETRIES_PER_SECOND,
+            ttl_ms: 30_000
+        }
+    );
+    assert!(budget("reviews.bookinfo:9080").is_default());
 }
 
 #[test]

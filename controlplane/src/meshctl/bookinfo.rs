@@ -459,6 +459,7 @@ fn reviews_route() -> HttpRoute {
                 .collect(),
             filters: Vec::new(),
             timeouts: Default::default(),
+            retry: None,
         }],
         ports: Vec::new(),
     }
@@ -470,6 +471,7 @@ fn backend(name: String, endpoints: Vec<Endpoint>) -> Backend {
         endpoints,
         load_balancer: Default::default(),
         protocol: mesh_api::Protocol::Auto,
+        retry_budget: Default::default(),
     }
 }
 

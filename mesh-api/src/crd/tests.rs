@@ -281,6 +281,7 @@ fn metadata_must_name_the_object() {
             },
             load_balancer: None,
             connection_pool: None,
+            retry_budget: None,
         },
     );
     assert_eq!(

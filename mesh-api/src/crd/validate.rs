@@ -47,7 +47,35 @@ impl DestinationPolicy {
                 }
             }
         }
+        if let Some(budget) = &spec.retry_budget {
+            if budget.retry_percent.is_some_and(|p| p > 1000) {
+                v.err("spec.retryBudget.retryPercent", "must be 0 to 1000");
+            }
+            if let Some(ttl) = &budget.ttl {
+                match parse_duration(ttl) {
+                    Ok(d) if d < std::time::Duration::from_secs(1) => {
+                        v.err("spec.retryBudget.ttl", "must be at least 1s")
+                    }
+                    Ok(_) => {}
+                    Err(reason) => v.err("spec.retryBudget.ttl", reason),
+                }
+            }
+        }
         v.errors
+    }
+
+    /// The retry budget the policy sets; unset parts are the defaults.
+    /// Call on a valid policy (a bad ttl reads as the default).
+    pub fn retry_budget(&self) -> crate::RetryBudget {
+        let mut budget = crate::RetryBudget::default();
+        if let Some(b) = &self.spec.retry_budget {
+            budget.percent = b.retry_percent.unwrap_or(budget.percent);
+            budget.min_per_second = b.min_retries_per_second.unwrap_or(budget.min_per_second);
+            if let Some(Ok(ttl)) = b.ttl.as_deref().map(parse_duration) {
+                budget.ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            }
+        }
+        budget
     }
 }
 

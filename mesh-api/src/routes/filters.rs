@@ -15,14 +15,17 @@ use gateway_api::apis::experimental::httproutes::{
     HttpRouteRulesFilters, HttpRouteRulesFiltersRequestHeaderModifier,
     HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
     HttpRouteRulesFiltersUrlRewritePath, HttpRouteRulesFiltersUrlRewritePathType,
-    HttpRouteRulesTimeouts,
+    HttpRouteRulesRetry, HttpRouteRulesTimeouts,
 };
 
 use super::Check;
 use crate::{
-    HeaderModifier, HttpHeader, PathMatchType, PathRewrite, RequestRedirect, RouteFilter,
+    HeaderModifier, HttpHeader, PathMatchType, PathRewrite, RequestRedirect, Retry, RouteFilter,
     RouteMatch, Timeouts, UrlRewrite,
 };
+
+/// The most retries a rule may ask for: more only multiplies an outage.
+pub const MAX_RETRY_ATTEMPTS: i64 = 10;
 
 /// A generated struct read as another with the same fields (or more):
 /// Gateway API generates one per place a filter can appear. `None`, with
@@ -364,5 +367,45 @@ pub(super) fn convert_timeouts(
     Timeouts {
         request_ms,
         backend_request_ms,
+    }
+}
+
+/// A rule's `retry` (GEP-1731): attempts (default 1), the statuses to
+/// retry (400-599; unset means 502, 503 and 504) and the least backoff
+/// (default 25ms).
+pub(super) fn convert_retry(c: &mut Check, at: &str, r: HttpRouteRulesRetry) -> Retry {
+    let attempts = match r.attempts {
+        None => 1,
+        Some(a @ 0..=MAX_RETRY_ATTEMPTS) => a as u32,
+        Some(a) => {
+            c.err(
+                format!("{at}.retry.attempts"),
+                format!("{a} is not 0 to {MAX_RETRY_ATTEMPTS}"),
+            );
+            0
+        }
+    };
+    let mut codes = Vec::new();
+    for (i, code) in r.codes.unwrap_or_default().into_iter().enumerate() {
+        match u16::try_from(code) {
+            Ok(code @ 400..=599) => codes.push(code),
+            _ => c.err(
+                format!("{at}.retry.codes[{i}]"),
+                format!("{code} is not an error status (400-599)"),
+            ),
+        }
+    }
+    let backoff_ms = match r.backoff.as_deref().map(crate::policy::parse_duration) {
+        None => crate::DEFAULT_BACKOFF_MS,
+        Some(Ok(d)) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        Some(Err(reason)) => {
+            c.err(format!("{at}.retry.backoff"), reason);
+            0
+        }
+    };
+    Retry {
+        attempts,
+        codes,
+        backoff_ms,
     }
 }

@@ -78,6 +78,7 @@ fn backend(name: &str, algorithm: m::LoadBalancerAlgorithm, protocol: m::Protoco
         endpoints: Vec::new(),
         load_balancer: m::LoadBalancer { algorithm },
         protocol,
+        retry_budget: m::RetryBudget::default(),
     }
 }
 
@@ -153,6 +154,11 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                             request_ms: Some(10_000),
                             backend_request_ms: Some(2_500),
                         },
+                        retry: Some(m::Retry {
+                            attempts: 3,
+                            codes: vec![500, 503],
+                            backoff_ms: 50,
+                        }),
                     },
                     m::RouteRule {
                         matches: vec![m::RouteMatch {
@@ -170,6 +176,7 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                             request_ms: None,
                             backend_request_ms: Some(100),
                         },
+                        retry: None,
                     },
                     // No matches (every request) and no backends (500).
                     m::RouteRule {
@@ -177,6 +184,11 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                         backend_refs: Vec::new(),
                         filters: Vec::new(),
                         timeouts: m::Timeouts::default(),
+                        retry: Some(m::Retry {
+                            attempts: 0,
+                            codes: Vec::new(),
+                            backoff_ms: 0,
+                        }),
                     },
                 ],
                 ports: vec![9080, 9093],
@@ -189,6 +201,7 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                     backend_refs: vec![backend_ref("reviews-v3.bookinfo:9080", 1)],
                     filters: Vec::new(),
                     timeouts: m::Timeouts::default(),
+                    retry: None,
                 }],
                 ports: Vec::new(),
             },

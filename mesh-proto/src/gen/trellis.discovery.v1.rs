@@ -171,6 +171,21 @@ pub struct RouteRule {
     pub filters: ::prost::alloc::vec::Vec<RouteFilter>,
     #[prost(message, optional, tag = "4")]
     pub timeouts: ::core::option::Option<Timeouts>,
+    /// Unset: no retries (but for connections that failed before the
+    /// request was written).
+    #[prost(message, optional, tag = "5")]
+    pub retry: ::core::option::Option<Retry>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Retry {
+    /// Retries after the first attempt.
+    #[prost(uint32, tag = "1")]
+    pub attempts: u32,
+    /// Empty: 502, 503 and 504.
+    #[prost(uint32, repeated, tag = "2")]
+    pub codes: ::prost::alloc::vec::Vec<u32>,
+    #[prost(uint64, tag = "3")]
+    pub backoff_ms: u64,
 }
 /// A filter with Gateway API semantics. A proxy that finds none of these
 /// set (a filter kind newer than the proxy) must answer the rule's
@@ -315,6 +330,18 @@ pub struct Backend {
     /// The name of the Endpoints resource that lists this backend's endpoints.
     #[prost(string, tag = "4")]
     pub endpoints: ::prost::alloc::string::String,
+    /// Unset: the default budget (20 %, 10 per second, 10 s).
+    #[prost(message, optional, tag = "5")]
+    pub retry_budget: ::core::option::Option<RetryBudget>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RetryBudget {
+    #[prost(uint32, tag = "1")]
+    pub percent: u32,
+    #[prost(uint32, tag = "2")]
+    pub min_per_second: u32,
+    #[prost(uint64, tag = "3")]
+    pub ttl_ms: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct LoadBalancer {

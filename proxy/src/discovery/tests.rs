@@ -27,6 +27,7 @@ fn backend(name: &str) -> Backend {
         endpoints: Vec::new(),
         load_balancer: LoadBalancer::default(),
         protocol: Protocol::Auto,
+        retry_budget: Default::default(),
     }
 }
 
@@ -97,6 +98,7 @@ fn reviews_outbound() -> pb::DiscoveryResponse {
             ],
             filters: Vec::new(),
             timeouts: Default::default(),
+            retry: None,
         }],
         ports: Vec::new(),
     }];

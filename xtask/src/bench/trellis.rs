@@ -207,6 +207,7 @@ fn config(
             }],
             load_balancer: Default::default(),
             protocol: Protocol::Http,
+            retry_budget: Default::default(),
         }],
     }
 }

@@ -1,0 +1,248 @@
+//! Retries (GEP-1731) and the retry budget through real sockets, against
+//! backends that fail on purpose and count what reaches them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxy::Proxy;
+use proxy::testutil::{h1_client, proxy, sample, scrape};
+use rand::Rng;
+use tokio::net::TcpListener;
+
+/// A backend that answers 503 to `fail_percent` % of requests (at random)
+/// and 200 to the rest, with a JSON body saying which attempt it saw and
+/// how many body bytes arrived. Counts every request.
+struct Flaky {
+    addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+}
+
+async fn flaky(name: &'static str, fail_percent: u32) -> Flaky {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                        let attempt = req
+                            .headers()
+                            .get("x-trellis-attempt")
+                            .map(|v| v.to_str().unwrap().to_owned());
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let fail = rand::rng().random_range(0..100) < fail_percent;
+                        let json = serde_json::json!({
+                            "server": name,
+                            "attempt": attempt,
+                            "body_bytes": body.len(),
+                        });
+                        let mut resp = Response::new(Full::new(Bytes::from(json.to_string())));
+                        if fail {
+                            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Flaky { addr, hits }
+}
+
+/// Service `svc` with a retrying route and a route without retries, over
+/// the endpoints `{EPS}`, and the backend's budget `{BUDGET}`.
+const CONFIG: &str = r#"
+listeners:
+  - { name: out, address: 127.0.0.1:0, direction: outbound, mode: fixed, target: svc }
+services:
+  - name: svc
+    ports: [{ port: 80 }]
+    routes:
+      - name: retried
+        rules:
+          - matches: [{ path: { value: /retried } }]
+            retry: { attempts: {ATTEMPTS}, backoffMs: 1 }
+            backendRefs: [{ name: b }]
+      - name: plain
+        rules:
+          - backendRefs: [{ name: b }]
+backends:
+  - { name: b, loadBalancer: { algorithm: {ALGORITHM} }, endpoints: [{EPS}], retryBudget: {BUDGET} }
+"#;
+
+async fn start(eps: &[SocketAddr], attempts: u32, budget: &str, algorithm: &str) -> Arc<Proxy> {
+    let eps: Vec<String> = eps
+        .iter()
+        .map(|a| format!("{{ address: \"{a}\" }}"))
+        .collect();
+    proxy(
+        CONFIG,
+        &[
+            ("EPS", eps.join(", ")),
+            ("ATTEMPTS", attempts.to_string()),
+            ("BUDGET", budget.to_owned()),
+            ("ALGORITHM", algorithm.to_owned()),
+        ],
+    )
+    .await
+}
+
+/// Sends `n` requests on one connection; returns the bodies of the ones
+/// that got 200 and how many did not.
+async fn run(
+    p: &Proxy,
+    path: &str,
+    n: usize,
+    body: &'static [u8],
+) -> (Vec<serde_json::Value>, usize) {
+    let mut c = h1_client(p.listener_addr("out").unwrap()).await;
+    let (mut ok, mut failed) = (Vec::new(), 0);
+    for _ in 0..n {
+        c.ready().await.unwrap();
+        let req = Request::post(path)
+            .header("host", "svc")
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        if status == StatusCode::OK {
+            ok.push(serde_json::from_slice(&bytes).unwrap());
+        } else {
+            failed += 1;
+        }
+    }
+    (ok, failed)
+}
+
+#[tokio::test]
+async fn retries_turn_a_half_failing_backend_into_success() {
+    let b = flaky("b", 50).await;
+    let p = start(&[b.addr], 8, "{ percent: 200 }", "peakEwma").await;
+    let (ok, failed) = run(&p, "/retried", 1000, b"payload").await;
+    // P(9 failures in a row) = 0.2 %: about 2 of 1000.
+    assert!(failed < 10, "{failed} of 1000 failed with retries");
+    assert!(
+        ok.iter().all(|r| r["body_bytes"] == 7),
+        "every attempt got the whole body"
+    );
+    assert!(
+        ok.iter().any(|r| r["attempt"] != "1"),
+        "some succeeded on a retry"
+    );
+    // The same backend without retries fails half the time.
+    let (_, failed) = run(&p, "/plain", 200, b"").await;
+    assert!(failed > 60, "only {failed} of 200 failed without retries");
+    let metrics = scrape(&p).await;
+    assert!(sample(&metrics, "trellis_retries_total", &[("reason", "status")]) > 400.0);
+}
+
+#[tokio::test]
+async fn under_a_full_outage_retries_stay_within_the_budget() {
+    let b = flaky("down", 100).await;
+    let p = start(&[b.addr], 3, "{ percent: 20, minPerSecond: 0 }", "peakEwma").await;
+    let (_, failed) = run(&p, "/retried", 500, b"").await;
+    assert_eq!(failed, 500);
+    let hits = b.hits.load(Ordering::Relaxed);
+    // 500 requests, at most 20 % more as retries; 3 retries each would
+    // have been 2000.
+    assert!(hits <= 600, "{hits} attempts for 500 requests");
+    assert!(hits >= 590, "the budget was not used: {hits} attempts");
+    let metrics = scrape(&p).await;
+    assert!(
+        sample(
+            &metrics,
+            "trellis_retries_skipped_total",
+            &[("reason", "budget")]
+        ) >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn a_post_with_an_unbuffered_body_is_never_retried() {
+    let b = flaky("down", 100).await;
+    let p = start(&[b.addr], 3, "{ percent: 1000 }", "peakEwma").await;
+    // A chunked body of unknown length cannot be replayed.
+    let stream = tokio::net::TcpStream::connect(p.listener_addr("out").unwrap())
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks = futures_util::stream::iter(
+        [b"one ".as_slice(), b"two"]
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from_static(c)))),
+    );
+    let req = Request::post("/retried")
+        .header("host", "svc")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        b.hits.load(Ordering::Relaxed),
+        1,
+        "an unbuffered POST was retried"
+    );
+    // A small body of known length is buffered and retried.
+    let mut c = h1_client(p.listener_addr("out").unwrap()).await;
+    let req = Request::post("/retried")
+        .header("host", "svc")
+        .body(Full::new(Bytes::from_static(b"buffered")))
+        .unwrap();
+    assert_eq!(c.send_request(req).await.unwrap().status(), 503);
+    assert_eq!(b.hits.load(Ordering::Relaxed), 1 + 4);
+}
+
+#[tokio::test]
+async fn a_retry_goes_to_another_endpoint_and_tells_it_the_attempt() {
+    let bad = flaky("bad", 100).await;
+    let good = flaky("good", 0).await;
+    let p = start(&[bad.addr, good.addr], 1, "{ percent: 100 }", "roundRobin").await;
+    let (ok, failed) = run(&p, "/retried", 40, b"").await;
+    assert_eq!(failed, 0, "one retry on the other endpoint always succeeds");
+    assert!(ok.iter().all(|r| r["server"] == "good"));
+    let attempts: Vec<&str> = ok.iter().map(|r| r["attempt"].as_str().unwrap()).collect();
+    assert!(
+        attempts.contains(&"1") && attempts.contains(&"2"),
+        "{attempts:?}"
+    );
+    assert!(bad.hits.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn a_connection_refused_before_the_request_is_tried_on_another_endpoint() {
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let good = flaky("good", 0).await;
+    let p = start(&[closed, good.addr], 0, "{ percent: 20 }", "roundRobin").await;
+    // The route without a retry policy: connection failures alone.
+    let (ok, failed) = run(&p, "/plain", 20, b"").await;
+    assert_eq!(failed, 0);
+    assert_eq!(ok.len(), 20);
+    let metrics = scrape(&p).await;
+    assert!(sample(&metrics, "trellis_retries_total", &[("reason", "connect")]) >= 1.0);
+}
