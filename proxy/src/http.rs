@@ -515,7 +515,11 @@ async fn forward(
             conn.shared.limits.connect_timeout,
             &conn.shared.tls,
         );
-        record.set_tls(dial.is_tls());
+        // Inbound, `tls` already says whether the client came over mTLS;
+        // outbound, it says whether the hop upstream is.
+        if dial.is_tls() {
+            record.set_tls(true);
+        }
         let send = send(&pick, req, &dial, h2, upgrade);
         let sent = match &attempt {
             None => Ok(send.await),
