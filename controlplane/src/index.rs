@@ -163,6 +163,7 @@ pub struct Policy {
     target: Key,
     load_balancer: LoadBalancer,
     retry_budget: mesh_api::RetryBudget,
+    limits: mesh_api::ConnectionLimits,
 }
 
 impl Index {
@@ -370,6 +371,7 @@ impl Index {
                     load_balancer: self.load_balancer(&k),
                     protocol: self.port_protocol(&k, port),
                     retry_budget: self.retry_budget(&k),
+                    limits: self.limits(&k),
                 })
                 .collect(),
         })
@@ -487,6 +489,13 @@ impl Index {
         self.refs::<DestinationPolicy>(service)
             .find_map(|k| self.policies.get(k))
             .map(|p| p.load_balancer)
+            .unwrap_or_default()
+    }
+
+    fn limits(&self, service: &Key) -> mesh_api::ConnectionLimits {
+        self.refs::<DestinationPolicy>(service)
+            .find_map(|k| self.policies.get(k))
+            .map(|p| p.limits)
             .unwrap_or_default()
     }
 
@@ -712,6 +721,7 @@ impl Kind for DestinationPolicy {
         }
         Ok(Policy {
             retry_budget: self.retry_budget(),
+            limits: self.limits(),
             target: Key {
                 namespace: key.namespace.clone(),
                 name: self.spec.target_ref.name,

@@ -119,18 +119,29 @@ pub struct LoadBalancerSpec {
     pub algorithm: LoadBalancerAlgorithm,
 }
 
-/// Connection limits of a DestinationPolicy.
+/// Circuit-breaking limits of a DestinationPolicy, per client proxy:
+/// past one, the proxy answers 503 at once with `x-trellis-overloaded`
+/// naming the limit. Each defaults to 1024.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionPoolSpec {
-    /// Most connections a proxy opens to one endpoint.
+    /// Most connections a proxy keeps open to any one endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_connections: Option<u32>,
-    /// Most requests a proxy keeps in flight to one endpoint.
+    /// Most requests a proxy keeps waiting for a new connection to the
+    /// service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_pending_requests: Option<u32>,
+    /// Most requests a proxy keeps in flight to the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_requests: Option<u32>,
+    /// Most retries a proxy keeps in flight to the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_retries: Option<u32>,
 }
 
 /// Whether the selected workloads accept plaintext from peers or only

@@ -522,6 +522,53 @@ pub struct Backend {
     /// How much retries may add to the backend's load.
     #[serde(default, skip_serializing_if = "RetryBudget::is_default")]
     pub retry_budget: RetryBudget,
+    /// Circuit-breaking limits: past one, requests fail fast with 503.
+    #[serde(default, skip_serializing_if = "ConnectionLimits::is_default")]
+    pub limits: ConnectionLimits,
+}
+
+/// What one proxy may send to one backend before it fails requests fast
+/// (Envoy's circuit-breaker thresholds, with its default of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Open connections to any one endpoint.
+    #[serde(default = "default_limit")]
+    pub max_connections: u32,
+    /// Requests waiting for a new connection.
+    #[serde(default = "default_limit")]
+    pub max_pending_requests: u32,
+    /// Requests in flight.
+    #[serde(default = "default_limit")]
+    pub max_requests: u32,
+    /// Retries in flight.
+    #[serde(default = "default_limit")]
+    pub max_retries: u32,
+}
+
+/// Each [`ConnectionLimits`] limit by default.
+pub const DEFAULT_LIMIT: u32 = 1024;
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_LIMIT,
+            max_pending_requests: DEFAULT_LIMIT,
+            max_requests: DEFAULT_LIMIT,
+            max_retries: DEFAULT_LIMIT,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// True for the defaults, which configs leave out.
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_limit() -> u32 {
+    DEFAULT_LIMIT
 }
 
 /// One instance of a backend.

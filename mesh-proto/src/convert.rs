@@ -299,6 +299,12 @@ fn backend_to_wire(b: &m::Backend) -> w::Backend {
             min_per_second: b.retry_budget.min_per_second,
             ttl_ms: b.retry_budget.ttl_ms,
         }),
+        limits: (!b.limits.is_default()).then_some(w::ConnectionLimits {
+            max_connections: b.limits.max_connections,
+            max_pending_requests: b.limits.max_pending_requests,
+            max_requests: b.limits.max_requests,
+            max_retries: b.limits.max_retries,
+        }),
     }
 }
 
@@ -718,6 +724,14 @@ fn backend_from_wire(b: &w::Backend) -> Result<m::Backend, Fault> {
                 percent: r.percent,
                 min_per_second: r.min_per_second,
                 ttl_ms: r.ttl_ms,
+            }),
+        limits: b
+            .limits
+            .map_or_else(m::ConnectionLimits::default, |l| m::ConnectionLimits {
+                max_connections: l.max_connections,
+                max_pending_requests: l.max_pending_requests,
+                max_requests: l.max_requests,
+                max_retries: l.max_retries,
             }),
     })
 }

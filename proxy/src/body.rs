@@ -78,6 +78,9 @@ pub struct OnEnd {
     /// The HTTP/1 connection to return to the endpoint's pool once the
     /// response has been read to its end.
     pub conn: Option<http1::SendRequest<RequestBody>>,
+    /// The request's place under its backend's request limit, given back
+    /// when the response ends.
+    pub slot: Option<crate::resilience::breaker::Slot>,
 }
 
 impl RequestBody {

@@ -24,6 +24,7 @@ use crate::body::{OnEnd, RequestBody, ResponseBody};
 use crate::conn::{Conn, Dest};
 use crate::filters::{Filters, Outcome};
 use crate::pool::{self, ConnectError};
+use crate::resilience::breaker::{Breaker, Limit, OVERLOADED_HEADER, Overflow, Slot};
 use crate::resilience::retry::{
     ATTEMPT_HEADER, MAX_BUFFERED_BODY, REASON_LABEL, RETRIES_SKIPPED_TOTAL, RETRIES_TOTAL, Reason,
 };
@@ -31,8 +32,8 @@ use crate::resilience::timeout::{self, Deadlines};
 use crate::route::{RequestParts, Rule};
 use crate::snapshot::{BackendEntry, Snapshot};
 use crate::telemetry::{
-    self, AccessFields, Dims, FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE, FLAG_UPSTREAM_FAILURE,
-    FLAG_UPSTREAM_TIMEOUT, RequestRecord,
+    self, AccessFields, Dims, FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE, FLAG_OVERFLOW,
+    FLAG_UPSTREAM_FAILURE, FLAG_UPSTREAM_TIMEOUT, RequestRecord,
 };
 
 /// Serves HTTP/1 on `io` until the client closes or the proxy drains.
@@ -449,9 +450,18 @@ async fn forward(
         }
     };
     let policy = rule.as_ref().and_then(|(r, _)| r.retry.as_ref());
+    let request_slot = match &backend {
+        Some(b) => match b.breaker.acquire(Limit::Requests) {
+            Ok(slot) => Some(slot),
+            Err(o) => return overloaded(&b.name, o, record),
+        },
+        None => None,
+    };
     if let Some(b) = &backend {
         b.budget.deposit(tokio::time::Instant::now());
     }
+    // Held until the response is ready: a retry in flight.
+    let mut _retry_slot: Option<Slot> = None;
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     if let Err(msg) = prepare_request(&mut req, h2, upgrade) {
@@ -520,7 +530,8 @@ async fn forward(
         if dial.is_tls() {
             record.set_tls(true);
         }
-        let send = send(&pick, req, &dial, h2, upgrade);
+        let breaker = backend.as_ref().map(|b| &b.breaker);
+        let send = send(&pick, req, &dial, h2, upgrade, breaker);
         let sent = match &attempt {
             None => Ok(send.await),
             Some(a) => tokio::time::timeout_at(a.at, send).await.map_err(|_| *a),
@@ -535,10 +546,17 @@ async fn forward(
                 }
                 _ => break (Some(r), c, attempt),
             },
+            Ok(Err(SendError {
+                error: ForwardError::Overflow(o),
+                ..
+            })) => {
+                let name = backend.as_ref().map_or("", |b| &*b.name);
+                return overloaded(name, o, record);
+            }
             Ok(Err(SendError { error, unsent })) => {
                 let reason = match &error {
                     ForwardError::Connect(_) => Reason::Connect,
-                    ForwardError::Http(_) => Reason::Reset,
+                    ForwardError::Http(_) | ForwardError::Overflow(_) => Reason::Reset,
                 };
                 if !matches!(&error, ForwardError::Http(h) if h.is_user()) {
                     pick.observe_failure();
@@ -587,7 +605,9 @@ async fn forward(
                 Failure::Status(r, c) => break (Some(r), c, attempt),
                 Failure::Error(e) => {
                     let status = match &e {
-                        ForwardError::Connect(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        ForwardError::Connect(_) | ForwardError::Overflow(_) => {
+                            StatusCode::SERVICE_UNAVAILABLE
+                        }
                         // Our own request body failed: the client sent a
                         // broken body or went away. Not the upstream's
                         // fault.
@@ -657,6 +677,7 @@ async fn forward(
             record: Some(record),
             pick: Some(pick),
             conn: h1_conn,
+            slot: request_slot,
         });
         match deadline {
             Some((at, message)) => body.deadline(at, grpc, message),
@@ -743,13 +764,15 @@ async fn buffer(
     Ok(Buffered::Whole(data, trailers))
 }
 
-/// Sends one attempt on the endpoint's pool.
+/// Sends one attempt on the endpoint's pool, within the backend's limits
+/// on connections and on requests waiting for one.
 async fn send(
     pick: &Pick,
     req: Request<RequestBody>,
     dial: &pool::Dial,
     h2: bool,
     upgrade: bool,
+    breaker: Option<&Arc<Breaker>>,
 ) -> Result<
     (
         Response<Incoming>,
@@ -758,9 +781,13 @@ async fn send(
     SendError,
 > {
     if h2 {
-        send_h2(pick, req, dial).await.map(|r| (r, None))
+        send_h2(pick, req, dial, breaker).await.map(|r| (r, None))
     } else if upgrade {
-        let mut c = match pool::connect_h1(dial, true).await {
+        let (open, _pending) = match may_connect(pick, breaker) {
+            Ok(p) => p,
+            Err(o) => return Err(SendError::unsent(ForwardError::Overflow(o), req)),
+        };
+        let mut c = match pool::connect_h1(open, dial, true).await {
             Ok(c) => c,
             Err(e) => return Err(SendError::unsent(e.into(), req)),
         };
@@ -769,8 +796,46 @@ async fn send(
             .map(|r| (r, None))
             .map_err(|e| SendError::sent(e.into()))
     } else {
-        send_h1(pick, req, dial).await.map(|(r, c)| (r, Some(c)))
+        send_h1(pick, req, dial, breaker)
+            .await
+            .map(|(r, c)| (r, Some(c)))
     }
+}
+
+/// A new connection to the picked endpoint, if the backend's limits allow
+/// it: its place among the endpoint's open connections, and a place among
+/// the requests waiting for one (held while connecting).
+fn may_connect(
+    pick: &Pick,
+    breaker: Option<&Arc<Breaker>>,
+) -> Result<(pool::OpenGuard, Option<Slot>), Overflow> {
+    let max = breaker.map_or(usize::MAX, |b| b.max_connections() as usize);
+    let open = match (pick.endpoint.pool.reserve(max), breaker) {
+        (Some(open), _) => open,
+        (None, Some(b)) => return Err(b.overflow(Limit::Connections)),
+        // Without a backend the limit is usize::MAX connections.
+        (None, None) => {
+            return Err(Overflow {
+                limit: Limit::Connections,
+                max: u32::MAX,
+            });
+        }
+    };
+    let pending = breaker.map(|b| b.acquire(Limit::Pending)).transpose()?;
+    Ok((open, pending))
+}
+
+/// The fast 503 of a request a circuit-breaker limit refused.
+fn overloaded(backend: &str, o: Overflow, mut record: RequestRecord) -> Response<ResponseBody> {
+    record.flags = FLAG_OVERFLOW;
+    let mut resp = local(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("backend {backend}: {o}"),
+        record,
+    );
+    resp.headers_mut()
+        .insert(OVERLOADED_HEADER, HeaderValue::from_static(o.limit.name()));
+    resp
 }
 
 /// Whether a request is a gRPC call (`application/grpc`, `+proto` and the
@@ -795,6 +860,7 @@ fn grpc_local(code: u16, message: &str, mut record: RequestRecord) -> Response<R
         record: Some(record),
         pick: None,
         conn: None,
+        slot: None,
     }));
     let h = resp.headers_mut();
     h.insert(
@@ -817,6 +883,8 @@ enum ForwardError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Overflow(Overflow),
 }
 
 /// A failed attempt, with the request when it was never written (and so
@@ -850,6 +918,7 @@ async fn send_h1(
     pick: &Pick,
     mut req: Request<RequestBody>,
     dial: &pool::Dial,
+    breaker: Option<&Arc<Breaker>>,
 ) -> Result<
     (
         Response<Incoming>,
@@ -872,10 +941,15 @@ async fn send_h1(
             },
         }
     }
-    let mut c = match pool::connect_h1(dial, false).await {
+    let (open, pending) = match may_connect(pick, breaker) {
+        Ok(p) => p,
+        Err(o) => return Err(SendError::unsent(ForwardError::Overflow(o), req)),
+    };
+    let mut c = match pool::connect_h1(open, dial, false).await {
         Ok(c) => c,
         Err(e) => return Err(SendError::unsent(e.into(), req)),
     };
+    drop(pending);
     match c.try_send_request(req).await {
         Ok(resp) => Ok((resp, c)),
         Err(mut e) => Err(match e.take_message() {
@@ -889,17 +963,24 @@ async fn send_h2(
     pick: &Pick,
     req: Request<RequestBody>,
     dial: &pool::Dial,
+    breaker: Option<&Arc<Breaker>>,
 ) -> Result<Response<Incoming>, SendError> {
     let pool = &pick.endpoint.pool;
     let mut c = match pool.h2() {
         Some(c) => c,
-        None => match pool::connect_h2(dial).await {
-            Ok(c) => {
-                pool.set_h2(c.clone());
-                c
+        None => {
+            let (open, _pending) = match may_connect(pick, breaker) {
+                Ok(p) => p,
+                Err(o) => return Err(SendError::unsent(ForwardError::Overflow(o), req)),
+            };
+            match pool::connect_h2(open, dial).await {
+                Ok(c) => {
+                    pool.set_h2(c.clone());
+                    c
+                }
+                Err(e) => return Err(SendError::unsent(e.into(), req)),
             }
-            Err(e) => return Err(SendError::unsent(e.into(), req)),
-        },
+        }
     };
     if let Err(e) = c.ready().await {
         return Err(SendError::unsent(e.into(), req));
@@ -1046,6 +1127,7 @@ pub fn local(
         record: Some(record),
         pick: None,
         conn: None,
+        slot: None,
     }));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

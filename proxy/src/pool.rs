@@ -11,6 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,6 +40,21 @@ pub const MAX_IDLE: usize = 256;
 pub struct Pool {
     h1: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Connections open now, idle or busy: each connection's task holds
+    /// one count until the connection closes.
+    open: Arc<AtomicUsize>,
+}
+
+/// One connection's count in its pool, taken before it is opened (so
+/// that concurrent connects see each other) and given back when the
+/// connect fails or the connection's task ends.
+#[derive(Debug)]
+pub struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug)]
@@ -114,6 +130,22 @@ impl Pool {
     /// Makes `conn` the shared HTTP/2 connection.
     pub fn set_h2(&self, conn: http2::SendRequest<RequestBody>) {
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+    }
+
+    /// Connections open now to the endpoint, idle or busy.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Counts a connection about to be opened, if fewer than `max` are
+    /// open or opening.
+    pub fn reserve(&self, max: usize) -> Option<OpenGuard> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| OpenGuard(self.open.clone()))
     }
 
     /// Idle HTTP/1 connections, for tests and the admin page.
@@ -238,9 +270,11 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
     Ok(stream)
 }
 
-/// Opens an HTTP/1 connection and drives it on its own task.
-/// `upgrades` keeps the connection usable for a protocol upgrade.
+/// Opens an HTTP/1 connection and drives it on its own task, which holds
+/// `open` (its count in the pool) while the connection lives. `upgrades`
+/// keeps the connection usable for a protocol upgrade.
 pub async fn connect_h1(
+    open: OpenGuard,
     dial: &Dial,
     upgrades: bool,
 ) -> Result<http1::SendRequest<RequestBody>, ConnectError> {
@@ -253,6 +287,7 @@ pub async fn connect_h1(
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
     tokio::spawn(async move {
+        let _open = open;
         let result = if upgrades {
             conn.with_upgrades().await
         } else {
@@ -266,8 +301,11 @@ pub async fn connect_h1(
 }
 
 /// Opens an HTTP/2 connection (prior knowledge) and drives it on its own
-/// task.
-pub async fn connect_h2(dial: &Dial) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
+/// task, which holds `open` while the connection lives.
+pub async fn connect_h2(
+    open: OpenGuard,
+    dial: &Dial,
+) -> Result<http2::SendRequest<RequestBody>, ConnectError> {
     let addr = dial.addr;
     let io = TokioIo::new(dial.connect(Some(tls::ALPN_H2)).await?);
     let (send, conn) = http2::Builder::new(TokioExecutor::new())
@@ -277,6 +315,7 @@ pub async fn connect_h2(dial: &Dial) -> Result<http2::SendRequest<RequestBody>, 
         .await
         .map_err(|source| ConnectError::Handshake { addr, source })?;
     tokio::spawn(async move {
+        let _open = open;
         if let Err(e) = conn.await {
             debug!(%addr, error = %e, "upstream HTTP/2 connection closed");
         }

@@ -2,5 +2,6 @@
 //! circuit breakers, outlier detection, faults and mirrors as they come
 //! (each its own module here).
 
+pub mod breaker;
 pub mod retry;
 pub mod timeout;

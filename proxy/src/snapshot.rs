@@ -23,6 +23,7 @@ use mesh_api::{Protocol, ProxyConfig};
 use crate::authz::Authorizer;
 use crate::balance::{Balancer, Endpoint};
 use crate::ratelimit::RateLimits;
+use crate::resilience::breaker::Breaker;
 use crate::resilience::retry::Budget;
 use crate::route::{RouteError, RouteTable};
 
@@ -50,6 +51,7 @@ pub struct Snapshot {
     by_vip: HashMap<SocketAddr, Arc<ServiceEntry>>,
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
     budgets: HashMap<String, Arc<Budget>>,
+    breakers: HashMap<String, Arc<Breaker>>,
 }
 
 /// A service ready to route.
@@ -94,6 +96,9 @@ pub struct BackendEntry {
     /// How much retries may add to the backend's load; kept across
     /// snapshots while the backend's budget settings stay the same.
     pub budget: Arc<Budget>,
+    /// The circuit breaker's counters, kept across snapshots while the
+    /// limits stay the same.
+    pub breaker: Arc<Breaker>,
 }
 
 impl Snapshot {
@@ -108,6 +113,7 @@ impl Snapshot {
         let mut endpoints = HashMap::new();
         let mut backends = HashMap::new();
         let mut budgets = HashMap::new();
+        let mut breakers = HashMap::new();
         for b in &config.backends {
             let eps = b
                 .endpoints
@@ -139,6 +145,12 @@ impl Snapshot {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(Budget::new(b.retry_budget)));
             budgets.insert(b.name.clone(), budget.clone());
+            let breaker = previous
+                .and_then(|p| p.breakers.get(&b.name))
+                .filter(|old| *old.limits() == b.limits)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Breaker::new(b.limits)));
+            breakers.insert(b.name.clone(), breaker.clone());
             backends.insert(
                 b.name.clone(),
                 Arc::new(BackendEntry {
@@ -146,6 +158,7 @@ impl Snapshot {
                     balancer: Balancer::new(eps, b.load_balancer.algorithm),
                     protocol: b.protocol,
                     budget,
+                    breaker,
                 }),
             );
         }
@@ -214,6 +227,7 @@ impl Snapshot {
             by_vip,
             endpoints,
             budgets,
+            breakers,
         })
     }
 

@@ -103,6 +103,7 @@ pub async fn connect_tunnel(
         record: Some(record),
         pick: None,
         conn: None,
+        slot: None,
     }))
 }
 

@@ -43,6 +43,8 @@ pub const FLAG_UPSTREAM_TIMEOUT: &str = "UT";
 pub const FLAG_NO_ROUTE: &str = "NR";
 /// `response_flags`: the connection to the upstream failed.
 pub const FLAG_UPSTREAM_FAILURE: &str = "UF";
+/// `response_flags`: a circuit-breaker limit refused the request.
+pub const FLAG_OVERFLOW: &str = "UO";
 /// `response_flags`: the backend had no endpoint to send to.
 pub const FLAG_NO_HEALTHY_UPSTREAM: &str = "UH";
 

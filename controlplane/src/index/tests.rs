@@ -492,11 +492,11 @@ fn destination_policy_sets_the_load_balancer() {
 }
 
 #[test]
-fn destination_policy_sets_the_retry_budget_and_routes_their_retries() {
+fn destination_policy_sets_the_retry_budget_and_limits_and_routes_their_retries() {
     let mut index = mesh();
     let policy: DestinationPolicy = obj(
         "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\nmetadata: { name: budget, namespace: bookinfo }\n\
-         spec: { targetRef: { name: reviews-v1 }, retryBudget: { retryPercent: 50, ttl: 30s } }\n",
+         spec: { targetRef: { name: reviews-v1 }, retryBudget: { retryPercent: 50, ttl: 30s }, connectionPool: { maxRequests: 7, maxRetries: 2 } }\n",
     );
     index.apply(policy).unwrap();
     let retried = "  rules:\n  - retry: { attempts: 2, codes: [503], backoff: 100ms }\n    backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
@@ -530,6 +530,20 @@ fn destination_policy_sets_the_retry_budget_and_routes_their_retries() {
         }
     );
     assert!(budget("reviews.bookinfo:9080").is_default());
+    let limits = o
+        .backends
+        .iter()
+        .find(|b| b.name == "reviews-v1.bookinfo:9080")
+        .unwrap()
+        .limits;
+    assert_eq!(
+        limits,
+        mesh_api::ConnectionLimits {
+            max_requests: 7,
+            max_retries: 2,
+            ..Default::default()
+        }
+    );
 }
 
 #[test]

@@ -472,6 +472,7 @@ fn backend(name: String, endpoints: Vec<Endpoint>) -> Backend {
         load_balancer: Default::default(),
         protocol: mesh_api::Protocol::Auto,
         retry_budget: Default::default(),
+        limits: Default::default(),
     }
 }
 

@@ -38,6 +38,8 @@ impl DestinationPolicy {
             for (field, value) in [
                 ("maxConnections", pool.max_connections),
                 ("maxPendingRequests", pool.max_pending_requests),
+                ("maxRequests", pool.max_requests),
+                ("maxRetries", pool.max_retries),
             ] {
                 if value == Some(0) {
                     v.err(
@@ -62,6 +64,21 @@ impl DestinationPolicy {
             }
         }
         v.errors
+    }
+
+    /// The circuit-breaking limits the policy sets; unset ones are the
+    /// defaults.
+    pub fn limits(&self) -> crate::ConnectionLimits {
+        let mut limits = crate::ConnectionLimits::default();
+        if let Some(p) = &self.spec.connection_pool {
+            limits.max_connections = p.max_connections.unwrap_or(limits.max_connections);
+            limits.max_pending_requests = p
+                .max_pending_requests
+                .unwrap_or(limits.max_pending_requests);
+            limits.max_requests = p.max_requests.unwrap_or(limits.max_requests);
+            limits.max_retries = p.max_retries.unwrap_or(limits.max_retries);
+        }
+        limits
     }
 
     /// The retry budget the policy sets; unset parts are the defaults.

@@ -79,6 +79,7 @@ fn backend(name: &str, algorithm: m::LoadBalancerAlgorithm, protocol: m::Protoco
         load_balancer: m::LoadBalancer { algorithm },
         protocol,
         retry_budget: m::RetryBudget::default(),
+        limits: m::ConnectionLimits::default(),
     }
 }
 

@@ -333,6 +333,20 @@ pub struct Backend {
     /// Unset: the default budget (20 %, 10 per second, 10 s).
     #[prost(message, optional, tag = "5")]
     pub retry_budget: ::core::option::Option<RetryBudget>,
+    /// Unset: every limit 1024.
+    #[prost(message, optional, tag = "6")]
+    pub limits: ::core::option::Option<ConnectionLimits>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct ConnectionLimits {
+    #[prost(uint32, tag = "1")]
+    pub max_connections: u32,
+    #[prost(uint32, tag = "2")]
+    pub max_pending_requests: u32,
+    #[prost(uint32, tag = "3")]
+    pub max_requests: u32,
+    #[prost(uint32, tag = "4")]
+    pub max_retries: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RetryBudget {

@@ -28,6 +28,7 @@ fn backend(name: &str) -> Backend {
         load_balancer: LoadBalancer::default(),
         protocol: Protocol::Auto,
         retry_budget: Default::default(),
+        limits: Default::default(),
     }
 }
 

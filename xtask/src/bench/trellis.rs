@@ -208,6 +208,7 @@ fn config(
             load_balancer: Default::default(),
             protocol: Protocol::Http,
             retry_budget: Default::default(),
+            limits: Default::default(),
         }],
     }
 }
