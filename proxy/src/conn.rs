@@ -168,7 +168,8 @@ impl Conn {
             (None, Protocol::Http2 | Protocol::Grpc) => (Detected::Http2, Default::default()),
             (None, Protocol::Tcp) => (Detected::Tcp, Default::default()),
             (None, Protocol::Auto) => {
-                match detect::detect(&mut io, self.listener.detect_timeout).await {
+                let head = self.shared.limits.header_read_timeout;
+                match detect::detect(&mut io, self.listener.detect_timeout, head).await {
                     Ok(d) => d,
                     Err(e) => {
                         debug!(peer = %self.peer, error = %e, "connection failed during protocol detection");

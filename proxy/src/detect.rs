@@ -4,7 +4,8 @@
 //! h2c with prior knowledge, a method token and a space mean HTTP/1.x, and
 //! anything else is opaque TCP. A client that sends nothing within the
 //! timeout is talking to a server-speaks-first protocol (SMTP, MySQL), which
-//! is opaque TCP too. The bytes read are replayed to whichever handler takes
+//! is opaque TCP too; one that sent the start of a method is slow, not
+//! silent, and is waited for up to the header-read timeout. The bytes read are replayed to whichever handler takes
 //! the connection through [`Rewind`].
 
 use std::io;
@@ -30,20 +31,43 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The longest method token we wait for before calling a connection TCP.
 const MAX_METHOD: usize = 24;
 
-/// Reads from `io` until the protocol is known, the peer stops sending for
-/// `timeout`, or the peer closes. Returns the protocol and the bytes read.
+/// Reads from `io` until the protocol is known, or the peer closes.
+/// Silence for `silence` means a server-speaks-first protocol: opaque TCP.
+/// Once the peer has sent bytes that may still begin an HTTP request (`G`,
+/// then nothing), it is not silent: it gets until `head` (the header-read
+/// timeout) from the start to finish its method, so that a slow client's
+/// request is still handled as HTTP (hop-by-hop headers stripped, HTTP
+/// policies applied, counted) rather than passed through as bytes. A peer
+/// that has not by then is refused with `TimedOut`. Returns the protocol
+/// and the bytes read.
 pub async fn detect<I: AsyncRead + Unpin>(
     io: &mut I,
-    timeout: Duration,
+    silence: Duration,
+    head: Duration,
 ) -> io::Result<(Detected, Bytes)> {
     let mut buf = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::Instant::now() + timeout;
+    let start = tokio::time::Instant::now();
     loop {
         if let Some(d) = classify(&buf) {
             return Ok((d, buf.freeze()));
         }
+        let deadline = start
+            + if buf.is_empty() {
+                silence
+            } else {
+                head.max(silence)
+            };
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
-            Err(_elapsed) => return Ok((Detected::Tcp, buf.freeze())),
+            Err(_elapsed) if buf.is_empty() => return Ok((Detected::Tcp, buf.freeze())),
+            Err(_elapsed) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the client sent {} bytes of what may be an HTTP request and no more within the header-read timeout ({head:?})",
+                        buf.len()
+                    ),
+                ));
+            }
             Ok(Ok(0)) => return Ok((classify(&buf).unwrap_or(Detected::Tcp), buf.freeze())),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
@@ -164,10 +188,41 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn silence_means_tcp_after_the_timeout() {
         let (mut client, _server) = tokio::io::duplex(64);
-        let (d, bytes) = detect(&mut client, Duration::from_millis(100))
+        let (d, bytes) = detect(
+            &mut client,
+            Duration::from_millis(100),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert_eq!((d, bytes.len()), (Detected::Tcp, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_method_waits_for_the_head_timeout_not_the_silence_one() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let client = tokio::spawn(async move {
+            b.write_all(b"G").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            b.write_all(b"ET / HTTP/1.1\r\n").await.unwrap();
+            b
+        });
+        let (d, prefix) = detect(&mut a, Duration::from_secs(1), Duration::from_secs(10))
             .await
             .unwrap();
-        assert_eq!((d, bytes.len()), (Detected::Tcp, 0));
+        assert_eq!((d, &prefix[..4]), (Detected::Http1, &b"GET "[..]));
+        let _b = client.await.unwrap();
+
+        // One that never finishes its method is refused at the head timeout.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        b.write_all(b"GE").await.unwrap();
+        let began = tokio::time::Instant::now();
+        let err = detect(&mut a, Duration::from_secs(1), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
     }
 
     #[tokio::test]
@@ -175,7 +230,9 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut a, mut b) = tokio::io::duplex(64);
         b.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
-        let (d, prefix) = detect(&mut a, Duration::from_secs(5)).await.unwrap();
+        let (d, prefix) = detect(&mut a, Duration::from_secs(5), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(d, Detected::Http1);
         b.write_all(b"rest").await.unwrap();
         drop(b);
