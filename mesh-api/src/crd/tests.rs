@@ -460,3 +460,52 @@ fn the_gateway_crds_list_no_null_in_an_enum_and_carry_the_api_approval() {
         assert!(annotations.contains_key("api-approved.kubernetes.io"));
     }
 }
+
+#[test]
+fn destination_policy_limits_and_retry_budget_are_checked_and_read() {
+    let dp: DestinationPolicy = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: { name: reviews, namespace: bookinfo }
+spec:
+  targetRef: { name: reviews }
+  connectionPool: { maxRequests: 0, maxRetries: 3 }
+  retryBudget: { retryPercent: 2000, ttl: 500ms }
+",
+    );
+    assert_eq!(
+        fields("DestinationPolicy \"bookinfo/reviews\"", dp.validate()),
+        [
+            "spec.connectionPool.maxRequests",
+            "spec.retryBudget.retryPercent",
+            "spec.retryBudget.ttl"
+        ]
+    );
+    let dp: DestinationPolicy = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: { name: reviews, namespace: bookinfo }
+spec:
+  targetRef: { name: reviews }
+  connectionPool: { maxRequests: 50, maxRetries: 3 }
+  retryBudget: { minRetriesPerSecond: 0, ttl: 1m }
+",
+    );
+    assert!(dp.validate().is_empty());
+    assert_eq!(
+        dp.limits(),
+        crate::ConnectionLimits {
+            max_requests: 50,
+            max_retries: 3,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        dp.retry_budget(),
+        crate::RetryBudget {
+            percent: crate::DEFAULT_RETRY_PERCENT,
+            min_per_second: 0,
+            ttl_ms: 60_000
+        }
+    );
+}

@@ -197,3 +197,34 @@ fn bad_service_names_and_ports() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn filters_are_checked_where_they_stand() {
+    let yaml = r#"
+services:
+  - name: shop
+    ports: [{ port: 80 }]
+    routes:
+      - name: r
+        rules:
+          - filters:
+              - requestHeaderModifier: { set: [{ name: "bad name", value: v }] }
+              - requestRedirect: { statusCode: 200, scheme: ftp }
+              - urlRewrite: { path: { replaceFullPath: relative } }
+            backendRefs:
+              - name: shop
+                filters: [{ responseHeaderModifier: { remove: ["x y"] } }]
+backends:
+  - { name: shop }
+"#;
+    assert_eq!(
+        errors(yaml),
+        [
+            "service \"default/shop\": routes[0].rules[0].filters[0]: \"bad name\" is not a valid header name",
+            "service \"default/shop\": routes[0].rules[0].filters[1].requestRedirect.statusCode: 200 is not 301, 302, 303, 307 or 308",
+            "service \"default/shop\": routes[0].rules[0].filters[1].requestRedirect.scheme: \"ftp\" is not http or https",
+            "service \"default/shop\": routes[0].rules[0].filters[2].urlRewrite.path: must start with '/'",
+            "service \"default/shop\": routes[0].rules[0].backendRefs[0].filters[0]: \"x y\" is not a valid header name",
+        ]
+    );
+}
