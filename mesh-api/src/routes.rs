@@ -164,19 +164,10 @@ pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationEr
     let mut parts = Vec::new();
     for (i, rule) in rules.into_iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        if rule.session_persistence.is_some() {
-            c.err(
-                format!("{at}.sessionPersistence"),
-                "session persistence is not supported",
-            );
-        }
-        let backend_refs = rule.backend_refs.unwrap_or_default().into_iter();
-        let backend_refs = backend_refs.enumerate().map(|(b, mut r)| {
-            let at = format!("{at}.backendRefs[{b}].filters");
-            let filters = reshape_all(&mut c, &at, r.filters.take());
-            (ServiceRef::from(r), filters)
+        let persistence = rule.session_persistence.is_some();
+        let backend_refs = rule_backends(&mut c, &at, persistence, rule.backend_refs, |r| {
+            r.filters.take()
         });
-        let backend_refs = backend_refs.collect();
         parts.push(RuleParts {
             retry: rule.retry.map(|r| filters::convert_retry(&mut c, &at, r)),
             timeouts: filters::convert_timeouts(&mut c, &at, rule.timeouts),
@@ -203,19 +194,10 @@ pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationEr
     let mut parts = Vec::new();
     for (i, rule) in rules.into_iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        if rule.session_persistence.is_some() {
-            c.err(
-                format!("{at}.sessionPersistence"),
-                "session persistence is not supported",
-            );
-        }
-        let backend_refs = rule.backend_refs.unwrap_or_default().into_iter();
-        let backend_refs = backend_refs.enumerate().map(|(b, mut r)| {
-            let at = format!("{at}.backendRefs[{b}].filters");
-            let filters = reshape_all(&mut c, &at, r.filters.take());
-            (ServiceRef::from(r), filters)
+        let persistence = rule.session_persistence.is_some();
+        let backend_refs = rule_backends(&mut c, &at, persistence, rule.backend_refs, |r| {
+            r.filters.take()
         });
-        let backend_refs = backend_refs.collect();
         let filters = reshape_all(&mut c, &format!("{at}.filters"), rule.filters);
         parts.push(RuleParts {
             retry: None,
@@ -233,6 +215,31 @@ pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationEr
         parts,
         convert_grpc_match,
     )
+}
+
+/// What the rules of both kinds share: session persistence is refused,
+/// and each backendRef comes with its filters read as HTTPRoute rule
+/// filters (`filters_of` takes them out of the kind's backendRef).
+fn rule_backends<R: Into<ServiceRef>, F: serde::Serialize>(
+    c: &mut Check,
+    at: &str,
+    session_persistence: bool,
+    refs: Option<Vec<R>>,
+    filters_of: fn(&mut R) -> Option<Vec<F>>,
+) -> Vec<(ServiceRef, Vec<HttpRouteRulesFilters>)> {
+    if session_persistence {
+        c.err(
+            format!("{at}.sessionPersistence"),
+            "session persistence is not supported",
+        );
+    }
+    let refs = refs.unwrap_or_default().into_iter().enumerate();
+    refs.map(|(b, mut r)| {
+        let at = format!("{at}.backendRefs[{b}].filters");
+        let filters = reshape_all(c, &at, filters_of(&mut r));
+        (r.into(), filters)
+    })
+    .collect()
 }
 
 /// A rule of either route kind, its filters read as HTTPRoute rule
