@@ -139,6 +139,7 @@ async fn retries_turn_a_half_failing_backend_into_success() {
     let b = flaky("b", 50).await;
     let p = start(&[b.addr], 8, "{ percent: 200 }", "peakEwma").await;
     let (ok, failed) = run(&p, "/retried", 1000, b"payload").await;
+    eprintln!("50 % failing backend, 8 retries: {failed} of 1000 failed");
     // P(9 failures in a row) = 0.2 %: about 2 of 1000.
     assert!(failed < 10, "{failed} of 1000 failed with retries");
     assert!(
@@ -151,6 +152,7 @@ async fn retries_turn_a_half_failing_backend_into_success() {
     );
     // The same backend without retries fails half the time.
     let (_, failed) = run(&p, "/plain", 200, b"").await;
+    eprintln!("the same backend without retries: {failed} of 200 failed");
     assert!(failed > 60, "only {failed} of 200 failed without retries");
     let metrics = scrape(&p).await;
     assert!(sample(&metrics, "trellis_retries_total", &[("reason", "status")]) > 400.0);
@@ -163,6 +165,7 @@ async fn under_a_full_outage_retries_stay_within_the_budget() {
     let (_, failed) = run(&p, "/retried", 500, b"").await;
     assert_eq!(failed, 500);
     let hits = b.hits.load(Ordering::Relaxed);
+    eprintln!("full outage, 3 retries, budget 20 %: {hits} attempts for 500 requests");
     // 500 requests, at most 20 % more as retries; 3 retries each would
     // have been 2000.
     assert!(hits <= 600, "{hits} attempts for 500 requests");
