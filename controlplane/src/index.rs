@@ -164,6 +164,7 @@ pub struct Policy {
     load_balancer: LoadBalancer,
     retry_budget: mesh_api::RetryBudget,
     limits: mesh_api::ConnectionLimits,
+    outlier_detection: Option<mesh_api::OutlierDetection>,
 }
 
 impl Index {
@@ -372,6 +373,7 @@ impl Index {
                     protocol: self.port_protocol(&k, port),
                     retry_budget: self.retry_budget(&k),
                     limits: self.limits(&k),
+                    outlier_detection: self.outlier_detection(&k),
                 })
                 .collect(),
         })
@@ -490,6 +492,12 @@ impl Index {
             .find_map(|k| self.policies.get(k))
             .map(|p| p.load_balancer)
             .unwrap_or_default()
+    }
+
+    fn outlier_detection(&self, service: &Key) -> Option<mesh_api::OutlierDetection> {
+        self.refs::<DestinationPolicy>(service)
+            .find_map(|k| self.policies.get(k))
+            .and_then(|p| p.outlier_detection)
     }
 
     fn limits(&self, service: &Key) -> mesh_api::ConnectionLimits {
@@ -722,6 +730,7 @@ impl Kind for DestinationPolicy {
         Ok(Policy {
             retry_budget: self.retry_budget(),
             limits: self.limits(),
+            outlier_detection: self.outlier_detection(),
             target: Key {
                 namespace: key.namespace.clone(),
                 name: self.spec.target_ref.name,

@@ -70,6 +70,54 @@ pub struct DestinationPolicySpec {
     /// per 100 requests, plus 10 per second, counted over 10 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudgetSpec>,
+    /// Ejection of endpoints that keep failing. Unset, no endpoint is
+    /// ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// A DestinationPolicy's outlier detection (Envoy's model and defaults):
+/// an endpoint that fails `consecutive5xx` times in a row, or whose
+/// success rate falls far under its peers', is taken out of rotation for
+/// `baseEjectionTime` times the number of its ejections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// 5xx responses in a row that eject; 0 turns this off. Default 5.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "consecutive5xx"
+    )]
+    pub consecutive_5xx: Option<u32>,
+    /// Gateway errors (502, 503, 504, failed connects, timeouts) in a row
+    /// that eject; 0, the default, turns this off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often success rates are compared, a Gateway API duration;
+    /// default 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// How long a first ejection lasts; default 30s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    /// The most endpoints ejected at once, in percent (one may always
+    /// be); default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub max_ejection_percent: Option<u32>,
+    /// Requests an endpoint needs in an interval to be judged by its
+    /// success rate; 0 turns success-rate ejection off. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate_request_volume: Option<u32>,
+    /// Endpoints with that many requests needed before success rates are
+    /// compared; default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate_minimum_hosts: Option<u32>,
+    /// Standard deviations under the mean that eject, in thousandths
+    /// (1900 is 1.9, the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate_stdev_factor: Option<u32>,
 }
 
 /// A DestinationPolicy's retry budget (Linkerd's model): retries may add

@@ -525,6 +525,89 @@ pub struct Backend {
     /// Circuit-breaking limits: past one, requests fail fast with 503.
     #[serde(default, skip_serializing_if = "ConnectionLimits::is_default")]
     pub limits: ConnectionLimits,
+    /// Ejection of failing endpoints; unset, none is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// When an endpoint that keeps failing is taken out of rotation, and for
+/// how long (Envoy's outlier detection, with its defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// 5xx responses in a row that eject; 0 turns this off.
+    #[serde(default = "default_consecutive_5xx")]
+    pub consecutive_5xx: u32,
+    /// Gateway errors (502, 503, 504, failed connects, backend timeouts)
+    /// in a row that eject; 0 (the default) turns this off.
+    #[serde(default)]
+    pub consecutive_gateway_errors: u32,
+    /// How often success rates are compared and ejection counts decay, in
+    /// milliseconds.
+    #[serde(default = "default_outlier_interval_ms")]
+    pub interval_ms: u64,
+    /// The first ejection's length in milliseconds; the n-th lasts n times
+    /// as long.
+    #[serde(default = "default_base_ejection_ms")]
+    pub base_ejection_ms: u64,
+    /// The most endpoints ejected at once, in percent; one may always be.
+    #[serde(default = "default_max_ejection_percent")]
+    pub max_ejection_percent: u32,
+    /// Endpoints with enough requests needed before success rates are
+    /// compared.
+    #[serde(default = "default_success_rate_min_hosts")]
+    pub success_rate_min_hosts: u32,
+    /// Requests an endpoint needs in an interval to be judged by its
+    /// success rate; 0 turns success-rate ejection off.
+    #[serde(default = "default_success_rate_min_requests")]
+    pub success_rate_min_requests: u32,
+    /// How many standard deviations under the mean success rate eject, in
+    /// thousandths (1900 is 1.9), as Envoy writes it.
+    #[serde(default = "default_success_rate_stdev_factor")]
+    pub success_rate_stdev_factor: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: default_consecutive_5xx(),
+            consecutive_gateway_errors: 0,
+            interval_ms: default_outlier_interval_ms(),
+            base_ejection_ms: default_base_ejection_ms(),
+            max_ejection_percent: default_max_ejection_percent(),
+            success_rate_min_hosts: default_success_rate_min_hosts(),
+            success_rate_min_requests: default_success_rate_min_requests(),
+            success_rate_stdev_factor: default_success_rate_stdev_factor(),
+        }
+    }
+}
+
+fn default_consecutive_5xx() -> u32 {
+    5
+}
+
+fn default_outlier_interval_ms() -> u64 {
+    10_000
+}
+
+fn default_base_ejection_ms() -> u64 {
+    30_000
+}
+
+fn default_max_ejection_percent() -> u32 {
+    10
+}
+
+fn default_success_rate_min_hosts() -> u32 {
+    5
+}
+
+fn default_success_rate_min_requests() -> u32 {
+    100
+}
+
+fn default_success_rate_stdev_factor() -> u32 {
+    1900
 }
 
 /// What one proxy may send to one backend before it fails requests fast

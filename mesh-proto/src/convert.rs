@@ -299,6 +299,16 @@ fn backend_to_wire(b: &m::Backend) -> w::Backend {
             min_per_second: b.retry_budget.min_per_second,
             ttl_ms: b.retry_budget.ttl_ms,
         }),
+        outlier_detection: b.outlier_detection.map(|o| w::OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway_errors: o.consecutive_gateway_errors,
+            interval_ms: o.interval_ms,
+            base_ejection_ms: o.base_ejection_ms,
+            max_ejection_percent: o.max_ejection_percent,
+            success_rate_min_hosts: o.success_rate_min_hosts,
+            success_rate_min_requests: o.success_rate_min_requests,
+            success_rate_stdev_factor: o.success_rate_stdev_factor,
+        }),
         limits: (!b.limits.is_default()).then_some(w::ConnectionLimits {
             max_connections: b.limits.max_connections,
             max_pending_requests: b.limits.max_pending_requests,
@@ -725,6 +735,16 @@ fn backend_from_wire(b: &w::Backend) -> Result<m::Backend, Fault> {
                 min_per_second: r.min_per_second,
                 ttl_ms: r.ttl_ms,
             }),
+        outlier_detection: b.outlier_detection.map(|o| m::OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway_errors: o.consecutive_gateway_errors,
+            interval_ms: o.interval_ms,
+            base_ejection_ms: o.base_ejection_ms,
+            max_ejection_percent: o.max_ejection_percent,
+            success_rate_min_hosts: o.success_rate_min_hosts,
+            success_rate_min_requests: o.success_rate_min_requests,
+            success_rate_stdev_factor: o.success_rate_stdev_factor,
+        }),
         limits: b
             .limits
             .map_or_else(m::ConnectionLimits::default, |l| m::ConnectionLimits {

@@ -136,7 +136,11 @@ fn admin_route(proxy: &Proxy, req: Request<Incoming>) -> std::future::Ready<Repl
     let r = match (req.method(), req.uri().path()) {
         (&Method::GET, "/config_dump") => {
             let snap = proxy.snapshot();
-            let dump = serde_json::json!({ "version": snap.version, "config": &*snap.config });
+            let dump = serde_json::json!({
+                "version": snap.version,
+                "config": &*snap.config,
+                "ejected": snap.ejected(),
+            });
             match serde_json::to_string_pretty(&dump) {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),

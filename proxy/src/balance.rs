@@ -176,12 +176,12 @@ impl Balancer {
 }
 
 impl Balancer {
-    /// Picks an endpoint other than `avoid` (the one a retry follows),
-    /// the same way [`Balancer::pick`] does; `avoid` itself when it is the
-    /// only one.
-    pub fn pick_other(&self, avoid: SocketAddr) -> Option<Pick> {
-        let others: Vec<&Arc<Endpoint>> =
-            self.endpoints.iter().filter(|e| e.addr != avoid).collect();
+    /// Picks among the endpoints `allowed` accepts, the same way
+    /// [`Balancer::pick`] does; among all of them when it accepts none
+    /// (a retry's only endpoint, or every endpoint ejected: trying one is
+    /// better than failing every request).
+    pub fn pick_among(&self, allowed: impl Fn(&Endpoint) -> bool) -> Option<Pick> {
+        let others: Vec<&Arc<Endpoint>> = self.endpoints.iter().filter(|e| allowed(e)).collect();
         let endpoint = match others.len() {
             0 => return self.pick(),
             1 => others[0],

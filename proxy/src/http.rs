@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +26,7 @@ use crate::conn::{Conn, Dest};
 use crate::filters::{Filters, Outcome};
 use crate::pool::{self, ConnectError};
 use crate::resilience::breaker::{Breaker, Limit, OVERLOADED_HEADER, Overflow, Slot};
+use crate::resilience::outlier;
 use crate::resilience::retry::{
     ATTEMPT_HEADER, MAX_BUFFERED_BODY, REASON_LABEL, RETRIES_SKIPPED_TOTAL, RETRIES_TOTAL, Reason,
 };
@@ -368,7 +370,7 @@ async fn route(
         filter(&rule.route, filters, req, matched.prefix, default_port)?;
         (backend.clone(), Some((rule.clone(), i)))
     };
-    let pick = backend.balancer.pick().ok_or_else(|| {
+    let pick = backend.pick(None).ok_or_else(|| {
         let msg = format!("backend {} has no endpoints", backend.name);
         Answer::Error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -539,13 +541,16 @@ async fn forward(
         // Why this attempt failed, and whether it may be retried: the
         // request back when it was never written.
         let (reason, unsent, failure) = match sent {
-            Ok(Ok((r, c))) => match policy {
-                Some(p) if p.retries_status(r.status()) => {
-                    pick.observe_failure();
-                    (Reason::Status, None, Failure::Status(r, c))
+            Ok(Ok((r, c))) => {
+                observe_outlier(backend.as_deref(), addr, outlier_result(r.status()));
+                match policy {
+                    Some(p) if p.retries_status(r.status()) => {
+                        pick.observe_failure();
+                        (Reason::Status, None, Failure::Status(r, c))
+                    }
+                    _ => break (Some(r), c, attempt),
                 }
-                _ => break (Some(r), c, attempt),
-            },
+            }
             Ok(Err(SendError {
                 error: ForwardError::Overflow(o),
                 ..
@@ -569,6 +574,9 @@ async fn forward(
             }
         };
         let user_error = matches!(&failure, Failure::Error(ForwardError::Http(h)) if h.is_user());
+        if !user_error && !matches!(failure, Failure::Status(..)) {
+            observe_outlier(backend.as_deref(), addr, outlier::Result::GatewayError);
+        }
         let wanted = match policy {
             Some(p) => retries < p.attempts,
             // Without a policy, only a request never written is retried,
@@ -597,7 +605,7 @@ async fn forward(
                 ok
             });
         let other = repick
-            .then(|| backend.as_ref().and_then(|b| b.balancer.pick_other(addr)))
+            .then(|| backend.as_ref().and_then(|b| b.pick(Some(addr))))
             .flatten();
         let Some(other) = other else {
             // No retry: this attempt's failure is the answer.
@@ -684,6 +692,33 @@ async fn forward(
             None => body,
         }
     })
+}
+
+/// What a response's status says of its endpoint.
+fn outlier_result(status: StatusCode) -> outlier::Result {
+    match status.as_u16() {
+        502..=504 => outlier::Result::GatewayError,
+        500..=599 => outlier::Result::Error5xx,
+        _ => outlier::Result::Success,
+    }
+}
+
+/// Feeds an attempt's result to the backend's outlier detector, if it has
+/// one, and counts an ejection.
+fn observe_outlier(backend: Option<&BackendEntry>, addr: SocketAddr, result: outlier::Result) {
+    let Some((b, d)) = backend.and_then(|b| Some((b, b.outlier.as_ref()?))) else {
+        return;
+    };
+    let total = b.balancer.endpoints().len();
+    if let Some(reason) = d.record(addr, result, total, tokio::time::Instant::now()) {
+        debug!(backend = %b.name, endpoint = %addr, reason, "endpoint ejected");
+        metrics::counter!(
+            outlier::EJECTIONS_TOTAL,
+            "backend" => b.name.to_string(),
+            "reason" => reason
+        )
+        .increment(1);
+    }
 }
 
 /// How an attempt failed.

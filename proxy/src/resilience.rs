@@ -3,5 +3,6 @@
 //! (each its own module here).
 
 pub mod breaker;
+pub mod outlier;
 pub mod retry;
 pub mod timeout;

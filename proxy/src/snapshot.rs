@@ -21,9 +21,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use mesh_api::{Protocol, ProxyConfig};
 
 use crate::authz::Authorizer;
+use crate::balance::Pick;
 use crate::balance::{Balancer, Endpoint};
 use crate::ratelimit::RateLimits;
 use crate::resilience::breaker::Breaker;
+use crate::resilience::outlier::{Detector, Ejected};
 use crate::resilience::retry::Budget;
 use crate::route::{RouteError, RouteTable};
 
@@ -52,6 +54,7 @@ pub struct Snapshot {
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
     budgets: HashMap<String, Arc<Budget>>,
     breakers: HashMap<String, Arc<Breaker>>,
+    detectors: HashMap<String, Arc<Detector>>,
 }
 
 /// A service ready to route.
@@ -99,6 +102,25 @@ pub struct BackendEntry {
     /// The circuit breaker's counters, kept across snapshots while the
     /// limits stay the same.
     pub breaker: Arc<Breaker>,
+    /// Ejects failing endpoints, when the backend asks for it; kept
+    /// across snapshots while its settings stay the same.
+    pub outlier: Option<Arc<Detector>>,
+}
+
+impl BackendEntry {
+    /// Picks an endpoint that is not ejected and, for a retry, not
+    /// `avoid`.
+    pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Pick> {
+        let now = tokio::time::Instant::now();
+        let outlier = self.outlier.as_ref().filter(|o| o.any_ejected(now));
+        match (outlier, avoid) {
+            (None, None) => self.balancer.pick(),
+            (None, Some(a)) => self.balancer.pick_among(|e| e.addr != a),
+            (Some(o), avoid) => self
+                .balancer
+                .pick_among(|e| Some(e.addr) != avoid && !o.is_ejected(e.addr, now)),
+        }
+    }
 }
 
 impl Snapshot {
@@ -114,6 +136,7 @@ impl Snapshot {
         let mut backends = HashMap::new();
         let mut budgets = HashMap::new();
         let mut breakers = HashMap::new();
+        let mut detectors = HashMap::new();
         for b in &config.backends {
             let eps = b
                 .endpoints
@@ -151,6 +174,15 @@ impl Snapshot {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(Breaker::new(b.limits)));
             breakers.insert(b.name.clone(), breaker.clone());
+            let outlier = b.outlier_detection.map(|settings| {
+                let detector = previous
+                    .and_then(|p| p.detectors.get(&b.name))
+                    .filter(|old| *old.settings() == settings)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Detector::new(settings)));
+                detectors.insert(b.name.clone(), detector.clone());
+                detector
+            });
             backends.insert(
                 b.name.clone(),
                 Arc::new(BackendEntry {
@@ -159,6 +191,7 @@ impl Snapshot {
                     protocol: b.protocol,
                     budget,
                     breaker,
+                    outlier,
                 }),
             );
         }
@@ -228,7 +261,19 @@ impl Snapshot {
             endpoints,
             budgets,
             breakers,
+            detectors,
         })
+    }
+
+    /// The ejected endpoints of every backend that has any, for the admin
+    /// config dump.
+    pub fn ejected(&self) -> std::collections::BTreeMap<&str, Vec<Ejected>> {
+        let now = tokio::time::Instant::now();
+        self.detectors
+            .iter()
+            .map(|(name, d)| (name.as_str(), d.ejected(now)))
+            .filter(|(_, e)| !e.is_empty())
+            .collect()
     }
 
     /// The service named `name`.

@@ -496,7 +496,7 @@ fn destination_policy_sets_the_retry_budget_and_limits_and_routes_their_retries(
     let mut index = mesh();
     let policy: DestinationPolicy = obj(
         "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\nmetadata: { name: budget, namespace: bookinfo }\n\
-         spec: { targetRef: { name: reviews-v1 }, retryBudget: { retryPercent: 50, ttl: 30s }, connectionPool: { maxRequests: 7, maxRetries: 2 } }\n",
+         spec: { targetRef: { name: reviews-v1 }, retryBudget: { retryPercent: 50, ttl: 30s }, connectionPool: { maxRequests: 7, maxRetries: 2 }, outlierDetection: { consecutive5xx: 4, baseEjectionTime: 10s } }\n",
     );
     index.apply(policy).unwrap();
     let retried = "  rules:\n  - retry: { attempts: 2, codes: [503], backoff: 100ms }\n    backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
@@ -543,6 +543,20 @@ fn destination_policy_sets_the_retry_budget_and_limits_and_routes_their_retries(
             max_retries: 2,
             ..Default::default()
         }
+    );
+    let outlier = o
+        .backends
+        .iter()
+        .find(|b| b.name == "reviews-v1.bookinfo:9080")
+        .unwrap()
+        .outlier_detection;
+    assert_eq!(
+        outlier,
+        Some(mesh_api::OutlierDetection {
+            consecutive_5xx: 4,
+            base_ejection_ms: 10_000,
+            ..Default::default()
+        })
     );
 }
 

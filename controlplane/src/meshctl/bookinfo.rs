@@ -473,6 +473,7 @@ fn backend(name: String, endpoints: Vec<Endpoint>) -> Backend {
         protocol: mesh_api::Protocol::Auto,
         retry_budget: Default::default(),
         limits: Default::default(),
+        outlier_detection: None,
     }
 }
 

@@ -282,6 +282,7 @@ fn metadata_must_name_the_object() {
             load_balancer: None,
             connection_pool: None,
             retry_budget: None,
+            outlier_detection: None,
         },
     );
     assert_eq!(

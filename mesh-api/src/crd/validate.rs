@@ -49,6 +49,27 @@ impl DestinationPolicy {
                 }
             }
         }
+        if let Some(o) = &spec.outlier_detection {
+            for (field, value) in [
+                ("interval", &o.interval),
+                ("baseEjectionTime", &o.base_ejection_time),
+            ] {
+                match value.as_deref().map(parse_duration) {
+                    Some(Ok(d)) if d.is_zero() => v.err(
+                        format!("spec.outlierDetection.{field}"),
+                        "must be more than 0s",
+                    ),
+                    Some(Err(reason)) => v.err(format!("spec.outlierDetection.{field}"), reason),
+                    _ => {}
+                }
+            }
+            if o.max_ejection_percent.is_some_and(|p| p > 100) {
+                v.err(
+                    "spec.outlierDetection.maxEjectionPercent",
+                    "must be 0 to 100",
+                );
+            }
+        }
         if let Some(budget) = &spec.retry_budget {
             if budget.retry_percent.is_some_and(|p| p > 1000) {
                 v.err("spec.retryBudget.retryPercent", "must be 0 to 1000");
@@ -79,6 +100,36 @@ impl DestinationPolicy {
             limits.max_retries = p.max_retries.unwrap_or(limits.max_retries);
         }
         limits
+    }
+
+    /// The outlier detection the policy sets, if any; unset parts are the
+    /// defaults. Call on a valid policy (a bad duration reads as the
+    /// default).
+    pub fn outlier_detection(&self) -> Option<crate::OutlierDetection> {
+        let o = self.spec.outlier_detection.as_ref()?;
+        let d = crate::OutlierDetection::default();
+        let ms = |text: &Option<String>, default: u64| match text.as_deref().map(parse_duration) {
+            Some(Ok(t)) => u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            _ => default,
+        };
+        Some(crate::OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(d.consecutive_5xx),
+            consecutive_gateway_errors: o
+                .consecutive_gateway_errors
+                .unwrap_or(d.consecutive_gateway_errors),
+            interval_ms: ms(&o.interval, d.interval_ms),
+            base_ejection_ms: ms(&o.base_ejection_time, d.base_ejection_ms),
+            max_ejection_percent: o.max_ejection_percent.unwrap_or(d.max_ejection_percent),
+            success_rate_min_hosts: o
+                .success_rate_minimum_hosts
+                .unwrap_or(d.success_rate_min_hosts),
+            success_rate_min_requests: o
+                .success_rate_request_volume
+                .unwrap_or(d.success_rate_min_requests),
+            success_rate_stdev_factor: o
+                .success_rate_stdev_factor
+                .unwrap_or(d.success_rate_stdev_factor),
+        })
     }
 
     /// The retry budget the policy sets; unset parts are the defaults.

@@ -80,6 +80,7 @@ fn backend(name: &str, algorithm: m::LoadBalancerAlgorithm, protocol: m::Protoco
         protocol,
         retry_budget: m::RetryBudget::default(),
         limits: m::ConnectionLimits::default(),
+        outlier_detection: None,
     }
 }
 

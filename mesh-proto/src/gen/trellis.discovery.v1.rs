@@ -336,6 +336,29 @@ pub struct Backend {
     /// Unset: every limit 1024.
     #[prost(message, optional, tag = "6")]
     pub limits: ::core::option::Option<ConnectionLimits>,
+    /// Unset: no endpoint is ever ejected.
+    #[prost(message, optional, tag = "7")]
+    pub outlier_detection: ::core::option::Option<OutlierDetection>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct OutlierDetection {
+    #[prost(uint32, tag = "1")]
+    pub consecutive_5xx: u32,
+    #[prost(uint32, tag = "2")]
+    pub consecutive_gateway_errors: u32,
+    #[prost(uint64, tag = "3")]
+    pub interval_ms: u64,
+    #[prost(uint64, tag = "4")]
+    pub base_ejection_ms: u64,
+    #[prost(uint32, tag = "5")]
+    pub max_ejection_percent: u32,
+    #[prost(uint32, tag = "6")]
+    pub success_rate_min_hosts: u32,
+    #[prost(uint32, tag = "7")]
+    pub success_rate_min_requests: u32,
+    /// Thousandths.
+    #[prost(uint32, tag = "8")]
+    pub success_rate_stdev_factor: u32,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ConnectionLimits {

@@ -29,6 +29,7 @@ fn backend(name: &str) -> Backend {
         protocol: Protocol::Auto,
         retry_budget: Default::default(),
         limits: Default::default(),
+        outlier_detection: None,
     }
 }
 

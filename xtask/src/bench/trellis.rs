@@ -209,6 +209,7 @@ fn config(
             protocol: Protocol::Http,
             retry_budget: Default::default(),
             limits: Default::default(),
+            outlier_detection: None,
         }],
     }
 }

@@ -131,8 +131,7 @@ spec:
   ports: [{ name: http, port: 9080, protocol: TCP }]
 "#;
 
-/// A route the schema allows and the mesh refuses: it does not apply
-/// filters yet.
+/// A route the schema allows and the mesh cannot honour: a CORS filter.
 const FILTERED_ROUTE: &str = r#"
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -141,8 +140,8 @@ spec:
   parentRefs: [{ group: "", kind: Service, name: reviews, port: 9080 }]
   rules:
     - filters:
-        - type: RequestHeaderModifier
-          requestHeaderModifier: { set: [{ name: x-canary, value: "1" }] }
+        - type: CORS
+          cors: { allowOrigins: ["https://example.com"] }
       backendRefs: [{ name: reviews-v1, port: 9080 }]
 "#;
 
@@ -178,7 +177,7 @@ async fn route_and_policy_status_say_accepted_or_refused_with_the_field_and_an_e
         "status: HTTPRoute reviews Accepted, ResolvedRefs False until reviews-v2 existed ({message})"
     );
 
-    // A filter the mesh does not apply. With the validating webhook
+    // A filter the mesh cannot honour. With the validating webhook
     // (`meshctl install` writes it; the injection test installed it), it
     // is refused at apply, naming the field.
     let validator: Api<ValidatingWebhookConfiguration> = Api::all(cluster.client.clone());
@@ -192,7 +191,8 @@ async fn route_and_policy_status_say_accepted_or_refused_with_the_field_and_an_e
         println!("status: the validating webhook refused the filtered HTTPRoute at apply");
     }
     // Set aside, the route reaches the API server, as it does while the
-    // injector is down, and the control plane refuses it, naming the field.
+    // injector is down: the control plane applies it with that rule
+    // answering 500 and says it is not accepted, naming the field.
     let validation = cluster.suspend_validation().await.unwrap();
     ns.apply(FILTERED_ROUTE).await.unwrap();
     let refused = wait_route_condition(&ns, "reviews", "Accepted", "False").await;
