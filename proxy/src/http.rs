@@ -447,7 +447,8 @@ async fn forward(
             let timeouts = rule.as_ref().map(|(r, _)| r.timeouts).unwrap_or_default();
             // `start` is std's; the deadlines run on tokio's clock, so
             // that tests can pause it. The time already spent counts.
-            let arrived = tokio::time::Instant::now() - start.elapsed();
+            let now = tokio::time::Instant::now();
+            let arrived = now.checked_sub(start.elapsed()).unwrap_or(now);
             Some(Deadlines::new(arrived, &timeouts, grpc_timeout)).filter(|d| !d.is_none())
         }
     };
