@@ -34,12 +34,29 @@ pub fn service_index_request(id: &str) -> DiscoveryRequest {
     }
 }
 
-/// A free loopback port.
+/// A free loopback port, for a listener a test starts later (a proxy's
+/// or the control plane's, named in a config written first).
+///
+/// It comes from below Linux's ephemeral range (32768 and up): a port the
+/// kernel handed out for `:0` is free again once probed, and the next
+/// outgoing connection of any test may take it as its source port before
+/// the listener binds it (`AddrInUse`). Ports here are never handed out
+/// that way; a per-process counter keeps this binary's tests apart, and
+/// the bind probe skips ports other processes hold.
 pub fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + (seed + n) % SPAN;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
 }
 
 /// Writes `text` to `dir/name` by write-then-rename, as editors and
