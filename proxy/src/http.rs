@@ -576,7 +576,7 @@ async fn forward(
         };
         let user_error = matches!(&failure, Failure::Error(ForwardError::Http(h)) if h.is_user());
         if !user_error && !matches!(failure, Failure::Status(..)) {
-            observe_outlier(backend.as_deref(), addr, outlier::Result::GatewayError);
+            observe_outlier(backend.as_deref(), addr, outlier::Outcome::GatewayError);
         }
         let wanted = match policy {
             Some(p) => retries < p.attempts,
@@ -696,17 +696,17 @@ async fn forward(
 }
 
 /// What a response's status says of its endpoint.
-fn outlier_result(status: StatusCode) -> outlier::Result {
+fn outlier_result(status: StatusCode) -> outlier::Outcome {
     match status.as_u16() {
-        502..=504 => outlier::Result::GatewayError,
-        500..=599 => outlier::Result::Error5xx,
-        _ => outlier::Result::Success,
+        502..=504 => outlier::Outcome::GatewayError,
+        500..=599 => outlier::Outcome::Error5xx,
+        _ => outlier::Outcome::Success,
     }
 }
 
 /// Feeds an attempt's result to the backend's outlier detector, if it has
 /// one, and counts an ejection.
-fn observe_outlier(backend: Option<&BackendEntry>, addr: SocketAddr, result: outlier::Result) {
+fn observe_outlier(backend: Option<&BackendEntry>, addr: SocketAddr, result: outlier::Outcome) {
     let Some((b, d)) = backend.and_then(|b| Some((b, b.outlier.as_ref()?))) else {
         return;
     };

@@ -31,7 +31,7 @@ pub const EJECTIONS_TOTAL: &str = "trellis_outlier_ejections_total";
 
 /// What one attempt's result says of its endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Result {
+pub enum Outcome {
     /// A response below 500.
     Success,
     /// A 500, 501 or 505 and up: the endpoint's own error.
@@ -97,7 +97,7 @@ impl Detector {
     pub fn record(
         &self,
         addr: SocketAddr,
-        result: Result,
+        result: Outcome,
         total: usize,
         now: Instant,
     ) -> Option<&'static str> {
@@ -106,16 +106,16 @@ impl Detector {
         let h = s.endpoints.entry(addr).or_default();
         h.requests += 1;
         match result {
-            Result::Success => {
+            Outcome::Success => {
                 h.successes += 1;
                 h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
             }
-            Result::Error5xx => {
+            Outcome::Error5xx => {
                 h.consecutive_5xx += 1;
                 h.consecutive_gateway = 0;
             }
-            Result::GatewayError => {
+            Outcome::GatewayError => {
                 h.consecutive_5xx += 1;
                 h.consecutive_gateway += 1;
             }
@@ -270,16 +270,16 @@ mod tests {
     async fn consecutive_errors_eject_for_longer_each_time() {
         let d = detector();
         let t0 = Instant::now();
-        assert_eq!(d.record(addr(1), Result::Error5xx, 4, t0), None);
+        assert_eq!(d.record(addr(1), Outcome::Error5xx, 4, t0), None);
         assert_eq!(
-            d.record(addr(1), Result::Success, 4, t0),
+            d.record(addr(1), Outcome::Success, 4, t0),
             None,
             "a success resets"
         );
-        d.record(addr(1), Result::Error5xx, 4, t0);
-        d.record(addr(1), Result::GatewayError, 4, t0);
+        d.record(addr(1), Outcome::Error5xx, 4, t0);
+        d.record(addr(1), Outcome::GatewayError, 4, t0);
         assert_eq!(
-            d.record(addr(1), Result::Error5xx, 4, t0),
+            d.record(addr(1), Outcome::Error5xx, 4, t0),
             Some("consecutive_5xx")
         );
         assert!(d.is_ejected(addr(1), t0));
@@ -287,7 +287,7 @@ mod tests {
         let back = t0 + Duration::from_secs(30);
         assert!(!d.is_ejected(addr(1), back), "back after the base time");
         for _ in 0..3 {
-            d.record(addr(1), Result::Error5xx, 4, back);
+            d.record(addr(1), Outcome::Error5xx, 4, back);
         }
         assert!(
             d.is_ejected(addr(1), back + Duration::from_secs(59)),
@@ -302,7 +302,7 @@ mod tests {
         let t0 = Instant::now();
         for a in 1..=4 {
             for _ in 0..3 {
-                d.record(addr(a), Result::Error5xx, 4, t0);
+                d.record(addr(a), Outcome::Error5xx, 4, t0);
             }
         }
         // 50 % of 4.
@@ -323,9 +323,9 @@ mod tests {
             for i in 0..20 {
                 // Endpoint 10 fails every other request; the rest never.
                 let r = if a == 10 && i % 2 == 0 {
-                    Result::Error5xx
+                    Outcome::Error5xx
                 } else {
-                    Result::Success
+                    Outcome::Success
                 };
                 d.record(addr(a), r, 10, t0);
             }
@@ -333,7 +333,7 @@ mod tests {
         assert!(d.ejected(t0).is_empty(), "not before the interval ends");
         let later = t0 + Duration::from_millis(d.settings().interval_ms);
         assert_eq!(
-            d.record(addr(1), Result::Success, 10, later),
+            d.record(addr(1), Outcome::Success, 10, later),
             Some("success_rate")
         );
         let out = d.ejected(later);
