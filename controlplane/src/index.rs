@@ -33,7 +33,7 @@ use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use mesh_api::crd::DestinationPolicy;
+use mesh_api::crd::{DestinationPolicy, HttpFault};
 use mesh_api::routes::{self, Check, check_name, port_number};
 use mesh_api::{HttpRoute as RouteModel, LoadBalancer, Protocol, ValidationError};
 
@@ -57,6 +57,8 @@ pub struct Index {
     /// namespace and name.
     grpc_routes: BTreeMap<Key, Route>,
     policies: BTreeMap<Key, Policy>,
+    /// HTTPFaults, as the route filters that reference them become.
+    faults: BTreeMap<Key, mesh_api::Fault>,
     /// Per kind, per service: the objects of that kind that affect the
     /// service (its slices, the routes attached to it, the policies that
     /// target it), in key order. Kept in step with the tables by `apply`
@@ -356,7 +358,7 @@ impl Index {
             models.push(RouteModel {
                 name: route.name.clone(),
                 namespace: key.namespace.clone(),
-                rules: route.rules.clone(),
+                rules: self.resolve_faults(&route.rules),
                 ports: route.parent_ports.get(service).cloned().unwrap_or_default(),
             });
         }
@@ -487,6 +489,34 @@ impl Index {
             .collect()
     }
 
+    /// `rules` with the settings of the HTTPFaults their filters name; a
+    /// filter naming one that does not exist becomes unsupported, so
+    /// that its requests get 500 rather than skip the fault.
+    fn resolve_faults(&self, rules: &[mesh_api::RouteRule]) -> Vec<mesh_api::RouteRule> {
+        let resolve = |filters: &mut Vec<mesh_api::RouteFilter>| {
+            for f in filters.iter_mut() {
+                let mesh_api::RouteFilter::Fault(fault) = f else {
+                    continue;
+                };
+                *f = match fault_key(&fault.name).and_then(|k| self.faults.get(&k)) {
+                    Some(found) => mesh_api::RouteFilter::Fault(found.clone()),
+                    None => mesh_api::RouteFilter::Unsupported(format!(
+                        "HTTPFault {} does not exist",
+                        fault.name
+                    )),
+                };
+            }
+        };
+        let mut rules = rules.to_vec();
+        for rule in &mut rules {
+            resolve(&mut rule.filters);
+            for b in &mut rule.backend_refs {
+                resolve(&mut b.filters);
+            }
+        }
+        rules
+    }
+
     fn load_balancer(&self, service: &Key) -> LoadBalancer {
         self.refs::<DestinationPolicy>(service)
             .find_map(|k| self.policies.get(k))
@@ -520,6 +550,26 @@ impl Index {
             .and_then(|s| s.ports.iter().find(|p| p.port == port))
             .map_or(Protocol::Auto, |p| p.protocol)
     }
+}
+
+/// The key of the HTTPFault a fault filter names (`namespace/name`).
+fn fault_key(name: &str) -> Option<Key> {
+    let (namespace, name) = name.split_once('/')?;
+    Some(Key {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+/// Whether a route's rules name the HTTPFault `key`.
+fn names_fault(route: &Route, key: &Key) -> bool {
+    let name = key.to_string();
+    route.rules.iter().any(|rule| {
+        rule.filters
+            .iter()
+            .chain(rule.backend_refs.iter().flat_map(|b| &b.filters))
+            .any(|f| matches!(f, mesh_api::RouteFilter::Fault(fault) if fault.name == name))
+    })
 }
 
 fn parse_backend_name(name: &str) -> Option<(Key, u16)> {
@@ -756,6 +806,45 @@ impl Kind for DestinationPolicy {
     fn affects(entry: &Policy, _: &Key) -> Vec<Key> {
         vec![entry.target.clone()]
     }
+}
+
+impl Kind for HttpFault {
+    const KIND: &'static str = "HTTPFault";
+    type Entry = mesh_api::Fault;
+
+    fn convert(self, key: &Key) -> Result<mesh_api::Fault, Vec<ValidationError>> {
+        let errors = self.validate();
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(self.to_model(key.to_string()))
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn table(index: &mut Index) -> &mut BTreeMap<Key, mesh_api::Fault> {
+        &mut index.faults
+    }
+
+    fn affects(_: &mesh_api::Fault, _: &Key) -> Vec<Key> {
+        Vec::new()
+    }
+
+    /// The services of the routes whose rules name the fault.
+    fn related(index: &Index, key: &Key) -> Vec<Key> {
+        let routes = index.routes.values().chain(index.grpc_routes.values());
+        let mut out: Vec<Key> = routes
+            .filter(|r| names_fault(r, key))
+            .flat_map(|r| r.parents.iter().cloned())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    const REFS: bool = false;
 }
 
 #[cfg(test)]

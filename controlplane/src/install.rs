@@ -180,12 +180,14 @@ pub fn rbac(o: &Options) -> Vec<Value> {
                 { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": watch() },
                 { "apiGroups": [mesh_api::crd::GATEWAY_API_GROUP], "resources": ["httproutes", "grpcroutes"], "verbs": watch() },
                 { "apiGroups": [mesh_api::crd::GROUP], "resources": [
-                    "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies"
+                    "destinationpolicies", "peerauthentications", "authorizationpolicies", "ratelimitpolicies",
+                    "httpfaults"
                 ], "verbs": watch() },
                 // Status and Events are written by the leader only.
                 { "apiGroups": [mesh_api::crd::GATEWAY_API_GROUP], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["patch"] },
                 { "apiGroups": [mesh_api::crd::GROUP], "resources": [
-                    "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status"
+                    "destinationpolicies/status", "peerauthentications/status", "authorizationpolicies/status", "ratelimitpolicies/status",
+                    "httpfaults/status"
                 ], "verbs": ["patch"] },
                 // An Event is created, and patched when it repeats.
                 { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"] },
@@ -501,6 +503,7 @@ pub fn validator_webhook(o: &Options, ca_bundle: Option<&str>) -> Value {
                     "peerauthentications",
                     "authorizationpolicies",
                     "ratelimitpolicies",
+                    "httpfaults",
                 ]),
                 rule("gateway.networking.k8s.io", "v1", &["httproutes", "grpcroutes"]),
             ],

@@ -79,7 +79,8 @@ fn is_the_meshs(object: &Object) -> bool {
         Object::DestinationPolicy(_)
         | Object::PeerAuthentication(_)
         | Object::AuthorizationPolicy(_)
-        | Object::RateLimitPolicy(_) => true,
+        | Object::RateLimitPolicy(_)
+        | Object::HttpFault(_) => true,
         Object::Service(_)
         | Object::EndpointSlice(_)
         | Object::ServiceAccount(_)

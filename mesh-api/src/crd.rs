@@ -428,6 +428,106 @@ pub struct RequestLimit {
     pub per: String,
 }
 
+/// Faults injected into the requests of the route rules that reference
+/// it with an `ExtensionRef` filter (group `trellis.dev`, kind
+/// `HTTPFault`): a delay, an abort, or both, each for a share of the
+/// requests. The client's proxy injects them, so they test how the
+/// caller copes; to fault only some requests, match them in the rule.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "trellis.dev",
+    version = "v1alpha1",
+    kind = "HTTPFault",
+    root = "HttpFault",
+    plural = "httpfaults",
+    status = "PolicyStatus",
+    namespaced,
+    derive = "PartialEq",
+    shortname = "hf",
+    category = "trellis",
+    doc = "Faults (a delay, an abort) that route rules referencing it with an ExtensionRef filter inject into a share of their requests.",
+    printcolumn(name = "Delay", type_ = "string", json_path = ".spec.delay.fixedDelay"),
+    printcolumn(
+        name = "Abort",
+        type_ = "integer",
+        json_path = ".spec.abort.httpStatus"
+    ),
+    printcolumn(
+        name = "Accepted",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpFaultSpec {
+    /// Holds a share of the requests for a fixed time before they are
+    /// sent on. The delay counts against the route's request timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelaySpec>,
+    /// Answers a share of the requests with an error instead of sending
+    /// them on. Applied after the delay when both hit a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbortSpec>,
+}
+
+/// A fault's delay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelaySpec {
+    /// How long, a Gateway API duration (`100ms`, `2s`, `1m`); at most 1h.
+    #[schemars(pattern(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub fixed_delay: String,
+    /// Percent of the requests delayed, 0 to 100. Set this or `fraction`;
+    /// neither delays every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub percent: Option<u32>,
+    /// The share of the requests delayed, as a fraction, for shares
+    /// finer than a percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+/// A fault's abort: an HTTP status, or a gRPC status for gRPC clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbortSpec {
+    /// The HTTP status answered, 400 to 599. Set this or `grpcStatus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 599))]
+    pub http_status: Option<u16>,
+    /// The gRPC status answered (1 to 16, such as 14 for UNAVAILABLE),
+    /// as a trailers-only response. Set this or `httpStatus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub grpc_status: Option<u32>,
+    /// Percent of the requests aborted, 0 to 100. Set this or `fraction`;
+    /// neither aborts every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
+    pub percent: Option<u32>,
+    /// The share of the requests aborted, as a fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fraction: Option<Fraction>,
+}
+
+/// A share: `numerator` in `denominator` (Gateway API's fraction).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fraction {
+    /// The part, at most the denominator.
+    pub numerator: u32,
+    /// The whole; default 100.
+    #[serde(default = "hundred")]
+    #[schemars(range(min = 1))]
+    pub denominator: u32,
+}
+
+fn hundred() -> u32 {
+    100
+}
+
 /// A reference to a route in the policy's namespace, as Gateway API
 /// policies attach to their targets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -507,6 +607,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         PeerAuthentication::crd(),
         AuthorizationPolicy::crd(),
         RateLimitPolicy::crd(),
+        HttpFault::crd(),
     ]
 }
 

@@ -16,7 +16,9 @@ use kube::Resource;
 use serde::de::DeserializeOwned;
 
 use crate::ValidationError;
-use crate::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
+use crate::crd::{
+    AuthorizationPolicy, DestinationPolicy, HttpFault, PeerAuthentication, RateLimitPolicy,
+};
 use crate::policy;
 
 /// One Kubernetes object of a kind the mesh reads.
@@ -45,6 +47,8 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     /// `trellis.dev/v1alpha1` `RateLimitPolicy`.
     RateLimitPolicy(RateLimitPolicy),
+    /// `trellis.dev/v1alpha1` `HTTPFault`.
+    HttpFault(HttpFault),
 }
 
 /// A YAML document that is not an object of a kind the mesh reads.
@@ -76,7 +80,7 @@ pub const TRUST_BUNDLE_CONFIGMAP: &str = "trellis-ca-root";
 pub const TRUST_BUNDLE_KEY: &str = "root-cert.pem";
 
 /// The `(apiVersion, kind)` pairs that [`parse_documents`] reads.
-pub const KINDS: [(&str, &str); 10] = [
+pub const KINDS: [(&str, &str); 11] = [
     ("v1", "Service"),
     ("discovery.k8s.io/v1", "EndpointSlice"),
     ("v1", "ServiceAccount"),
@@ -87,6 +91,7 @@ pub const KINDS: [(&str, &str); 10] = [
     ("trellis.dev/v1alpha1", "PeerAuthentication"),
     ("trellis.dev/v1alpha1", "AuthorizationPolicy"),
     ("trellis.dev/v1alpha1", "RateLimitPolicy"),
+    ("trellis.dev/v1alpha1", "HTTPFault"),
 ];
 
 /// Parses every document of a multi-document YAML text, in order. Empty
@@ -113,6 +118,7 @@ impl Object {
             Object::PeerAuthentication(_) => "PeerAuthentication",
             Object::AuthorizationPolicy(_) => "AuthorizationPolicy",
             Object::RateLimitPolicy(_) => "RateLimitPolicy",
+            Object::HttpFault(_) => "HTTPFault",
         }
     }
 
@@ -129,6 +135,7 @@ impl Object {
             Object::PeerAuthentication(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::RateLimitPolicy(o) => o.meta(),
+            Object::HttpFault(o) => o.meta(),
         }
     }
 }
@@ -158,6 +165,7 @@ impl Object {
                 Object::AuthorizationPolicy(typed(value)?)
             }
             ("trellis.dev/v1alpha1", "RateLimitPolicy") => Object::RateLimitPolicy(typed(value)?),
+            ("trellis.dev/v1alpha1", "HTTPFault") => Object::HttpFault(typed(value)?),
             _ => return Ok(None),
         };
         Ok(Some(object))
@@ -183,6 +191,7 @@ impl Object {
             Object::PeerAuthentication(p) => Some(p.validate()),
             Object::AuthorizationPolicy(p) => policy::AuthorizationPolicy::from_crd(p).err(),
             Object::RateLimitPolicy(p) => policy::RateLimit::from_crd(p).err(),
+            Object::HttpFault(f) => Some(f.validate()),
             Object::Service(_)
             | Object::EndpointSlice(_)
             | Object::ServiceAccount(_)
@@ -325,6 +334,9 @@ impl Document<'_> {
             }
             ("trellis.dev/v1alpha1", "AuthorizationPolicy") => {
                 Object::AuthorizationPolicy(self.typed(document, start)?)
+            }
+            ("trellis.dev/v1alpha1", "HTTPFault") => {
+                Object::HttpFault(self.typed(document, start)?)
             }
             _ => {
                 let known = KINDS

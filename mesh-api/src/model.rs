@@ -317,9 +317,62 @@ pub enum RouteFilter {
     RequestRedirect(RequestRedirect),
     /// Rewrites the host and path the backend sees.
     UrlRewrite(UrlRewrite),
+    /// Injects an HTTPFault's delay and abort into a share of the
+    /// requests.
+    Fault(Fault),
     /// A filter the mesh cannot honour, with why. Gateway API forbids
     /// skipping a filter, so the requests it would have handled get 500.
     Unsupported(String),
+}
+
+/// The shares of the fault filters, in parts per million.
+pub const PER_MILLION: u32 = 1_000_000;
+
+/// An `HTTPFault`, as a route filter: `name` is `namespace/name`. A
+/// route converted alone names its faults without their settings; the
+/// control plane's index fills them in (or replaces the filter with
+/// [`RouteFilter::Unsupported`] when the HTTPFault does not exist).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    /// The HTTPFault, `namespace/name`.
+    pub name: String,
+    /// The delay, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// The abort, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// A delay for a share of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long.
+    pub delay_ms: u64,
+    /// The share delayed, in parts per million.
+    pub per_million: u32,
+}
+
+/// An abort for a share of the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// What the client gets.
+    pub status: AbortStatus,
+    /// The share aborted, in parts per million.
+    pub per_million: u32,
+}
+
+/// The answer of an abort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum AbortStatus {
+    /// An HTTP status, 400 to 599.
+    Http(u16),
+    /// A gRPC status, 1 to 16, in a trailers-only response.
+    Grpc(u32),
 }
 
 /// Header edits: `set` replaces (or adds) a header, `add` appends a value,

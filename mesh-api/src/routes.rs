@@ -59,6 +59,8 @@ mod filters;
 #[derive(Debug)]
 pub struct Check {
     object: String,
+    /// The object's namespace, where its references point by default.
+    namespace: String,
     errors: Vec<ValidationError>,
     unsupported: Vec<ValidationError>,
 }
@@ -68,6 +70,7 @@ impl Check {
     pub fn new(kind: &str, key: &Key) -> Self {
         Self {
             object: format!("{kind} \"{key}\""),
+            namespace: key.namespace.clone(),
             errors: Vec::new(),
             unsupported: Vec::new(),
         }

@@ -402,6 +402,34 @@ impl Validator<'_> {
                     path(self, &r.path, "requestRedirect");
                 }
                 RouteFilter::UrlRewrite(r) => path(self, &r.path, "urlRewrite"),
+                RouteFilter::Fault(fault) => {
+                    let shares = [
+                        fault.delay.map(|d| ("delay", d.per_million)),
+                        fault.abort.map(|a| ("abort", a.per_million)),
+                    ];
+                    for (field, share) in shares.into_iter().flatten() {
+                        if share > PER_MILLION {
+                            self.err(
+                                obj,
+                                format!("{at}.fault.{field}.perMillion"),
+                                format!("{share} is more than {PER_MILLION}"),
+                            );
+                        }
+                    }
+                    match fault.abort.map(|a| a.status) {
+                        Some(AbortStatus::Http(code)) if !(400..=599).contains(&code) => self.err(
+                            obj,
+                            format!("{at}.fault.abort.status"),
+                            format!("{code} is not an error status (400-599)"),
+                        ),
+                        Some(AbortStatus::Grpc(code)) if !(1..=16).contains(&code) => self.err(
+                            obj,
+                            format!("{at}.fault.abort.status"),
+                            format!("{code} is not a gRPC error status (1-16)"),
+                        ),
+                        _ => {}
+                    }
+                }
                 RouteFilter::Unsupported(_) => {}
             }
         }

@@ -243,6 +243,20 @@ fn filter_to_wire(f: &m::RouteFilter) -> w::RouteFilter {
             hostname: r.hostname.clone().unwrap_or_default(),
             path: r.path.as_ref().map(path_rewrite_to_wire),
         }),
+        m::RouteFilter::Fault(f) => Kind::Fault(w::Fault {
+            name: f.name.clone(),
+            delay: f.delay.map(|d| w::FaultDelay {
+                delay_ms: d.delay_ms,
+                per_million: d.per_million,
+            }),
+            abort: f.abort.map(|a| w::FaultAbort {
+                status: Some(match a.status {
+                    m::AbortStatus::Http(code) => w::fault_abort::Status::HttpStatus(code.into()),
+                    m::AbortStatus::Grpc(code) => w::fault_abort::Status::GrpcStatus(code),
+                }),
+                per_million: a.per_million,
+            }),
+        }),
         m::RouteFilter::Unsupported(why) => Kind::Unsupported(why.clone()),
     };
     w::RouteFilter { kind: Some(kind) }
@@ -664,6 +678,35 @@ fn filter_from_wire(f: &w::RouteFilter) -> Result<m::RouteFilter, Fault> {
         Some(Kind::UrlRewrite(r)) => m::RouteFilter::UrlRewrite(m::UrlRewrite {
             hostname: non_empty(&r.hostname),
             path: path_rewrite_from_wire(r.path.as_ref()),
+        }),
+        Some(Kind::Fault(f)) => m::RouteFilter::Fault(m::Fault {
+            name: f.name.clone(),
+            delay: f.delay.as_ref().map(|d| m::FaultDelay {
+                delay_ms: d.delay_ms,
+                per_million: d.per_million,
+            }),
+            abort: match &f.abort {
+                None => None,
+                Some(a) => Some(m::FaultAbort {
+                    status: match a.status {
+                        Some(w::fault_abort::Status::HttpStatus(code)) => {
+                            m::AbortStatus::Http(u16::try_from(code).map_err(|_| {
+                                Fault::new("fault.abort.http_status", Problem::BadStatus(code))
+                            })?)
+                        }
+                        Some(w::fault_abort::Status::GrpcStatus(code)) => {
+                            m::AbortStatus::Grpc(code)
+                        }
+                        None => {
+                            return Ok(m::RouteFilter::Unsupported(format!(
+                                "HTTPFault {}: an abort status this proxy does not know",
+                                f.name
+                            )));
+                        }
+                    },
+                    per_million: a.per_million,
+                }),
+            },
         }),
         Some(Kind::Unsupported(why)) => m::RouteFilter::Unsupported(why.clone()),
     })

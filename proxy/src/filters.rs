@@ -1,12 +1,15 @@
 //! Route filters, compiled: header modifiers, redirects and URL rewrites,
-//! with Gateway API's semantics. A rule's filters run when it matches; a
-//! backend's run after, on the requests sent to that backend.
+//! with Gateway API's semantics, and HTTPFaults. A rule's filters run
+//! when it matches; a backend's run after, on the requests sent to that
+//! backend.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri};
-use mesh_api::{HeaderModifier, PathRewrite, RouteFilter};
+use mesh_api::{AbortStatus, Fault, HeaderModifier, PER_MILLION, PathRewrite, RouteFilter};
+use rand::Rng;
 
 use crate::route::RouteError;
 
@@ -17,6 +20,25 @@ pub struct Filters {
     /// Why the requests get 500: a filter the mesh cannot honour.
     unsupported: Option<Arc<str>>,
     has_response: bool,
+    /// HTTPFaults, drawn for each request apart from the other filters:
+    /// their delay waits in the request's time.
+    faults: Vec<(Arc<str>, Fault)>,
+}
+
+/// The faults one request drew.
+#[derive(Debug, Default)]
+pub struct Injected {
+    /// How long to hold the request before anything else.
+    pub delay: Option<Duration>,
+    /// The answer instead of forwarding, and the HTTPFault that gave it.
+    pub abort: Option<(AbortStatus, Arc<str>)>,
+}
+
+impl Injected {
+    /// True when the request drew no fault.
+    pub fn is_none(&self) -> bool {
+        self.delay.is_none() && self.abort.is_none()
+    }
 }
 
 #[derive(Debug)]
@@ -101,6 +123,10 @@ impl Filters {
                         .transpose()?,
                     path: r.path.as_ref().map(path_edit),
                 },
+                RouteFilter::Fault(f) => {
+                    out.faults.push((Arc::from(f.name.as_str()), f.clone()));
+                    continue;
+                }
                 RouteFilter::Unsupported(why) => {
                     out.unsupported
                         .get_or_insert_with(|| Arc::from(why.as_str()));
@@ -112,7 +138,8 @@ impl Filters {
         Ok(out)
     }
 
-    /// True when there is nothing to do.
+    /// True when no header, redirect or rewrite filter applies (faults
+    /// are drawn apart, by [`Filters::draw_faults`]).
     pub fn is_empty(&self) -> bool {
         self.list.is_empty() && self.unsupported.is_none()
     }
@@ -150,6 +177,25 @@ impl Filters {
         Outcome::Forward
     }
 
+    /// Draws the faults for one request into `into`: every delay that
+    /// hits adds up, and the first abort that hits holds.
+    pub fn draw_faults(&self, into: &mut Injected) {
+        for (name, f) in &self.faults {
+            if let Some(d) = f.delay
+                && hits(d.per_million)
+            {
+                let delay = Duration::from_millis(d.delay_ms);
+                into.delay = Some(into.delay.unwrap_or_default() + delay);
+            }
+            if into.abort.is_none()
+                && let Some(a) = f.abort
+                && hits(a.per_million)
+            {
+                into.abort = Some((a.status, name.clone()));
+            }
+        }
+    }
+
     /// Applies the response-side filters to a response's headers.
     pub fn on_response(&self, headers: &mut HeaderMap) {
         if !self.has_response {
@@ -161,6 +207,12 @@ impl Filters {
             }
         }
     }
+}
+
+/// Whether a request falls in a share of `per_million`.
+fn hits(per_million: u32) -> bool {
+    per_million >= PER_MILLION
+        || (per_million > 0 && rand::rng().random_range(0..PER_MILLION) < per_million)
 }
 
 impl HeaderEdits {

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use mesh_api::Protocol;
+use mesh_api::{AbortStatus, Protocol};
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
@@ -23,7 +23,7 @@ use tracing::debug;
 use crate::balance::Pick;
 use crate::body::{OnEnd, RequestBody, ResponseBody};
 use crate::conn::{Conn, Dest};
-use crate::filters::{Filters, Outcome};
+use crate::filters::{Filters, Injected, Outcome};
 use crate::pool::{self, ConnectError};
 use crate::resilience::breaker::{Breaker, Limit, OVERLOADED_HEADER, Overflow, Slot};
 use crate::resilience::outlier;
@@ -34,8 +34,8 @@ use crate::resilience::timeout::{self, Deadlines};
 use crate::route::{RequestParts, Rule};
 use crate::snapshot::{BackendEntry, Snapshot};
 use crate::telemetry::{
-    self, AccessFields, Dims, FLAG_NO_HEALTHY_UPSTREAM, FLAG_NO_ROUTE, FLAG_OVERFLOW,
-    FLAG_UPSTREAM_FAILURE, FLAG_UPSTREAM_TIMEOUT, RequestRecord,
+    self, AccessFields, Dims, FLAG_DELAY_INJECTED, FLAG_FAULT_INJECTED, FLAG_NO_HEALTHY_UPSTREAM,
+    FLAG_NO_ROUTE, FLAG_OVERFLOW, FLAG_UPSTREAM_FAILURE, FLAG_UPSTREAM_TIMEOUT, RequestRecord,
 };
 
 /// Serves HTTP/1 on `io` until the client closes or the proxy drains.
@@ -263,6 +263,8 @@ struct Routed {
     /// The backend, for retries' endpoints and budget; `None` for a
     /// passthrough destination.
     backend: Option<Arc<BackendEntry>>,
+    /// The HTTPFaults the request drew.
+    fault: Injected,
 }
 
 /// A response the proxy gives instead of forwarding.
@@ -324,10 +326,12 @@ async fn route(
                 protocol: Protocol::Auto,
                 rule: None,
                 backend: None,
+                fault: Injected::default(),
             });
         }
         Dest::Service(svc, port) => (svc, port),
     };
+    let mut fault = Injected::default();
     let (backend, rule) = if !svc.routes.binds(port) {
         let port = svc.port_or_first(port);
         let backend = port.and_then(|p| p.backend.as_ref()).ok_or_else(|| {
@@ -368,6 +372,8 @@ async fn route(
                 Answer::error(StatusCode::INTERNAL_SERVER_ERROR, msg)
             })?;
         filter(&rule.route, filters, req, matched.prefix, default_port)?;
+        rule.filters.draw_faults(&mut fault);
+        filters.draw_faults(&mut fault);
         (backend.clone(), Some((rule.clone(), i)))
     };
     let pick = backend.pick(None).ok_or_else(|| {
@@ -383,6 +389,7 @@ async fn route(
         protocol: backend.protocol,
         rule,
         backend: Some(backend),
+        fault,
     })
 }
 
@@ -422,6 +429,7 @@ async fn forward(
         protocol,
         rule,
         backend,
+        fault,
     } = routed;
     let upgrade = is_upgrade(&req);
     let h2 = match protocol {
@@ -452,6 +460,13 @@ async fn forward(
             Some(Deadlines::new(arrived, &timeouts, grpc_timeout)).filter(|d| !d.is_none())
         }
     };
+    if !fault.is_none() {
+        let deadline = deadlines.and_then(|d| d.request());
+        record = match inject(fault, deadline, &route, grpc, record).await {
+            Ok(record) => record,
+            Err(answer) => return answer,
+        };
+    }
     let policy = rule.as_ref().and_then(|(r, _)| r.retry.as_ref());
     let request_slot = match &backend {
         Some(b) => match b.breaker.acquire(Limit::Requests) {
@@ -630,14 +645,8 @@ async fn forward(
                     return local(status, &format!("upstream {addr}: {e}"), record);
                 }
                 Failure::Timeout(a) => {
-                    let message = a.message(&route);
-                    debug!(upstream = %addr, "{message}");
-                    record.flags = FLAG_UPSTREAM_TIMEOUT;
-                    return if grpc {
-                        grpc_local(4, &message, record)
-                    } else {
-                        local(StatusCode::GATEWAY_TIMEOUT, &message, record)
-                    };
+                    debug!(upstream = %addr, "{}", a.message(&route));
+                    return timed_out(a, &route, grpc, record);
                 }
             }
         };
@@ -692,6 +701,58 @@ async fn forward(
             Some((at, message)) => body.deadline(at, grpc, message),
             None => body,
         }
+    })
+}
+
+/// The answer when deadline `a` passed before a response came.
+fn timed_out(
+    a: timeout::AttemptDeadline,
+    route: &str,
+    grpc: bool,
+    mut record: RequestRecord,
+) -> Response<ResponseBody> {
+    let message = a.message(route);
+    record.flags = FLAG_UPSTREAM_TIMEOUT;
+    if grpc {
+        grpc_local(4, &message, record)
+    } else {
+        local(StatusCode::GATEWAY_TIMEOUT, &message, record)
+    }
+}
+
+/// Injects the faults a request drew: holds it for the delay (cut short
+/// by the request's `deadline`, which then answers as a timeout), then
+/// answers the abort. The record back when the request goes on.
+async fn inject(
+    fault: Injected,
+    deadline: Option<timeout::AttemptDeadline>,
+    route: &str,
+    grpc: bool,
+    mut record: RequestRecord,
+) -> Result<RequestRecord, Response<ResponseBody>> {
+    if let Some(delay) = fault.delay {
+        record.flags = FLAG_DELAY_INJECTED;
+        let until = tokio::time::Instant::now() + delay;
+        match deadline {
+            Some(a) if a.at <= until => {
+                tokio::time::sleep_until(a.at).await;
+                return Err(timed_out(a, route, grpc, record));
+            }
+            _ => tokio::time::sleep_until(until).await,
+        }
+    }
+    let Some((status, name)) = fault.abort else {
+        return Ok(record);
+    };
+    record.flags = FLAG_FAULT_INJECTED;
+    let message = format!("fault injected by HTTPFault {name}");
+    Err(match status {
+        AbortStatus::Grpc(code) => grpc_local(u16::try_from(code).unwrap_or(2), &message, record),
+        AbortStatus::Http(code) => local(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &message,
+            record,
+        ),
     })
 }
 

@@ -47,6 +47,10 @@ pub const FLAG_UPSTREAM_FAILURE: &str = "UF";
 pub const FLAG_OVERFLOW: &str = "UO";
 /// `response_flags`: the backend had no endpoint to send to.
 pub const FLAG_NO_HEALTHY_UPSTREAM: &str = "UH";
+/// `response_flags`: an HTTPFault delayed the request.
+pub const FLAG_DELAY_INJECTED: &str = "DI";
+/// `response_flags`: an HTTPFault aborted the request.
+pub const FLAG_FAULT_INJECTED: &str = "FI";
 
 const DURATION_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

@@ -877,3 +877,104 @@ fn deleting_a_grpc_route_removes_its_routes() {
         "an HTTPRoute of that name never existed"
     );
 }
+
+fn fault(ns: &str, name: &str, spec: &str) -> HttpFault {
+    obj(&format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: HTTPFault\n\
+         metadata: {{ name: {name}, namespace: {ns} }}\nspec: {spec}\n"
+    ))
+}
+
+/// The fault filters of the first rule of `service`'s first route, as a
+/// client in the service's namespace gets them.
+fn rule_filters(index: &Index, service: &Key) -> Vec<mesh_api::RouteFilter> {
+    let svc = index.outbound(service, &service.namespace).unwrap().service;
+    svc.routes[0].rules[0].filters.clone()
+}
+
+#[test]
+fn an_extension_ref_to_an_http_fault_carries_its_settings_and_follows_it() {
+    let mut index = mesh();
+    let reviews = key("bookinfo", "reviews");
+    let faulted = "  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: { group: trellis.dev, kind: HTTPFault, name: flaky }\n\
+                   \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "faulted", "reviews", faulted))
+        .unwrap();
+    // Named before it exists: the rule answers 500 rather than skip it.
+    assert_eq!(
+        rule_filters(&index, &reviews),
+        [mesh_api::RouteFilter::Unsupported(
+            "HTTPFault bookinfo/flaky does not exist".into()
+        )]
+    );
+    assert_eq!(index.errors().count(), 0, "the route itself is fine");
+
+    let changed = index
+        .apply(fault(
+            "bookinfo",
+            "flaky",
+            "{ abort: { httpStatus: 503, percent: 10 } }",
+        ))
+        .unwrap();
+    assert!(changed.services.contains(&reviews), "{changed:?}");
+    let abort = mesh_api::FaultAbort {
+        status: mesh_api::AbortStatus::Http(503),
+        per_million: 100_000,
+    };
+    assert_eq!(
+        rule_filters(&index, &reviews),
+        [mesh_api::RouteFilter::Fault(mesh_api::Fault {
+            name: "bookinfo/flaky".into(),
+            delay: None,
+            abort: Some(abort),
+        })]
+    );
+    index.proxy_config("bookinfo").validate().unwrap();
+
+    // An invalid edit is refused and the last good version stays.
+    let refused = index
+        .apply(fault("bookinfo", "flaky", "{ abort: { httpStatus: 200 } }"))
+        .unwrap_err();
+    assert_eq!(refused.errors[0].field, "spec.abort.httpStatus");
+    assert!(matches!(
+        &rule_filters(&index, &reviews)[0],
+        mesh_api::RouteFilter::Fault(f) if f.abort == Some(abort)
+    ));
+
+    // A fault nobody names changes no service; deleting the named one
+    // changes reviews back to 500.
+    let other = index
+        .apply(fault("bookinfo", "unused", "{ delay: { fixedDelay: 1s } }"))
+        .unwrap();
+    assert!(other.services.is_empty(), "{other:?}");
+    let gone = index.delete::<HttpFault>(&key("bookinfo", "flaky"));
+    assert!(gone.services.contains(&reviews));
+    assert!(matches!(
+        &rule_filters(&index, &reviews)[0],
+        mesh_api::RouteFilter::Unsupported(_)
+    ));
+}
+
+#[test]
+fn an_extension_ref_of_another_kind_is_applied_as_500_and_reported() {
+    let mut index = mesh();
+    let other = "  rules:\n  - filters:\n    - type: ExtensionRef\n      extensionRef: { group: example.com, kind: Lua, name: script }\n\
+                 \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "lua", "reviews", other))
+        .unwrap();
+    let reported: Vec<String> = index
+        .errors()
+        .flat_map(|(_, _, errors)| errors.iter().map(|e| e.reason.clone()))
+        .collect();
+    assert_eq!(reported.len(), 1);
+    assert!(
+        reported[0].contains("the mesh's only extension filter is HTTPFault"),
+        "{reported:?}"
+    );
+    assert!(matches!(
+        &rule_filters(&index, &key("bookinfo", "reviews"))[0],
+        mesh_api::RouteFilter::Unsupported(_)
+    ));
+}

@@ -26,7 +26,9 @@ use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use mesh_api::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
+use mesh_api::crd::{
+    AuthorizationPolicy, DestinationPolicy, HttpFault, PeerAuthentication, RateLimitPolicy,
+};
 use mesh_api::k8s::{Object, parse_documents};
 
 use crate::index::{Changed, Index, Key, Kind, Refused, key_of};
@@ -305,6 +307,7 @@ fn apply(index: &mut Index, object: Object) -> Result<Changed, Refused> {
         Object::AuthorizationPolicy(o) => index.apply(o),
         Object::RateLimitPolicy(o) => index.apply(o),
         Object::GrpcRoute(o) => index.apply(o),
+        Object::HttpFault(o) => index.apply(o),
         // `ObjectId::of` lets only the kinds above in.
         Object::ServiceAccount(_) => Ok(Changed::default()),
     }
@@ -325,6 +328,7 @@ impl ObjectId {
             Object::AuthorizationPolicy(_) => 6,
             Object::RateLimitPolicy(_) => 7,
             Object::GrpcRoute(_) => 8,
+            Object::HttpFault(_) => 9,
             Object::ServiceAccount(_) => return None,
         };
         Some(ObjectId {
@@ -346,7 +350,8 @@ impl ObjectId {
             5 => delete::<PeerAuthentication>(index, &self.key),
             6 => delete::<AuthorizationPolicy>(index, &self.key),
             7 => delete::<RateLimitPolicy>(index, &self.key),
-            _ => delete::<GrpcRoute>(index, &self.key),
+            8 => delete::<GrpcRoute>(index, &self.key),
+            _ => delete::<HttpFault>(index, &self.key),
         }
     }
 }

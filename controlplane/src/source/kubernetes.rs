@@ -89,8 +89,12 @@ pub struct Apis {
     pub http_routes: bool,
     /// `gateway.networking.k8s.io/v1` GRPCRoute.
     pub grpc_routes: bool,
-    /// The `trellis.dev/v1alpha1` CRDs (all four, from `deploy/crds`).
+    /// The `trellis.dev/v1alpha1` policy CRDs (all four, from
+    /// `deploy/crds`).
     pub trellis: bool,
+    /// `trellis.dev/v1alpha1` HTTPFault, apart from the policies: a
+    /// cluster whose CRDs predate it still gets its policies watched.
+    pub faults: bool,
 }
 
 /// Whether every watcher has listed its kind once.
@@ -177,6 +181,7 @@ pub async fn discover(client: &Client) -> Result<Apis, KubeError> {
         http_routes: serves("gateway.networking.k8s.io/v1", "httproutes").await?,
         grpc_routes: serves("gateway.networking.k8s.io/v1", "grpcroutes").await?,
         trellis,
+        faults: serves("trellis.dev/v1alpha1", "httpfaults").await?,
     })
 }
 
@@ -194,6 +199,7 @@ pub async fn start(
         http_routes = apis.http_routes,
         grpc_routes = apis.grpc_routes,
         trellis_crds = apis.trellis,
+        http_faults = apis.faults,
         namespace_selector = selector.unwrap_or("(every namespace)"),
         "watching the Kubernetes API"
     );
@@ -212,6 +218,11 @@ pub async fn start(
             "the API server does not serve the trellis.dev/v1alpha1 CRDs: DestinationPolicy, PeerAuthentication, AuthorizationPolicy and RateLimitPolicy are not watched (mTLS is STRICT everywhere); apply deploy/crds to use them"
         );
     }
+    if apis.trellis && !apis.faults {
+        warn!(
+            "the API server does not serve HTTPFault (trellis.dev/v1alpha1): route filters that reference one answer 500; apply deploy/crds to inject faults"
+        );
+    }
     let namespaces = match selector {
         Some(selector) => Namespaces::watch(&client, selector).await?,
         None => Namespaces::all(),
@@ -219,7 +230,8 @@ pub async fn start(
     let watchers = 3
         + usize::from(apis.http_routes)
         + usize::from(apis.grpc_routes)
-        + 4 * usize::from(apis.trellis);
+        + 4 * usize::from(apis.trellis)
+        + usize::from(apis.faults);
     let ready = Readiness::new(watchers);
     let watching = Watching {
         server,
@@ -256,6 +268,9 @@ pub async fn start(
         stores.peer_authentication = Some(watching.reported(&client));
         stores.authorization = Some(watching.reported(&client));
         stores.rate_limit = Some(watching.reported(&client));
+    }
+    if apis.faults {
+        stores.faults = Some(watching.reported(&client));
     }
     Ok((watching.ready, stores))
 }

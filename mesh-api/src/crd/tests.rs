@@ -311,6 +311,7 @@ fn manifests_are_named_for_the_crd_and_carry_the_header() {
             "peerauthentications.trellis.dev.yaml",
             "authorizationpolicies.trellis.dev.yaml",
             "ratelimitpolicies.trellis.dev.yaml",
+            "httpfaults.trellis.dev.yaml",
             "httproutes.gateway.networking.k8s.io.yaml",
             "grpcroutes.gateway.networking.k8s.io.yaml",
         ]
@@ -508,5 +509,93 @@ spec:
             min_per_second: 0,
             ttl_ms: 60_000
         }
+    );
+}
+
+#[test]
+fn http_fault_reads_shares_and_statuses() {
+    let fault: HttpFault = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: HTTPFault
+metadata: { name: flaky, namespace: shop }
+spec:
+  delay: { fixedDelay: 1500ms, fraction: { numerator: 1, denominator: 1000 } }
+  abort: { grpcStatus: 14, percent: 25 }
+",
+    );
+    assert!(fault.validate().is_empty(), "{:?}", fault.validate());
+    let model = fault.to_model("shop/flaky".into());
+    assert_eq!(
+        model,
+        crate::Fault {
+            name: "shop/flaky".into(),
+            delay: Some(crate::FaultDelay {
+                delay_ms: 1500,
+                per_million: 1000
+            }),
+            abort: Some(crate::FaultAbort {
+                status: crate::AbortStatus::Grpc(14),
+                per_million: 250_000
+            }),
+        }
+    );
+    // Without a share, every request.
+    let all: HttpFault = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: HTTPFault
+metadata: { name: all, namespace: shop }
+spec: { abort: { httpStatus: 503 } }
+",
+    );
+    let abort = all.to_model("shop/all".into()).abort.unwrap();
+    assert_eq!(abort.status, crate::AbortStatus::Http(503));
+    assert_eq!(abort.per_million, crate::PER_MILLION);
+}
+
+#[test]
+fn http_fault_reports_every_bad_field() {
+    let empty: HttpFault = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: HTTPFault
+metadata: { name: empty, namespace: shop }
+spec: {}
+",
+    );
+    assert_eq!(
+        fields("HTTPFault \"shop/empty\"", empty.validate()),
+        ["spec"]
+    );
+    let bad: HttpFault = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: HTTPFault
+metadata: { name: bad, namespace: shop }
+spec:
+  delay: { fixedDelay: 2h, percent: 101 }
+  abort: { httpStatus: 200, fraction: { numerator: 3, denominator: 2 } }
+",
+    );
+    let errors = bad.validate();
+    let reasons: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(
+        fields("HTTPFault \"shop/bad\"", errors),
+        [
+            "spec.delay.fixedDelay",
+            "spec.delay.percent",
+            "spec.abort.httpStatus",
+            "spec.abort.fraction.numerator"
+        ],
+        "{reasons:#?}"
+    );
+    let both: HttpFault = policy(
+        "apiVersion: trellis.dev/v1alpha1
+kind: HTTPFault
+metadata: { name: both, namespace: shop }
+spec:
+  abort: { httpStatus: 503, grpcStatus: 14, percent: 5, fraction: { numerator: 1 } }
+",
+    );
+    assert_eq!(
+        fields("HTTPFault \"shop/both\"", both.validate()),
+        ["spec.abort", "spec.abort"]
     );
 }

@@ -9,8 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Resource;
 
 use super::{
-    AuthorizationAction, AuthorizationPolicy, DestinationPolicy, GATEWAY_API_GROUP,
-    PeerAuthentication, RateLimitPolicy, WorkloadSelector,
+    AuthorizationAction, AuthorizationPolicy, DestinationPolicy, Fraction, GATEWAY_API_GROUP,
+    HttpFault, PeerAuthentication, RateLimitPolicy, WorkloadSelector,
 };
 use crate::ValidationError;
 use crate::policy::{check_per, parse_duration};
@@ -241,6 +241,91 @@ impl RateLimitPolicy {
     }
 }
 
+/// The longest delay an HTTPFault may inject.
+pub const MAX_FAULT_DELAY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl HttpFault {
+    /// Checks the fault and returns every broken rule; empty when valid.
+    pub fn validate(&self) -> Vec<ValidationError> {
+        let mut v = Errors::new(self);
+        let spec = &self.spec;
+        if spec.delay.is_none() && spec.abort.is_none() {
+            v.err("spec", "set delay, abort or both: this fault does nothing");
+        }
+        if let Some(d) = &spec.delay {
+            match parse_duration(&d.fixed_delay) {
+                Ok(t) if t.is_zero() => v.err("spec.delay.fixedDelay", "must be more than 0s"),
+                Ok(t) if t > MAX_FAULT_DELAY => {
+                    v.err("spec.delay.fixedDelay", "must be at most 1h")
+                }
+                Ok(_) => {}
+                Err(reason) => v.err(
+                    "spec.delay.fixedDelay",
+                    format!("{:?}: {reason}", d.fixed_delay),
+                ),
+            }
+            v.share("spec.delay", d.percent, d.fraction.as_ref());
+        }
+        if let Some(a) = &spec.abort {
+            match (a.http_status, a.grpc_status) {
+                (Some(_), Some(_)) => v.err("spec.abort", "set httpStatus or grpcStatus, not both"),
+                (None, None) => v.err("spec.abort", "set httpStatus or grpcStatus"),
+                (Some(code), None) if !(400..=599).contains(&code) => v.err(
+                    "spec.abort.httpStatus",
+                    format!("{code} is not an error status (400-599)"),
+                ),
+                (None, Some(code)) if !(1..=16).contains(&code) => v.err(
+                    "spec.abort.grpcStatus",
+                    format!("{code} is not a gRPC error status (1-16; 0 is OK)"),
+                ),
+                _ => {}
+            }
+            v.share("spec.abort", a.percent, a.fraction.as_ref());
+        }
+        v.errors
+    }
+
+    /// The fault as a route filter, named `namespace/name`. Call on a
+    /// valid fault (what is invalid reads as no delay or no abort).
+    pub fn to_model(&self, name: String) -> crate::Fault {
+        let spec = &self.spec;
+        crate::Fault {
+            name,
+            delay: spec.delay.as_ref().and_then(|d| {
+                let t = parse_duration(&d.fixed_delay).ok()?;
+                Some(crate::FaultDelay {
+                    delay_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+                    per_million: per_million(d.percent, d.fraction.as_ref()),
+                })
+            }),
+            abort: spec.abort.as_ref().and_then(|a| {
+                let status = match (a.http_status, a.grpc_status) {
+                    (Some(code), None) => crate::AbortStatus::Http(code),
+                    (None, Some(code)) => crate::AbortStatus::Grpc(code),
+                    _ => return None,
+                };
+                Some(crate::FaultAbort {
+                    status,
+                    per_million: per_million(a.percent, a.fraction.as_ref()),
+                })
+            }),
+        }
+    }
+}
+
+/// A share given as a percent or a fraction (neither is all), in parts
+/// per million.
+pub fn per_million(percent: Option<u32>, fraction: Option<&Fraction>) -> u32 {
+    let share = match (percent, fraction) {
+        (Some(p), _) => u64::from(p) * 10_000,
+        (None, Some(f)) if f.denominator > 0 => {
+            u64::from(f.numerator) * u64::from(crate::PER_MILLION) / u64::from(f.denominator)
+        }
+        _ => u64::from(crate::PER_MILLION),
+    };
+    u32::try_from(share.min(u64::from(crate::PER_MILLION))).unwrap_or(crate::PER_MILLION)
+}
+
 /// The errors found in one object. Shared with the validation of the
 /// normalized policy model, which checks the same fields.
 pub(crate) struct Errors {
@@ -293,6 +378,27 @@ impl Errors {
             field: field.into(),
             reason: reason.into(),
         });
+    }
+
+    /// Checks a share given as `{at}.percent` or `{at}.fraction`.
+    pub(crate) fn share(&mut self, at: &str, percent: Option<u32>, fraction: Option<&Fraction>) {
+        match (percent, fraction) {
+            (Some(_), Some(_)) => self.err(at, "set percent or fraction, not both"),
+            (Some(p), None) if p > 100 => {
+                self.err(format!("{at}.percent"), format!("{p} is more than 100"))
+            }
+            (None, Some(f)) if f.denominator == 0 => {
+                self.err(format!("{at}.fraction.denominator"), "must be at least 1")
+            }
+            (None, Some(f)) if f.numerator > f.denominator => self.err(
+                format!("{at}.fraction.numerator"),
+                format!(
+                    "{} is more than the denominator, {}",
+                    f.numerator, f.denominator
+                ),
+            ),
+            _ => {}
+        }
     }
 
     fn selector(&mut self, selector: &WorkloadSelector) {
@@ -472,7 +578,7 @@ fn is_method(s: &str) -> bool {
 }
 
 /// RFC 1123 subdomain: what Kubernetes requires of most object names.
-fn is_dns_subdomain(s: &str) -> bool {
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
     s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 

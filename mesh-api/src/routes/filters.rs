@@ -173,14 +173,33 @@ fn convert_filter(
         }
         T::RequestMirror => c.unsupported(at, "the RequestMirror filter is not supported yet"),
         T::ExtensionRef => {
-            let what = f.extension_ref.map_or_else(
-                || "an extensionRef".to_owned(),
-                |r| format!("{} {:?} of group {:?}", r.kind, r.name, r.group),
-            );
-            c.unsupported(
-                at,
-                format!("{what}: the mesh supports no extension filter yet"),
-            )
+            let Some(r) = f.extension_ref else {
+                return missing(c, "extensionRef");
+            };
+            if r.group == crate::crd::GROUP && r.kind == "HTTPFault" {
+                if !crate::crd::validate::is_dns_subdomain(&r.name) {
+                    c.err(
+                        format!("{at}.extensionRef.name"),
+                        format!("{:?} is not an object name", r.name),
+                    );
+                }
+                // The index fills in the fault's settings.
+                RouteFilter::Fault(crate::Fault {
+                    name: format!("{}/{}", c.namespace, r.name),
+                    ..Default::default()
+                })
+            } else {
+                c.unsupported(
+                    at,
+                    format!(
+                        "{} {:?} of group {:?}: the mesh's only extension filter is HTTPFault of group {:?}",
+                        r.kind,
+                        r.name,
+                        r.group,
+                        crate::crd::GROUP
+                    ),
+                )
+            }
         }
         T::Cors => c.unsupported(at, "the CORS filter is not supported"),
         T::ExternalAuth => c.unsupported(at, "the ExternalAuth filter is not supported"),

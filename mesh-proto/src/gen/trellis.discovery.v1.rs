@@ -192,7 +192,7 @@ pub struct Retry {
 /// requests with 500, as for `unsupported`, never skip it.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouteFilter {
-    #[prost(oneof = "route_filter::Kind", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "route_filter::Kind", tags = "1, 2, 3, 4, 5, 6")]
     pub kind: ::core::option::Option<route_filter::Kind>,
 }
 /// Nested message and enum types in `RouteFilter`.
@@ -210,6 +210,47 @@ pub mod route_filter {
         /// Why the control plane could not translate the filter.
         #[prost(string, tag = "5")]
         Unsupported(::prost::alloc::string::String),
+        #[prost(message, tag = "6")]
+        Fault(super::Fault),
+    }
+}
+/// An HTTPFault's delay and abort, each for a share of the requests.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Fault {
+    /// namespace/name of the HTTPFault.
+    #[prost(string, tag = "1")]
+    pub name: ::prost::alloc::string::String,
+    #[prost(message, optional, tag = "2")]
+    pub delay: ::core::option::Option<FaultDelay>,
+    #[prost(message, optional, tag = "3")]
+    pub abort: ::core::option::Option<FaultAbort>,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FaultDelay {
+    #[prost(uint64, tag = "1")]
+    pub delay_ms: u64,
+    /// The share delayed, in parts per million.
+    #[prost(uint32, tag = "2")]
+    pub per_million: u32,
+}
+#[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct FaultAbort {
+    /// The share aborted, in parts per million.
+    #[prost(uint32, tag = "3")]
+    pub per_million: u32,
+    #[prost(oneof = "fault_abort::Status", tags = "1, 2")]
+    pub status: ::core::option::Option<fault_abort::Status>,
+}
+/// Nested message and enum types in `FaultAbort`.
+pub mod fault_abort {
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Status {
+        /// 400 to 599.
+        #[prost(uint32, tag = "1")]
+        HttpStatus(u32),
+        /// 1 to 16, in a trailers-only response.
+        #[prost(uint32, tag = "2")]
+        GrpcStatus(u32),
     }
 }
 #[derive(Clone, PartialEq, ::prost::Message)]

@@ -66,12 +66,17 @@ impl Deadlines {
         self.request.is_none() && self.backend.is_none()
     }
 
+    /// The request's own deadline, without the backend timeout: what
+    /// bounds the time before any attempt (an injected delay).
+    pub fn request(&self) -> Option<AttemptDeadline> {
+        self.request
+            .map(|(at, after, source)| AttemptDeadline { at, after, source })
+    }
+
     /// The deadline of an attempt sent at `now`: the earlier of the
     /// request's and `now` plus the backend timeout.
     pub fn attempt(&self, now: Instant) -> Option<AttemptDeadline> {
-        let request = self
-            .request
-            .map(|(at, after, source)| AttemptDeadline { at, after, source });
+        let request = self.request();
         let backend = self.backend.map(|after| AttemptDeadline {
             at: now + after,
             after,

@@ -32,7 +32,9 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
-use mesh_api::crd::{AuthorizationPolicy, DestinationPolicy, PeerAuthentication, RateLimitPolicy};
+use mesh_api::crd::{
+    AuthorizationPolicy, DestinationPolicy, HttpFault, PeerAuthentication, RateLimitPolicy,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -85,6 +87,8 @@ pub struct Stores {
     pub authorization: Option<Store<AuthorizationPolicy>>,
     /// RateLimitPolicies.
     pub rate_limit: Option<Store<RateLimitPolicy>>,
+    /// HTTPFaults.
+    pub faults: Option<Store<HttpFault>>,
 }
 
 /// Where status patches and Events go: the API server, or a recorder in
@@ -208,6 +212,7 @@ pub async fn reconcile(
     r.kind(s.peer_authentication.as_ref()).await;
     r.kind(s.authorization.as_ref()).await;
     r.kind(s.rate_limit.as_ref()).await;
+    r.kind(s.faults.as_ref()).await;
 }
 
 struct Round<'a, W> {
@@ -476,7 +481,8 @@ reported_policy!(
     DestinationPolicy,
     PeerAuthentication,
     AuthorizationPolicy,
-    RateLimitPolicy
+    RateLimitPolicy,
+    HttpFault
 );
 
 #[cfg(test)]
