@@ -498,13 +498,19 @@ spec:
         "injected by meshctl, then by the webhook"
     );
     let api = &api;
-    wait_for(
+    let ready = wait_for(
         "the twice-admitted pod to be Ready",
         ROLLOUT_TIMEOUT,
         || async move { Ok(is_ready(&call(api.get("twice")).await?)) },
     )
-    .await
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    .await;
+    if let Err(e) = ready {
+        let status = call(api.get("twice")).await.ok().map(|p| p.status);
+        panic!(
+            "{e:#}; its status: {}",
+            serde_json::to_string(&status).unwrap_or_default()
+        );
+    }
 }
 
 /// With the injector scaled to 0, pod creation in a labelled namespace is

@@ -29,6 +29,9 @@ const API_TIMEOUT: Duration = Duration::from_secs(20);
 /// The field manager of the tests' server-side applies.
 const FIELD_MANAGER: &str = "trellis-e2e";
 
+/// The longest `meshctl` output a test prints whole.
+const MAX_PRINTED_LINES: usize = 40;
+
 /// The cluster under test.
 pub struct Cluster {
     pub client: Client,
@@ -408,18 +411,67 @@ impl TestNamespace {
         Ok(())
     }
 
-    /// Deletes the namespace and waits until it is gone.
+    /// Deletes the namespace and waits until it is gone; if it does not
+    /// go, the error says what still holds it.
     pub async fn delete(self, timeout: Duration) -> anyhow::Result<()> {
         let api = Api::<Namespace>::all(self.client.clone());
         call(api.delete(&self.name, &DeleteParams::default())).await?;
-        wait_for(
+        let gone = wait_for(
             &format!("namespace {} to go", self.name),
             timeout,
             || async { Ok(call(api.get_opt(&self.name)).await?.is_none()) },
         )
-        .await?;
+        .await;
+        if let Err(e) = gone {
+            return Err(e.context(self.leftovers(&api).await));
+        }
         std::mem::forget(self);
         Ok(())
+    }
+
+    /// The namespace's conditions and the pods left in it, for an error.
+    async fn leftovers(&self, api: &Api<Namespace>) -> String {
+        let conditions = match call(api.get_opt(&self.name)).await {
+            Ok(Some(ns)) => ns
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{} {}: {}",
+                        c.type_,
+                        c.status,
+                        c.message.as_deref().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+            Ok(None) => "gone".to_owned(),
+            Err(e) => format!("unknown ({e:#})"),
+        };
+        let pods = match call(self.api::<Pod>().list(&ListParams::default())).await {
+            Ok(list) => list
+                .items
+                .iter()
+                .map(|p| {
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    let deleting = p.metadata.deletion_timestamp.is_some();
+                    format!(
+                        "{} ({}{})",
+                        p.metadata.name.as_deref().unwrap_or("?"),
+                        phase.unwrap_or("no phase"),
+                        if deleting { ", terminating" } else { "" }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            Err(e) => format!("unknown ({e:#})"),
+        };
+        format!(
+            "namespace {}: conditions [{conditions}], pods [{pods}]",
+            self.name
+        )
     }
 }
 
@@ -531,7 +583,17 @@ pub fn meshctl_with(args: &[&str], stdin: Option<&str>) -> String {
         out.status.success(),
         "meshctl {args:?} failed:\n{stdout}\n{stderr}"
     );
-    println!("meshctl {}:\n{stderr}{stdout}", args.join(" "));
+    // A long output (`meshctl inject`'s YAML) is cut to a line count, so
+    // that a later failure stays in the tail of CI's log.
+    let lines = stdout.lines().count();
+    if lines <= MAX_PRINTED_LINES {
+        println!("meshctl {}:\n{stderr}{stdout}", args.join(" "));
+    } else {
+        println!(
+            "meshctl {}:\n{stderr}({lines} lines of output)",
+            args.join(" ")
+        );
+    }
     stdout
 }
 
