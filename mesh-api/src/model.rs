@@ -320,6 +320,9 @@ pub enum RouteFilter {
     /// Injects an HTTPFault's delay and abort into a share of the
     /// requests.
     Fault(Fault),
+    /// Sends a copy of a share of the requests to another backend, its
+    /// response thrown away.
+    RequestMirror(RequestMirror),
     /// A filter the mesh cannot honour, with why. Gateway API forbids
     /// skipping a filter, so the requests it would have handled get 500.
     Unsupported(String),
@@ -363,6 +366,22 @@ pub struct FaultAbort {
     pub status: AbortStatus,
     /// The share aborted, in parts per million.
     pub per_million: u32,
+}
+
+/// A mirror (GEP-3171): a copy of a share of the requests goes to one
+/// endpoint of `backend`, fire and forget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestMirror {
+    /// Name of a [`Backend`].
+    pub backend: String,
+    /// The share mirrored, in parts per million.
+    #[serde(default = "all")]
+    pub per_million: u32,
+}
+
+fn all() -> u32 {
+    PER_MILLION
 }
 
 /// The answer of an abort.

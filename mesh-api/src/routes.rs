@@ -366,11 +366,21 @@ where
                 .enumerate()
                 .map(|(m, mat)| convert_match(&mut c, &format!("{at}.matches[{m}]"), mat))
                 .collect();
-            let filters = filters::convert_filters(&mut c, &at, rule.filters, &matches);
+            let mut place = filters::Place {
+                route: key,
+                matches: &matches,
+                backends: &mut backends,
+            };
+            let filters = filters::convert_filters(&mut c, &at, rule.filters, &mut place);
             let mut refs = Vec::new();
             for (b, (r, f)) in rule.backend_refs.into_iter().enumerate() {
                 let at = format!("{at}.backendRefs[{b}]");
-                let f = filters::convert_filters(&mut c, &at, f, &matches);
+                let mut place = filters::Place {
+                    route: key,
+                    matches: &matches,
+                    backends: &mut backends,
+                };
+                let f = filters::convert_filters(&mut c, &at, f, &mut place);
                 if let Some(mut r) = backend_ref(&mut c, key, &at, r, &mut backends) {
                     r.filters = f;
                     refs.push(r);

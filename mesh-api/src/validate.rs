@@ -326,9 +326,9 @@ impl Validator<'_> {
                 );
             }
         }
-        self.filters(obj, at, &rule.filters);
+        self.filters(obj, at, &rule.filters, backends);
         for (b, r) in rule.backend_refs.iter().enumerate() {
-            self.filters(obj, &format!("{at}.backendRefs[{b}]"), &r.filters);
+            self.filters(obj, &format!("{at}.backendRefs[{b}]"), &r.filters, backends);
             if !backends.contains(r.name.as_str()) {
                 self.err(
                     obj,
@@ -346,7 +346,7 @@ impl Validator<'_> {
         }
     }
 
-    fn filters(&mut self, obj: &str, at: &str, filters: &[RouteFilter]) {
+    fn filters(&mut self, obj: &str, at: &str, filters: &[RouteFilter], backends: &HashSet<&str>) {
         for (i, f) in filters.iter().enumerate() {
             let at = format!("{at}.filters[{i}]");
             let path = |v: &mut Self, p: &Option<PathRewrite>, field: &str| {
@@ -428,6 +428,22 @@ impl Validator<'_> {
                             format!("{code} is not a gRPC error status (1-16)"),
                         ),
                         _ => {}
+                    }
+                }
+                RouteFilter::RequestMirror(m) => {
+                    if m.per_million > PER_MILLION {
+                        self.err(
+                            obj,
+                            format!("{at}.requestMirror.perMillion"),
+                            format!("{} is more than {PER_MILLION}", m.per_million),
+                        );
+                    }
+                    if !backends.contains(m.backend.as_str()) {
+                        self.err(
+                            obj,
+                            format!("{at}.requestMirror.backend"),
+                            format!("no backend named {:?} is defined", m.backend),
+                        );
                     }
                 }
                 RouteFilter::Unsupported(_) => {}

@@ -257,6 +257,10 @@ fn filter_to_wire(f: &m::RouteFilter) -> w::RouteFilter {
                 per_million: a.per_million,
             }),
         }),
+        m::RouteFilter::RequestMirror(r) => Kind::RequestMirror(w::RequestMirror {
+            backend: r.backend.clone(),
+            per_million: r.per_million,
+        }),
         m::RouteFilter::Unsupported(why) => Kind::Unsupported(why.clone()),
     };
     w::RouteFilter { kind: Some(kind) }
@@ -707,6 +711,10 @@ fn filter_from_wire(f: &w::RouteFilter) -> Result<m::RouteFilter, Fault> {
                     per_million: a.per_million,
                 }),
             },
+        }),
+        Some(Kind::RequestMirror(r)) => m::RouteFilter::RequestMirror(m::RequestMirror {
+            backend: r.backend.clone(),
+            per_million: r.per_million,
         }),
         Some(Kind::Unsupported(why)) => m::RouteFilter::Unsupported(why.clone()),
     })

@@ -32,11 +32,57 @@ enum RequestInner {
     Streamed {
         body: Incoming,
         bytes: Arc<AtomicU64>,
+        /// Where a copy of the body goes, for mirrors.
+        tee: Option<Box<Tee>>,
     },
     Buffered {
         data: Option<Bytes>,
         trailers: Option<http::HeaderMap>,
     },
+}
+
+/// A copy of a streamed body, kept as it passes (up to a bound) and sent
+/// whole when it ends: what mirrors send. The receiver learns nothing if
+/// the body grew past the bound, failed, or was dropped before its end.
+#[derive(Debug)]
+struct Tee {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+    trailers: Option<http::HeaderMap>,
+    done: Option<tokio::sync::oneshot::Sender<Copied>>,
+}
+
+/// A whole request body: its data and its trailers.
+pub type Copied = (Bytes, Option<http::HeaderMap>);
+
+impl Tee {
+    /// Keeps a copy of `frame`; false once the copy is over its bound.
+    fn keep(&mut self, frame: &Frame<Bytes>) -> bool {
+        if let Some(d) = frame.data_ref() {
+            self.len += d.len();
+            if self.len > self.limit {
+                return false;
+            }
+            self.chunks.push(d.clone());
+        } else if let Some(t) = frame.trailers_ref() {
+            self.trailers = Some(t.clone());
+        }
+        true
+    }
+
+    fn finish(&mut self) {
+        let Some(done) = self.done.take() else {
+            return;
+        };
+        let data = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(self.chunks.concat()),
+        };
+        // A mirror that gave up no longer listens.
+        let _ = done.send((data, self.trailers.take()));
+    }
 }
 
 /// A response body: from upstream, or made by the proxy.
@@ -87,8 +133,43 @@ impl RequestBody {
     /// Wraps `inner`, adding its size to `bytes`.
     pub fn new(inner: Incoming, bytes: Arc<AtomicU64>) -> Self {
         Self {
-            inner: RequestInner::Streamed { body: inner, bytes },
+            inner: RequestInner::Streamed {
+                body: inner,
+                bytes,
+                tee: None,
+            },
         }
+    }
+
+    /// Keeps a copy of the body as it is sent, for mirrors: the receiver
+    /// gets it whole when the body has ended, or nothing if it is longer
+    /// than `limit` bytes or does not end. A buffered body is copied at
+    /// once.
+    pub fn tee(&mut self, limit: usize) -> tokio::sync::oneshot::Receiver<Copied> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match &mut self.inner {
+            RequestInner::Streamed { body, tee, .. } => {
+                let mut t = Tee {
+                    chunks: Vec::new(),
+                    len: 0,
+                    limit,
+                    trailers: None,
+                    done: Some(tx),
+                };
+                if body.is_end_stream() {
+                    t.finish();
+                } else {
+                    *tee = Some(Box::new(t));
+                }
+            }
+            RequestInner::Buffered { data, trailers } => {
+                let data = data.clone().unwrap_or_default();
+                if data.len() <= limit {
+                    let _ = tx.send((data, trailers.clone()));
+                }
+            }
+        }
+        rx
     }
 
     /// A body already read: `data` and, for gRPC and the like, trailers.
@@ -111,10 +192,19 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match &mut self.inner {
-            RequestInner::Streamed { body, bytes } => {
-                let frame = ready!(Pin::new(body).poll_frame(cx));
+            RequestInner::Streamed { body, bytes, tee } => {
+                let frame = ready!(Pin::new(&mut *body).poll_frame(cx));
                 if let Some(Ok(d)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
                     bytes.fetch_add(d.map_or(0, |d| d.len() as u64), Ordering::Relaxed);
+                }
+                if let Some(t) = tee {
+                    match &frame {
+                        Some(Ok(f)) if !t.keep(f) => *tee = None,
+                        Some(Ok(_)) if body.is_end_stream() => t.finish(),
+                        Some(Ok(_)) => {}
+                        None => t.finish(),
+                        Some(Err(_)) => *tee = None,
+                    }
                 }
                 Poll::Ready(frame)
             }

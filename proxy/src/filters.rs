@@ -127,6 +127,8 @@ impl Filters {
                     out.faults.push((Arc::from(f.name.as_str()), f.clone()));
                     continue;
                 }
+                // The route table sends the copies.
+                RouteFilter::RequestMirror(_) => continue,
                 RouteFilter::Unsupported(why) => {
                     out.unsupported
                         .get_or_insert_with(|| Arc::from(why.as_str()));
@@ -210,7 +212,7 @@ impl Filters {
 }
 
 /// Whether a request falls in a share of `per_million`.
-fn hits(per_million: u32) -> bool {
+pub fn hits(per_million: u32) -> bool {
     per_million >= PER_MILLION
         || (per_million > 0 && rand::rng().random_range(0..PER_MILLION) < per_million)
 }

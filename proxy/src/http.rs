@@ -26,11 +26,11 @@ use crate::conn::{Conn, Dest};
 use crate::filters::{Filters, Injected, Outcome};
 use crate::pool::{self, ConnectError};
 use crate::resilience::breaker::{Breaker, Limit, OVERLOADED_HEADER, Overflow, Slot};
-use crate::resilience::outlier;
 use crate::resilience::retry::{
     ATTEMPT_HEADER, MAX_BUFFERED_BODY, REASON_LABEL, RETRIES_SKIPPED_TOTAL, RETRIES_TOTAL, Reason,
 };
 use crate::resilience::timeout::{self, Deadlines};
+use crate::resilience::{mirror, outlier};
 use crate::route::{RequestParts, Rule};
 use crate::snapshot::{BackendEntry, Snapshot};
 use crate::telemetry::{
@@ -265,6 +265,8 @@ struct Routed {
     backend: Option<Arc<BackendEntry>>,
     /// The HTTPFaults the request drew.
     fault: Injected,
+    /// The backends its mirrors drew send copies to.
+    mirrors: Vec<Arc<BackendEntry>>,
 }
 
 /// A response the proxy gives instead of forwarding.
@@ -327,11 +329,13 @@ async fn route(
                 rule: None,
                 backend: None,
                 fault: Injected::default(),
+                mirrors: Vec::new(),
             });
         }
         Dest::Service(svc, port) => (svc, port),
     };
     let mut fault = Injected::default();
+    let mut mirrors = Vec::new();
     let (backend, rule) = if !svc.routes.binds(port) {
         let port = svc.port_or_first(port);
         let backend = port.and_then(|p| p.backend.as_ref()).ok_or_else(|| {
@@ -374,6 +378,11 @@ async fn route(
         filter(&rule.route, filters, req, matched.prefix, default_port)?;
         rule.filters.draw_faults(&mut fault);
         filters.draw_faults(&mut fault);
+        mirrors = rule
+            .mirrors(i)
+            .filter(|m| crate::filters::hits(m.per_million))
+            .map(|m| m.backend.clone())
+            .collect();
         (backend.clone(), Some((rule.clone(), i)))
     };
     let pick = backend.pick(None).ok_or_else(|| {
@@ -390,6 +399,7 @@ async fn route(
         rule,
         backend: Some(backend),
         fault,
+        mirrors,
     })
 }
 
@@ -430,6 +440,7 @@ async fn forward(
         rule,
         backend,
         fault,
+        mirrors,
     } = routed;
     let upgrade = is_upgrade(&req);
     let h2 = match protocol {
@@ -482,6 +493,7 @@ async fn forward(
     let mut _retry_slot: Option<Slot> = None;
 
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_version = req.version();
     if let Err(msg) = prepare_request(&mut req, h2, upgrade) {
         return local(StatusCode::BAD_REQUEST, &msg, record);
     }
@@ -512,6 +524,17 @@ async fn forward(
     } else {
         (RequestBody::new(body, record.request_bytes.clone()), None)
     };
+    let mut first_body = first_body;
+    if !mirrors.is_empty() && !upgrade {
+        let dialer = mirror::Dialer {
+            tls: conn.shared.tls.clone(),
+            connect_timeout: conn.shared.limits.connect_timeout,
+        };
+        let shared = &conn.shared;
+        shared
+            .mirrors
+            .start(dialer, mirrors, &parts, client_version, &mut first_body);
+    }
     let mut next = Some(Request::from_parts(parts, first_body));
 
     let mut retries = 0u32;
@@ -863,7 +886,7 @@ async fn buffer(
 
 /// Sends one attempt on the endpoint's pool, within the backend's limits
 /// on connections and on requests waiting for one.
-async fn send(
+pub(crate) async fn send(
     pick: &Pick,
     req: Request<RequestBody>,
     dial: &pool::Dial,
@@ -975,7 +998,7 @@ fn grpc_local(code: u16, message: &str, mut record: RequestRecord) -> Response<R
 
 /// Why a request could not be forwarded.
 #[derive(Debug, thiserror::Error)]
-enum ForwardError {
+pub(crate) enum ForwardError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error("{0}")]
@@ -986,7 +1009,7 @@ enum ForwardError {
 
 /// A failed attempt, with the request when it was never written (and so
 /// may go to another endpoint whatever its body).
-struct SendError {
+pub(crate) struct SendError {
     error: ForwardError,
     unsent: Option<Request<RequestBody>>,
 }
@@ -1102,7 +1125,11 @@ pub fn authority<B>(req: &Request<B>) -> Option<&str> {
 
 /// Rewrites the request for the upstream hop: drops hop-by-hop headers and
 /// puts the URI in the form the upstream protocol needs.
-fn prepare_request<B>(req: &mut Request<B>, h2: bool, upgrade: bool) -> Result<(), String> {
+pub(crate) fn prepare_request<B>(
+    req: &mut Request<B>,
+    h2: bool,
+    upgrade: bool,
+) -> Result<(), String> {
     strip_hop_by_hop(req.headers_mut(), upgrade);
     let origin_form = req.uri().scheme().is_none() && req.uri().authority().is_none();
     if h2 {

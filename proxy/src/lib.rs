@@ -92,6 +92,8 @@ pub struct Shared {
     /// Where requests ask for pending services, once a config source that
     /// loads them on demand is attached ([`Proxy::on_demand`]).
     demand: OnceLock<mpsc::UnboundedSender<String>>,
+    /// The request copies in flight.
+    pub mirrors: resilience::mirror::Mirrors,
 }
 
 impl Shared {
@@ -205,6 +207,7 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
         tls: tls::Tls::new(),
         passthrough: Mutex::default(),
         demand: OnceLock::new(),
+        mirrors: resilience::mirror::Mirrors::default(),
     });
     let listeners = Listeners::default();
     listeners

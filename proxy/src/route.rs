@@ -18,7 +18,8 @@
 use std::sync::Arc;
 
 use mesh_api::{
-    HeaderMatch, HttpRoute, PathMatchType, QueryParamMatch, RouteMatch, Timeouts, ValueMatchType,
+    HeaderMatch, HttpRoute, PathMatchType, QueryParamMatch, RouteFilter, RouteMatch, Timeouts,
+    ValueMatchType,
 };
 use regex::Regex;
 
@@ -38,14 +39,54 @@ pub struct Rule<B> {
     pub route: Arc<str>,
     /// Backends with their weights and filters; weight-0 backends are left
     /// out.
-    backends: Vec<(B, u32, Filters)>,
+    backends: Vec<Weighted<B>>,
     total: u64,
     /// The rule's own filters, run before the chosen backend's.
     pub filters: Filters,
+    /// Where the rule's `RequestMirror` filters send copies.
+    mirrors: Vec<Mirror<B>>,
     /// The rule's timeouts.
     pub timeouts: Timeouts,
     /// The rule's retry policy.
     pub retry: Option<crate::resilience::retry::Policy>,
+}
+
+/// One of a rule's backends.
+#[derive(Debug)]
+struct Weighted<B> {
+    backend: B,
+    weight: u32,
+    filters: Filters,
+    /// Where the backendRef's `RequestMirror` filters send copies.
+    mirrors: Vec<Mirror<B>>,
+}
+
+/// A `RequestMirror` filter: a copy of `per_million` of the requests goes
+/// to `backend`.
+#[derive(Debug)]
+pub struct Mirror<B> {
+    /// Where the copies go.
+    pub backend: B,
+    /// The share copied, in parts per million.
+    pub per_million: u32,
+}
+
+/// The mirrors among `filters`; those whose backend `backend` does not
+/// know are left out, as backendRefs are.
+fn mirrors<B>(
+    filters: &[RouteFilter],
+    backend: &mut impl FnMut(&str) -> Option<B>,
+) -> Vec<Mirror<B>> {
+    filters
+        .iter()
+        .filter_map(|f| match f {
+            RouteFilter::RequestMirror(m) => Some(Mirror {
+                backend: backend(&m.backend)?,
+                per_million: m.per_million,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -142,15 +183,21 @@ impl<B: Clone> RouteTable<B> {
                 let mut backends = Vec::new();
                 for r in rule.backend_refs.iter().filter(|r| r.weight > 0) {
                     if let Some(b) = backend(&r.name) {
-                        backends.push((b, r.weight, Filters::new(&route.name, &r.filters)?));
+                        backends.push(Weighted {
+                            backend: b,
+                            weight: r.weight,
+                            filters: Filters::new(&route.name, &r.filters)?,
+                            mirrors: mirrors(&r.filters, &mut backend),
+                        });
                     }
                 }
-                let total = backends.iter().map(|(_, w, _)| u64::from(*w)).sum();
+                let total = backends.iter().map(|b| u64::from(b.weight)).sum();
                 let rule_arc = Arc::new(Rule {
                     route: name.clone(),
                     backends,
                     total,
                     filters: Filters::new(&route.name, &rule.filters)?,
+                    mirrors: mirrors(&rule.filters, &mut backend),
                     timeouts: rule.timeouts,
                     retry: rule
                         .retry
@@ -225,8 +272,8 @@ impl<B> Rule<B> {
             return None;
         }
         let mut point = roll % self.total;
-        for (i, (_, w, _)) in self.backends.iter().enumerate() {
-            let w = u64::from(*w);
+        for (i, b) in self.backends.iter().enumerate() {
+            let w = u64::from(b.weight);
             if point < w {
                 return Some(i);
             }
@@ -239,7 +286,13 @@ impl<B> Rule<B> {
 impl<B> Rule<B> {
     /// Backend `i` of [`Rule::pick`], with its filters.
     pub fn backend(&self, i: usize) -> Option<(&B, &Filters)> {
-        self.backends.get(i).map(|(b, _, f)| (b, f))
+        self.backends.get(i).map(|b| (&b.backend, &b.filters))
+    }
+
+    /// The mirrors of the rule and of its backend `i`.
+    pub fn mirrors(&self, i: usize) -> impl Iterator<Item = &Mirror<B>> {
+        let backend = self.backends.get(i).map(|b| b.mirrors.as_slice());
+        self.mirrors.iter().chain(backend.unwrap_or_default())
     }
 }
 

@@ -978,3 +978,79 @@ fn an_extension_ref_of_another_kind_is_applied_as_500_and_reported() {
         mesh_api::RouteFilter::Unsupported(_)
     ));
 }
+
+#[test]
+fn a_request_mirror_names_its_backend_which_the_proxy_is_sent() {
+    let mut index = mesh();
+    let reviews = key("bookinfo", "reviews");
+    // The mirror's Service may be in another namespace (GEP-1294).
+    let mirrored = "  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: { backendRef: { name: reviews-v3, port: 9080 }, percent: 25 }\n\
+                    \x20   - type: RequestMirror\n      requestMirror: { backendRef: { name: shadow, namespace: staging, port: 8080 }, fraction: { numerator: 1, denominator: 3 } }\n\
+                    \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    index
+        .apply(route("bookinfo", "mirrored", "reviews", mirrored))
+        .unwrap();
+    assert_eq!(index.errors().count(), 0);
+    assert_eq!(
+        rule_filters(&index, &reviews),
+        [
+            mesh_api::RouteFilter::RequestMirror(mesh_api::RequestMirror {
+                backend: "reviews-v3.bookinfo:9080".into(),
+                per_million: 250_000,
+            }),
+            mesh_api::RouteFilter::RequestMirror(mesh_api::RequestMirror {
+                backend: "shadow.staging:8080".into(),
+                per_million: 333_333,
+            }),
+        ]
+    );
+    let backends: Vec<String> = index
+        .outbound(&reviews, "bookinfo")
+        .unwrap()
+        .backends
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
+    for mirror in ["reviews-v3.bookinfo:9080", "shadow.staging:8080"] {
+        assert!(backends.iter().any(|b| b == mirror), "{backends:?}");
+    }
+
+    let bad = "  rules:\n  - filters:\n    - type: RequestMirror\n      requestMirror: { backendRef: { name: reviews-v3 }, percent: 101 }\n\
+               \x20   - type: RequestMirror\n      requestMirror: { backendRef: { name: reviews-v3, port: 9080 }, percent: 5, fraction: { numerator: 1 } }\n\
+               \x20   - type: RequestMirror\n      requestMirror: { backendRef: { name: reviews-v3, port: 9080 }, fraction: { numerator: 3, denominator: 2 } }\n\
+               \x20   - type: RequestMirror\n\
+               \x20   backendRefs: [{ name: reviews-v1, port: 9080 }]\n";
+    let err = index
+        .apply(route("bookinfo", "bad-mirror", "reviews", bad))
+        .unwrap_err();
+    let fields: Vec<(&str, &str)> = err
+        .errors
+        .iter()
+        .map(|e| (e.field.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            (
+                "spec.rules[0].filters[0].requestMirror.percent",
+                "101 is not 0 to 100"
+            ),
+            (
+                "spec.rules[0].filters[0].requestMirror.backendRef.port",
+                "required for a Service backend"
+            ),
+            (
+                "spec.rules[0].filters[1].requestMirror",
+                "set percent or fraction, not both"
+            ),
+            (
+                "spec.rules[0].filters[2].requestMirror.fraction.numerator",
+                "3 is more than the denominator 2"
+            ),
+            (
+                "spec.rules[0].filters[3].requestMirror",
+                "required for type RequestMirror"
+            ),
+        ]
+    );
+}

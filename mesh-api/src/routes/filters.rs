@@ -13,15 +13,15 @@
 
 use gateway_api::apis::experimental::httproutes::{
     HttpRouteRulesFilters, HttpRouteRulesFiltersRequestHeaderModifier,
-    HttpRouteRulesFiltersRequestRedirectScheme, HttpRouteRulesFiltersType,
-    HttpRouteRulesFiltersUrlRewritePath, HttpRouteRulesFiltersUrlRewritePathType,
-    HttpRouteRulesRetry, HttpRouteRulesTimeouts,
+    HttpRouteRulesFiltersRequestMirrorFraction, HttpRouteRulesFiltersRequestRedirectScheme,
+    HttpRouteRulesFiltersType, HttpRouteRulesFiltersUrlRewritePath,
+    HttpRouteRulesFiltersUrlRewritePathType, HttpRouteRulesRetry, HttpRouteRulesTimeouts,
 };
 
-use super::Check;
+use super::{Check, Key, ServiceRef};
 use crate::{
-    HeaderModifier, HttpHeader, PathMatchType, PathRewrite, RequestRedirect, Retry, RouteFilter,
-    RouteMatch, Timeouts, UrlRewrite,
+    HeaderModifier, HttpHeader, PathMatchType, PathRewrite, RequestMirror, RequestRedirect, Retry,
+    RouteFilter, RouteMatch, Timeouts, UrlRewrite,
 };
 
 /// The most retries a rule may ask for: more only multiplies an outage.
@@ -46,13 +46,21 @@ pub(super) fn reshape<T: serde::Serialize, U: serde::de::DeserializeOwned>(
     }
 }
 
-/// Converts the filters at `{at}.filters`. `matches` are the rule's, for
-/// `ReplacePrefixMatch`, which needs every match to be a path prefix.
+/// Where a rule's filters are: the route, and the rule's matches (for
+/// `ReplacePrefixMatch`, which needs every match to be a path prefix).
+/// The Services that mirrors send to join `backends`.
+pub(super) struct Place<'a> {
+    pub(super) route: &'a Key,
+    pub(super) matches: &'a [RouteMatch],
+    pub(super) backends: &'a mut Vec<(Key, u16)>,
+}
+
+/// Converts the filters at `{at}.filters`.
 pub(super) fn convert_filters(
     c: &mut Check,
     at: &str,
     filters: Vec<HttpRouteRulesFilters>,
-    matches: &[RouteMatch],
+    place: &mut Place<'_>,
 ) -> Vec<RouteFilter> {
     let mut seen: Vec<&'static str> = Vec::new();
     let mut out = Vec::new();
@@ -69,7 +77,7 @@ pub(super) fn convert_filters(
             c.err(format!("{at}.type"), format!("{kind} may appear only once"));
         }
         seen.push(kind);
-        if let Some(f) = convert_filter(c, &at, f, matches) {
+        if let Some(f) = convert_filter(c, &at, f, place) {
             out.push(f);
         }
     }
@@ -86,8 +94,9 @@ fn convert_filter(
     c: &mut Check,
     at: &str,
     f: HttpRouteRulesFilters,
-    matches: &[RouteMatch],
+    place: &mut Place<'_>,
 ) -> Option<RouteFilter> {
+    let matches = place.matches;
     use HttpRouteRulesFiltersType as T;
     // The field that must hold the filter's settings, named as in YAML.
     let missing = |c: &mut Check, field: &str| {
@@ -171,7 +180,28 @@ fn convert_filter(
                     .and_then(|p| path_rewrite(c, &format!("{at}.path"), p, matches)),
             })
         }
-        T::RequestMirror => c.unsupported(at, "the RequestMirror filter is not supported yet"),
+        T::RequestMirror => {
+            let Some(m) = f.request_mirror else {
+                return missing(c, "requestMirror");
+            };
+            let at = format!("{at}.requestMirror");
+            let per_million = mirror_share(c, &at, m.percent, m.fraction);
+            let r = m.backend_ref;
+            let target = ServiceRef {
+                group: r.group,
+                kind: r.kind,
+                name: r.name,
+                namespace: r.namespace,
+                port: r.port,
+                weight: None,
+            };
+            let field = format!("{at}.backendRef");
+            let backend = super::backend_ref(c, place.route, &field, target, place.backends)?;
+            RouteFilter::RequestMirror(RequestMirror {
+                backend: backend.name,
+                per_million,
+            })
+        }
         T::ExtensionRef => {
             let Some(r) = f.extension_ref else {
                 return missing(c, "extensionRef");
@@ -204,6 +234,54 @@ fn convert_filter(
         T::Cors => c.unsupported(at, "the CORS filter is not supported"),
         T::ExternalAuth => c.unsupported(at, "the ExternalAuth filter is not supported"),
     })
+}
+
+/// A mirror's share (GEP-3171: `percent` or `fraction`, neither is all),
+/// in parts per million.
+fn mirror_share(
+    c: &mut Check,
+    at: &str,
+    percent: Option<i32>,
+    fraction: Option<HttpRouteRulesFiltersRequestMirrorFraction>,
+) -> u32 {
+    let fraction = match (percent, fraction) {
+        (Some(_), Some(_)) => {
+            c.err(at, "set percent or fraction, not both");
+            return 0;
+        }
+        (Some(p @ 0..=100), None) => {
+            return crate::crd::validate::per_million(Some(p.unsigned_abs()), None);
+        }
+        (Some(p), None) => {
+            c.err(format!("{at}.percent"), format!("{p} is not 0 to 100"));
+            return 0;
+        }
+        (None, None) => return crate::PER_MILLION,
+        (None, Some(f)) => f,
+    };
+    let denominator = fraction.denominator.unwrap_or(100);
+    let (Ok(numerator), Ok(denominator @ 1..)) = (
+        u32::try_from(fraction.numerator),
+        u32::try_from(denominator),
+    ) else {
+        c.err(
+            format!("{at}.fraction"),
+            "numerator must be 0 or more and denominator 1 or more",
+        );
+        return 0;
+    };
+    if numerator > denominator {
+        c.err(
+            format!("{at}.fraction.numerator"),
+            format!("{numerator} is more than the denominator {denominator}"),
+        );
+        return 0;
+    }
+    let fraction = crate::crd::Fraction {
+        numerator,
+        denominator,
+    };
+    crate::crd::validate::per_million(None, Some(&fraction))
 }
 
 fn header_modifier(

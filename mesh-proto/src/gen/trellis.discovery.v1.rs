@@ -192,7 +192,7 @@ pub struct Retry {
 /// requests with 500, as for `unsupported`, never skip it.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct RouteFilter {
-    #[prost(oneof = "route_filter::Kind", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "route_filter::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub kind: ::core::option::Option<route_filter::Kind>,
 }
 /// Nested message and enum types in `RouteFilter`.
@@ -212,7 +212,19 @@ pub mod route_filter {
         Unsupported(::prost::alloc::string::String),
         #[prost(message, tag = "6")]
         Fault(super::Fault),
+        #[prost(message, tag = "7")]
+        RequestMirror(super::RequestMirror),
     }
+}
+/// A copy of a share of the requests to one endpoint of a backend.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct RequestMirror {
+    /// Name of a Backend.
+    #[prost(string, tag = "1")]
+    pub backend: ::prost::alloc::string::String,
+    /// The share mirrored, in parts per million.
+    #[prost(uint32, tag = "2")]
+    pub per_million: u32,
 }
 /// An HTTPFault's delay and abort, each for a share of the requests.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
