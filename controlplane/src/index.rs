@@ -381,6 +381,18 @@ impl Index {
         })
     }
 
+    /// The addresses of `service`'s endpoints, of every port, sorted.
+    fn endpoint_addresses(&self, service: &Key) -> Vec<std::net::IpAddr> {
+        let mut ips: Vec<_> = self
+            .refs::<EndpointSlice>(service)
+            .filter_map(|k| self.slices.get(k))
+            .flat_map(|slice| slice.endpoints.iter().map(|e| e.ip))
+            .collect();
+        ips.sort_unstable();
+        ips.dedup();
+        ips
+    }
+
     /// The ready endpoints of backend `service:port`.
     pub fn endpoints(&self, service: &Key, port: u16) -> Vec<mesh_api::Endpoint> {
         let Some(svc_port) = self
@@ -447,6 +459,7 @@ impl Index {
             namespace: key.namespace.clone(),
             hostnames: Vec::new(),
             addresses: svc.addresses.clone(),
+            endpoint_addresses: self.endpoint_addresses(key),
             ports: svc
                 .ports
                 .iter()

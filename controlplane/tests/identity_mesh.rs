@@ -35,9 +35,9 @@ fn mesh(inbound: SocketAddr) -> String {
          addressType: IPv4\nports: [{{ name: http, port: {port} }}]\n\
          endpoints: [{{ addresses: [\"127.0.0.1\"], targetRef: {{ kind: Pod, name: reviews-1 }} }}]\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {{ name: reviews-1, namespace: bookinfo, labels: {{ app: reviews }} }}\n\
-         spec: {{ serviceAccountName: bookinfo-reviews, containers: [{{ name: app, image: x }}] }}\n---\n\
+         spec: {{ serviceAccountName: bookinfo-reviews, containers: [{{ name: app, image: x }}, {{ name: trellis-proxy, image: x }}] }}\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {{ name: productpage-1, namespace: bookinfo, labels: {{ app: productpage }} }}\n\
-         spec: {{ serviceAccountName: bookinfo-productpage, containers: [{{ name: app, image: x }}] }}\n",
+         spec: {{ serviceAccountName: bookinfo-productpage, containers: [{{ name: app, image: x }}, {{ name: trellis-proxy, image: x }}] }}\n",
         port = inbound.port()
     )
 }
@@ -181,6 +181,15 @@ fn root_cert(cp: &ControlPlane) -> std::path::PathBuf {
         .join(controlplane::ca::ROOT_CERT_FILE)
 }
 
+/// Asserts that `proxy` counted a request with `labels`.
+async fn assert_counted(proxy: &Proxy, labels: &[(&str, &str)]) {
+    let metrics = scrape(proxy).await;
+    assert!(
+        sample(&metrics, "trellis_requests_total", labels) >= 1.0,
+        "no request with {labels:?}:\n{metrics}"
+    );
+}
+
 /// Waits until `GET /` through the client answers `status`.
 async fn until_status(client: &Proxy, status: u16) -> String {
     tokio::time::timeout(DEADLINE, async {
@@ -211,19 +220,15 @@ async fn identities_from_the_ca_carry_mtls_and_the_control_planes_policy() {
     );
 
     until_status(&m.client, 200).await;
-    let metrics = scrape(&m.server).await;
-    assert!(
-        sample(
-            &metrics,
-            "trellis_requests_total",
-            &[
-                ("direction", "inbound"),
-                ("tls", "true"),
-                ("source_principal", PRODUCTPAGE)
-            ]
-        ) >= 1.0,
-        "{metrics}"
-    );
+    assert_counted(
+        &m.server,
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("source_principal", PRODUCTPAGE),
+        ],
+    )
+    .await;
 
     // A DENY policy from the control plane reaches the reviews proxy.
     write(&m.cp.dir, "authz.yaml", DENY_PRODUCTPAGE);
@@ -231,6 +236,48 @@ async fn identities_from_the_ca_carry_mtls_and_the_control_planes_policy() {
     assert!(body.starts_with("RBAC:"), "{body}");
     std::fs::remove_file(m.cp.dir.join("authz.yaml")).unwrap();
     until_status(&m.client, 200).await;
+}
+
+/// A meshed client calling a pod by its own address (as a headless
+/// Service or a StatefulSet's clients do), not the Service, reaches it
+/// over mutual TLS with the pod's identity: under STRICT a plaintext
+/// passthrough would be refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_called_by_its_address_is_reached_over_mtls() {
+    let m = start("pod-address", &[]).await;
+    let pod = m.server.listener_addr("in").unwrap().to_string();
+    let body = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let mut c = h1_client(m.client.listener_addr("out").unwrap()).await;
+            let (s, _, body) = get(&mut c, "/by-address", &pod).await;
+            if s == 200 {
+                return body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the pod's address never answered 200 through the client");
+    assert!(body.contains("reviews-app"), "{body}");
+    assert_counted(
+        &m.server,
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("source_principal", PRODUCTPAGE),
+        ],
+    )
+    .await;
+    assert_counted(
+        &m.client,
+        &[
+            ("direction", "outbound"),
+            ("destination_service", "reviews"),
+            ("destination_workload", "reviews-1"),
+            ("tls", "true"),
+        ],
+    )
+    .await;
 }
 
 /// A per-route rate limit from the control plane applies on the inbound

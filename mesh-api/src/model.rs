@@ -140,6 +140,12 @@ pub struct Service {
     /// Virtual IPs of the service (a Kubernetes ClusterIP).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<IpAddr>,
+    /// The addresses of the service's endpoints (pod IPs), so that a
+    /// client that calls a pod by its own address (a headless Service, a
+    /// StatefulSet's pods) is known to be calling a mesh workload, and
+    /// reaches it with that workload's identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_addresses: Vec<IpAddr>,
     /// Ports the service accepts.
     pub ports: Vec<ServicePort>,
     /// HTTP routes attached to the service. When any route is attached, a
@@ -236,6 +242,11 @@ pub struct Retry {
     /// retryable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<u16>,
+    /// The gRPC statuses (1 to 16) that are retried when a call ends with
+    /// one before any of its response reached the client (a trailers-only
+    /// response), as Envoy's gRPC `retry_on`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_codes: Vec<u32>,
     /// The least wait before a retry, in milliseconds; it doubles with
     /// each retry, with jitter on top.
     #[serde(default = "default_backoff_ms")]

@@ -193,6 +193,11 @@ pub fn http_route(route: HttpRoute, key: &Key) -> Result<Route, Vec<ValidationEr
 /// matches; named [`grpc_route_name`] in the model.
 pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationError>> {
     let mut c = Check::new("GRPCRoute", key);
+    let retry = route
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| filters::grpc_retry(&mut c, a));
     let rules = route.spec.rules.unwrap_or_default();
     let mut parts = Vec::new();
     for (i, rule) in rules.into_iter().enumerate() {
@@ -203,7 +208,7 @@ pub fn grpc_route(route: GrpcRoute, key: &Key) -> Result<Route, Vec<ValidationEr
         });
         let filters = reshape_all(&mut c, &format!("{at}.filters"), rule.filters);
         parts.push(RuleParts {
-            retry: None,
+            retry: retry.clone(),
             timeouts: Timeouts::default(),
             matches: rule.matches,
             filters,

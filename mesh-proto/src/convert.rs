@@ -129,6 +129,7 @@ pub fn service_index_entry(service: &m::Service) -> w::ServiceIndexEntry {
                 ..port_to_wire(p)
             })
             .collect(),
+        endpoint_addresses: addresses_to_wire(&service.endpoint_addresses),
     }
 }
 
@@ -205,6 +206,7 @@ fn route_to_wire(r: &m::HttpRoute) -> w::HttpRoute {
                     attempts: r.attempts,
                     codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
                     backoff_ms: r.backoff_ms,
+                    grpc_codes: r.grpc_codes.clone(),
                 }),
             })
             .collect(),
@@ -466,6 +468,9 @@ pub fn service_from_index_entry(entry: &w::ServiceIndexEntry) -> Result<m::Servi
             namespace: entry.namespace.clone(),
             hostnames: entry.hostnames.clone(),
             addresses: each("addresses", &entry.addresses, |a| ip_from_wire(a))?,
+            endpoint_addresses: each("endpoint_addresses", &entry.endpoint_addresses, |a| {
+                ip_from_wire(a)
+            })?,
             ports: each("ports", &entry.ports, port_from_wire)?,
             routes: Vec::new(),
             backend: None,
@@ -490,6 +495,8 @@ pub fn outbound_from_wire(
             namespace: msg.namespace.clone(),
             hostnames: msg.hostnames.clone(),
             addresses: each("addresses", &msg.addresses, |a| ip_from_wire(a))?,
+            // The service index carries them.
+            endpoint_addresses: Vec::new(),
             ports: each("ports", &msg.ports, port_from_wire)?,
             routes: each("routes", &msg.routes, route_from_wire)?,
             backend: non_empty(&msg.default_backend),
@@ -621,6 +628,12 @@ fn route_from_wire(r: &w::HttpRoute) -> Result<m::HttpRoute, Fault> {
                                 u16::try_from(c)
                                     .ok()
                                     .filter(|c| (100..=599).contains(c))
+                                    .ok_or_else(|| Fault::new("", Problem::BadStatus(c)))
+                            })?,
+                            grpc_codes: each("retry.grpc_codes", &r.grpc_codes, |&c| {
+                                (1..=16)
+                                    .contains(&c)
+                                    .then_some(c)
                                     .ok_or_else(|| Fault::new("", Problem::BadStatus(c)))
                             })?,
                             backoff_ms: r.backoff_ms,

@@ -250,14 +250,16 @@ impl Conn {
                         .and_then(|mut a| a.next())
                         .ok_or_else(|| DestError::Resolve(host.clone()))?,
                 };
-                Ok(self.direct(Arc::from(host.as_str()), addr))
+                Ok(self.outside(snap, Arc::from(host.as_str()), addr).await)
             }
             ListenerMode::Transparent => {
                 let dst = self.orig_dst.ok_or(DestError::NoOriginalDst)?;
                 match l.direction {
                     Direction::Outbound => match snap.service_by_vip(dst) {
                         Some(s) => Ok(Dest::Service(self.loaded(s).await?, Some(dst.port()))),
-                        None => Ok(self.direct(Arc::from(dst.ip().to_string()), dst)),
+                        None => Ok(self
+                            .outside(snap, Arc::from(dst.ip().to_string()), dst)
+                            .await),
                     },
                     // Inbound traffic goes to the app on the same port of
                     // the pod's loopback.
@@ -281,6 +283,34 @@ impl Conn {
         } else {
             Ok(svc.clone())
         }
+    }
+
+    /// An outbound destination that is no service's address: a mesh
+    /// workload's own address (a pod called by its IP, as headless
+    /// Services and StatefulSets are), reached like that service's
+    /// endpoint, with mutual TLS and the pod's identity; or else a
+    /// passthrough.
+    async fn outside(&self, snap: &Snapshot, name: Arc<str>, addr: SocketAddr) -> Dest {
+        for svc in snap.services_by_endpoint(addr.ip()) {
+            let Ok(svc) = self.loaded(svc).await else {
+                continue;
+            };
+            let Some(e) = svc.endpoint_at(addr) else {
+                continue;
+            };
+            let endpoint = if e.addr == addr {
+                e.clone()
+            } else {
+                // Another port of the pod: its identity all the same.
+                self.shared
+                    .passthrough_endpoint_as(addr, e.workload.clone(), e.identity.clone())
+            };
+            return Dest::Direct {
+                name: svc.name.clone(),
+                endpoint,
+            };
+        }
+        self.direct(name, addr)
     }
 
     fn direct(&self, name: Arc<str>, addr: SocketAddr) -> Dest {

@@ -578,7 +578,11 @@ impl State {
                         .iter()
                         .all(|b| self.endpoints.contains_key(&b.name)) =>
                 {
-                    config.services.push(service.clone());
+                    let mut service = service.clone();
+                    service
+                        .endpoint_addresses
+                        .clone_from(&held.value.endpoint_addresses);
+                    config.services.push(service);
                     for b in service_backends {
                         backends.entry(b.name.clone()).or_insert_with(|| {
                             let mut b = b.clone();

@@ -587,6 +587,9 @@ async fn forward(
                         pick.observe_failure();
                         (Reason::Status, None, Failure::Status(r, c))
                     }
+                    Some(p) if grpc && p.retries_grpc(r.headers()) => {
+                        (Reason::GrpcStatus, None, Failure::Status(r, c))
+                    }
                     _ => break (Some(r), c, attempt),
                 }
             }

@@ -135,10 +135,27 @@ impl Shared {
 
     /// A pooled endpoint for an address outside any backend.
     pub fn passthrough_endpoint(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        self.passthrough_endpoint_as(addr, telemetry::empty(), None)
+    }
+
+    /// A pooled endpoint for an address outside any backend that is a
+    /// mesh workload's: `identity` is what it must prove. An address that
+    /// changed hands (a pod IP reused) gets a new endpoint.
+    pub fn passthrough_endpoint_as(
+        &self,
+        addr: SocketAddr,
+        workload: Arc<str>,
+        identity: Option<Arc<str>>,
+    ) -> Arc<Endpoint> {
         let mut map = self.passthrough.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(addr)
-            .or_insert_with(|| Arc::new(Endpoint::new(addr, telemetry::empty())))
-            .clone()
+        match map.get(&addr) {
+            Some(e) if e.identity == identity => e.clone(),
+            _ => {
+                let e = Arc::new(Endpoint::new(addr, workload).with_identity(identity));
+                map.insert(addr, e.clone());
+                e
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 //! snapshot where it is loaded.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -51,6 +51,8 @@ pub struct Snapshot {
     by_key: HashMap<String, Arc<ServiceEntry>>,
     by_host: HashMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<SocketAddr, Arc<ServiceEntry>>,
+    /// The services whose endpoints are at an address.
+    by_endpoint_ip: HashMap<IpAddr, Vec<Arc<ServiceEntry>>>,
     endpoints: HashMap<SocketAddr, Arc<Endpoint>>,
     budgets: HashMap<String, Arc<Budget>>,
     breakers: HashMap<String, Arc<Breaker>>,
@@ -200,6 +202,7 @@ impl Snapshot {
         let mut by_key = HashMap::new();
         let mut by_host = HashMap::new();
         let mut by_vip = HashMap::new();
+        let mut by_endpoint_ip: HashMap<IpAddr, Vec<Arc<ServiceEntry>>> = HashMap::new();
         for s in &config.services {
             let routes = RouteTable::new(&s.routes, |name| backends.get(name).cloned())?;
             let entry = Arc::new(ServiceEntry {
@@ -239,6 +242,9 @@ impl Snapshot {
                     by_vip.insert(SocketAddr::new(*a, p.port), entry.clone());
                 }
             }
+            for ip in &s.endpoint_addresses {
+                by_endpoint_ip.entry(*ip).or_default().push(entry.clone());
+            }
         }
 
         let authorizer = Authorizer::new(&config.inbound.authorization);
@@ -258,6 +264,7 @@ impl Snapshot {
             by_key,
             by_host,
             by_vip,
+            by_endpoint_ip,
             endpoints,
             budgets,
             breakers,
@@ -295,6 +302,27 @@ impl Snapshot {
     /// The service behind a virtual address.
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<ServiceEntry>> {
         self.by_vip.get(&addr)
+    }
+
+    /// The services with an endpoint at `ip`, loaded or pending.
+    pub fn services_by_endpoint(&self, ip: IpAddr) -> &[Arc<ServiceEntry>] {
+        self.by_endpoint_ip.get(&ip).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl ServiceEntry {
+    /// The endpoint of this (loaded) service at exactly `addr`, or else
+    /// one at its IP: that pod's identity.
+    pub fn endpoint_at(&self, addr: SocketAddr) -> Option<&Arc<Endpoint>> {
+        let all = || {
+            self.ports
+                .iter()
+                .filter_map(|p| p.backend.as_ref())
+                .flat_map(|b| b.balancer.endpoints())
+        };
+        all()
+            .find(|e| e.addr == addr)
+            .or_else(|| all().find(|e| e.addr.ip() == addr.ip()))
     }
 }
 

@@ -150,6 +150,9 @@ pub async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequ
 /// An h2c client connection to `addr`.
 pub async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // A request's HEADERS and DATA are separate writes: with Nagle's
+    // algorithm the DATA waits for the proxy's delayed ACK.
+    stream.set_nodelay(true).unwrap();
     let (send, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await

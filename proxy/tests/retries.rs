@@ -249,3 +249,129 @@ async fn a_connection_refused_before_the_request_is_tried_on_another_endpoint() 
     let metrics = scrape(&p).await;
     assert!(sample(&metrics, "trellis_retries_total", &[("reason", "connect")]) >= 1.0);
 }
+
+/// A gRPC backend (h2c) that ends `fail_percent` % of calls at once with
+/// a trailers-only `grpc-status: {code}`, and answers the rest with a
+/// message and `grpc-status: 0` in trailers. Counts every call.
+async fn flaky_grpc(fail_percent: u32, code: &'static str) -> Flaky {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            // gRPC's frames are small writes: without this, Nagle holds
+            // each answer for the proxy's delayed ACK.
+            s.set_nodelay(true).unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let fail = rand::rng().random_range(0..100) < fail_percent;
+                    async move {
+                        let frames: Vec<Result<Frame<Bytes>, Infallible>> = if fail {
+                            Vec::new()
+                        } else {
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            vec![
+                                Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                                Ok(Frame::trailers(trailers)),
+                            ]
+                        };
+                        let mut resp =
+                            Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        if fail {
+                            resp.headers_mut()
+                                .insert("grpc-status", code.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    Flaky { addr, hits }
+}
+
+const GRPC_CONFIG: &str = r#"
+listeners:
+  - { name: out, address: 127.0.0.1:0, direction: outbound, mode: fixed, target: svc }
+services:
+  - name: svc
+    ports: [{ port: 80, protocol: grpc }]
+    routes:
+      - name: grpc-retried
+        rules:
+          - matches: [{ path: { value: /retried.Svc } }]
+            retry: { attempts: 8, grpcCodes: [14], backoffMs: 1 }
+            backendRefs: [{ name: b }]
+      - name: grpc-plain
+        rules:
+          - backendRefs: [{ name: b }]
+backends:
+  - { name: b, protocol: grpc, endpoints: [{ address: "{EP}" }], retryBudget: { percent: 200 } }
+"#;
+
+/// `n` unary calls to `path`: how many ended with each `grpc-status`
+/// (from the headers of a trailers-only answer, else the trailers).
+async fn grpc_calls(p: &Proxy, path: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut c = proxy::testutil::h2_client(p.listener_addr("out").unwrap()).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let req = Request::post(format!("http://svc{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+            .unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        let early = resp.headers().get("grpc-status").cloned();
+        let collected = resp.into_body().collect().await.unwrap();
+        let status = early
+            .or_else(|| collected.trailers()?.get("grpc-status").cloned())
+            .map_or("none".to_owned(), |v| v.to_str().unwrap().to_owned());
+        *statuses.entry(status).or_default() += 1;
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn grpc_calls_are_retried_on_the_policys_grpc_statuses_only() {
+    let b = flaky_grpc(50, "14").await;
+    let p = proxy(GRPC_CONFIG, &[("EP", b.addr.to_string())]).await;
+    let n = 400;
+    let retried = grpc_calls(&p, "/retried.Svc/Get", n).await;
+    let ok = retried.get("0").copied().unwrap_or(0);
+    assert!(ok * 100 > n * 99, "{retried:?}");
+    let metrics = scrape(&p).await;
+    assert!(
+        sample(
+            &metrics,
+            "trellis_retries_total",
+            &[("reason", "grpc_status")]
+        ) > 0.0,
+        "{metrics}"
+    );
+    // Without the policy half of the calls fail.
+    let plain = grpc_calls(&p, "/plain.Svc/Get", n).await;
+    let failed = plain.get("14").copied().unwrap_or(0);
+    assert!(failed > n / 4, "{plain:?}");
+
+    // A status the policy does not name is not retried.
+    let other = flaky_grpc(50, "13").await;
+    let p = proxy(GRPC_CONFIG, &[("EP", other.addr.to_string())]).await;
+    let before = other.hits.load(Ordering::Relaxed);
+    let statuses = grpc_calls(&p, "/retried.Svc/Get", 200).await;
+    let hits = other.hits.load(Ordering::Relaxed) - before;
+    assert_eq!(hits, 200, "calls ending 13 were retried: {statuses:?}");
+    assert!(
+        statuses.get("13").copied().unwrap_or(0) > 50,
+        "{statuses:?}"
+    );
+}

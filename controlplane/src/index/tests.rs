@@ -511,6 +511,7 @@ fn destination_policy_sets_the_retry_budget_and_limits_and_routes_their_retries(
         Some(mesh_api::Retry {
             attempts: 2,
             codes: vec![503],
+            grpc_codes: Vec::new(),
             backoff_ms: 100
         })
     );
@@ -1050,6 +1051,81 @@ fn a_request_mirror_names_its_backend_which_the_proxy_is_sent() {
             (
                 "spec.rules[0].filters[3].requestMirror",
                 "required for type RequestMirror"
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_grpc_routes_retry_annotations_retry_its_grpc_statuses() {
+    let mut index = mesh();
+    let mut retried = grpc_route(
+        "bookinfo",
+        "retried",
+        "reviews",
+        "  rules:\n  - backendRefs: [{ name: reviews-v1, port: 9080 }]\n  - backendRefs: [{ name: reviews-v2, port: 9080 }]\n",
+    );
+    retried.metadata.annotations = Some(
+        [
+            (
+                "retry.trellis.dev/codes",
+                "unavailable, RESOURCE_EXHAUSTED, 4",
+            ),
+            ("retry.trellis.dev/attempts", "3"),
+            ("retry.trellis.dev/backoff", "50ms"),
+            ("example.com/other", "ignored"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into(),
+    );
+    index.apply(retried.clone()).unwrap();
+    let o = index
+        .outbound(&key("bookinfo", "reviews"), "bookinfo")
+        .unwrap();
+    let expected = Some(mesh_api::Retry {
+        attempts: 3,
+        codes: Vec::new(),
+        grpc_codes: vec![14, 8, 4],
+        backoff_ms: 50,
+    });
+    // On every rule of the route.
+    for rule in &o.service.routes[0].rules {
+        assert_eq!(rule.retry, expected);
+    }
+
+    retried.metadata.annotations = Some(
+        [
+            ("retry.trellis.dev/codes", "unavailable, nope, 17"),
+            ("retry.trellis.dev/attempts", "11"),
+            ("retry.trellis.dev/limit", "2"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .into(),
+    );
+    let err = index.apply(retried).unwrap_err();
+    let fields: Vec<(&str, &str)> = err
+        .errors
+        .iter()
+        .map(|e| (e.field.as_str(), e.reason.as_str()))
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            (
+                "metadata.annotations[\"retry.trellis.dev/attempts\"]",
+                "\"11\" is not 0 to 10"
+            ),
+            (
+                "metadata.annotations[\"retry.trellis.dev/codes\"]",
+                "\"nope\" is not a gRPC error status (1 to 16, or a name such as unavailable)"
+            ),
+            (
+                "metadata.annotations[\"retry.trellis.dev/codes\"]",
+                "\"17\" is not a gRPC error status (1 to 16, or a name such as unavailable)"
+            ),
+            (
+                "metadata.annotations[\"retry.trellis.dev/limit\"]",
+                "unknown annotation: retry.trellis.dev/ takes codes, attempts and backoff"
             ),
         ]
     );

@@ -121,14 +121,15 @@ impl Index {
     }
 
     /// The SPIFFE ID of pod `name` in `namespace`, from its service
-    /// account; `None` when the pod is unknown (its endpoints are then
-    /// reached in plaintext).
+    /// account; `None` when the pod is unknown or has no proxy (its
+    /// endpoints are then reached in plaintext: a pod outside the mesh
+    /// cannot answer mutual TLS).
     pub fn identity_of(&self, namespace: &str, pod: &str) -> Option<String> {
         let key = Key {
             namespace: namespace.to_owned(),
             name: pod.to_owned(),
         };
-        let entry = self.workloads.pods.get(&key)?;
+        let entry = self.workloads.pods.get(&key).filter(|p| p.meshed)?;
         let td = self
             .workloads
             .trust_domain

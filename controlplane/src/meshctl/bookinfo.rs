@@ -245,7 +245,8 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
                  metadata:\n  name: {name}\n  namespace: {NAMESPACE}\n  \
                  labels: {{ app: {app}, version: {version} }}\n\
                  spec:\n  serviceAccountName: {sa}\n  \
-                 containers: [{{ name: {app}, image: bookinfo }}]\n",
+                 containers: [{{ name: {app}, image: bookinfo }}, {{ name: {proxy}, image: trellis-proxy }}]\n",
+                proxy = mesh_api::k8s::PROXY_CONTAINER,
                 name = w.name,
                 app = w.service,
                 version = w.version,
@@ -254,9 +255,10 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
         })
         .collect();
     let pods = format!(
-        "# The workloads: their labels, which policies select them by, and their\n\
+        "# The workloads: their labels, which policies select them by, their\n\
          # service accounts, which are their identities\n\
-         # (spiffe://cluster.local/ns/{NAMESPACE}/sa/<service account>).\n{}",
+         # (spiffe://cluster.local/ns/{NAMESPACE}/sa/<service account>), and the\n\
+         # proxy beside each, without which a pod is outside the mesh (plaintext).\n{}",
         pods.join("---\n")
     );
     let services = format!(
@@ -432,6 +434,7 @@ fn service(name: &str, port: u16) -> Service {
         namespace: NAMESPACE.to_owned(),
         hostnames: Vec::new(),
         addresses: Vec::new(),
+        endpoint_addresses: Vec::new(),
         ports: vec![ServicePort {
             port,
             name: Some("http".to_owned()),

@@ -503,6 +503,97 @@ pub(super) fn convert_retry(c: &mut Check, at: &str, r: HttpRouteRulesRetry) -> 
     Retry {
         attempts,
         codes,
+        grpc_codes: Vec::new(),
         backoff_ms,
     }
+}
+
+/// The prefix of the annotations that give a GRPCRoute its retries:
+/// Gateway API's GRPCRoute has no `retry` field (Linkerd reads the same
+/// kind of annotations).
+pub const RETRY_ANNOTATION_PREFIX: &str = "retry.trellis.dev/";
+
+/// gRPC's status codes by name, from 1 (0 is OK).
+const GRPC_CODES: [&str; 16] = [
+    "cancelled",
+    "unknown",
+    "invalid-argument",
+    "deadline-exceeded",
+    "not-found",
+    "already-exists",
+    "permission-denied",
+    "resource-exhausted",
+    "failed-precondition",
+    "aborted",
+    "out-of-range",
+    "unimplemented",
+    "internal",
+    "unavailable",
+    "data-loss",
+    "unauthenticated",
+];
+
+/// A GRPCRoute's retries, from its `retry.trellis.dev/` annotations
+/// (for every rule): `codes`, gRPC statuses by name or number (default
+/// `unavailable`); `attempts` (default 1, at most 10); `backoff` (default
+/// 25ms). `None` without any such annotation.
+pub(super) fn grpc_retry(
+    c: &mut Check,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Option<Retry> {
+    let mut retry = Retry {
+        attempts: 1,
+        codes: Vec::new(),
+        grpc_codes: vec![14],
+        backoff_ms: crate::DEFAULT_BACKOFF_MS,
+    };
+    let mut any = false;
+    for (key, value) in annotations {
+        let Some(name) = key.strip_prefix(RETRY_ANNOTATION_PREFIX) else {
+            continue;
+        };
+        any = true;
+        let at = format!("metadata.annotations[{key:?}]");
+        let value = value.trim();
+        match name {
+            "codes" => {
+                retry.grpc_codes = Vec::new();
+                for code in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let named = code.to_ascii_lowercase().replace('_', "-");
+                    let number = match code.parse::<u32>() {
+                        Ok(n) => Some(n).filter(|n| (1..=16).contains(n)),
+                        Err(_) => GRPC_CODES
+                            .iter()
+                            .position(|n| *n == named)
+                            .and_then(|i| u32::try_from(i + 1).ok()),
+                    };
+                    match number {
+                        Some(n) => retry.grpc_codes.push(n),
+                        None => c.err(
+                            at.clone(),
+                            format!(
+                                "{code:?} is not a gRPC error status (1 to 16, or a name such as unavailable)"
+                            ),
+                        ),
+                    }
+                }
+                if retry.grpc_codes.is_empty() {
+                    c.err(at, "lists no gRPC status");
+                }
+            }
+            "attempts" => match value.parse::<u32>() {
+                Ok(n) if i64::from(n) <= MAX_RETRY_ATTEMPTS => retry.attempts = n,
+                _ => c.err(at, format!("{value:?} is not 0 to {MAX_RETRY_ATTEMPTS}")),
+            },
+            "backoff" => match crate::policy::parse_duration(value) {
+                Ok(d) => retry.backoff_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                Err(reason) => c.err(at, reason),
+            },
+            _ => c.err(
+                at,
+                format!("unknown annotation: {RETRY_ANNOTATION_PREFIX} takes codes, attempts and backoff"),
+            ),
+        }
+    }
+    any.then_some(retry)
 }

@@ -93,6 +93,7 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
         namespace: "bookinfo".to_owned(),
         hostnames: vec!["reviews.example.com".to_owned()],
         addresses: vec!["10.96.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+        endpoint_addresses: Vec::new(),
         ports: vec![
             port(
                 9080,
@@ -159,6 +160,7 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                         retry: Some(m::Retry {
                             attempts: 3,
                             codes: vec![500, 503],
+                            grpc_codes: vec![14, 8],
                             backoff_ms: 50,
                         }),
                     },
@@ -189,6 +191,7 @@ fn reviews() -> (m::Service, Vec<m::Backend>) {
                         retry: Some(m::Retry {
                             attempts: 0,
                             codes: Vec::new(),
+                            grpc_codes: Vec::new(),
                             backoff_ms: 0,
                         }),
                     },
@@ -303,8 +306,10 @@ fn outbound_service_leaves_out_endpoints() {
 #[test]
 fn service_index_entry_round_trips_addressing() {
     let (mut service, _) = reviews();
+    service.endpoint_addresses = vec!["10.1.0.7".parse().unwrap(), "fd00::7".parse().unwrap()];
     let entry = through_wire(&service_index_entry(&service));
     assert_eq!(entry.addresses, ["10.96.0.10", "fd00::10"]);
+    assert_eq!(entry.endpoint_addresses, ["10.1.0.7", "fd00::7"]);
     assert!(entry.ports.iter().all(|p| p.backend.is_empty()));
 
     // Routing is the outbound resource's business.

@@ -103,6 +103,10 @@ pub struct ServiceIndexEntry {
     pub addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(message, repeated, tag = "5")]
     pub ports: ::prost::alloc::vec::Vec<ServicePort>,
+    /// The addresses of the service's endpoints (pod IPs): a client calling
+    /// one directly loads the service to learn the endpoint's identity.
+    #[prost(string, repeated, tag = "6")]
+    pub endpoint_addresses: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct ServicePort {
@@ -186,6 +190,9 @@ pub struct Retry {
     pub codes: ::prost::alloc::vec::Vec<u32>,
     #[prost(uint64, tag = "3")]
     pub backoff_ms: u64,
+    /// gRPC statuses (1 to 16) of trailers-only responses that are retried.
+    #[prost(uint32, repeated, tag = "4")]
+    pub grpc_codes: ::prost::alloc::vec::Vec<u32>,
 }
 /// A filter with Gateway API semantics. A proxy that finds none of these
 /// set (a filter kind newer than the proxy) must answer the rule's

@@ -10,6 +10,7 @@ fn service(name: &str, vip: &str) -> Service {
         namespace: "shop".into(),
         hostnames: Vec::new(),
         addresses: vec![vip.parse().unwrap()],
+        endpoint_addresses: Vec::new(),
         ports: vec![ServicePort {
             port: 9080,
             name: Some("http".into()),

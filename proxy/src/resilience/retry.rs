@@ -49,6 +49,7 @@ pub struct Policy {
     /// Retries after the first attempt.
     pub attempts: u32,
     codes: Vec<u16>,
+    grpc_codes: Vec<u32>,
     backoff: Duration,
 }
 
@@ -59,6 +60,9 @@ pub enum Reason {
     Connect,
     /// The response status is one the policy retries.
     Status,
+    /// The gRPC status of a trailers-only response is one the policy
+    /// retries.
+    GrpcStatus,
     /// The upstream reset the stream or closed the connection.
     Reset,
     /// The backend timeout passed.
@@ -88,6 +92,7 @@ impl Policy {
         Self {
             attempts: r.attempts,
             codes: r.codes.clone(),
+            grpc_codes: r.grpc_codes.clone(),
             backoff: Duration::from_millis(r.backoff_ms),
         }
     }
@@ -100,6 +105,17 @@ impl Policy {
         } else {
             self.codes.contains(&s)
         }
+    }
+
+    /// Whether a gRPC call whose response `headers` carry its status (a
+    /// trailers-only response: nothing of it has reached the client) is
+    /// retried.
+    pub fn retries_grpc(&self, headers: &http::HeaderMap) -> bool {
+        !self.grpc_codes.is_empty()
+            && headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
+                .is_some_and(|s| self.grpc_codes.contains(&s))
     }
 
     /// The wait before retry `n` (1 for the first): the base doubled for
@@ -122,6 +138,7 @@ impl Reason {
         match self {
             Reason::Connect => "connect",
             Reason::Status => "status",
+            Reason::GrpcStatus => "grpc_status",
             Reason::Reset => "reset",
             Reason::Timeout => "timeout",
         }
@@ -251,6 +268,7 @@ mod tests {
         let p = Policy::new(&Retry {
             attempts: 5,
             codes: Vec::new(),
+            grpc_codes: vec![14],
             backoff_ms: 100,
         });
         for (n, base) in [(1, 100), (2, 200), (3, 400), (4, 800), (5, 1000), (9, 1000)] {
@@ -258,6 +276,14 @@ mod tests {
             assert!((base..base * 3 / 2 + 1).contains(&d), "retry {n}: {d} ms");
         }
         assert!(p.retries_status(StatusCode::SERVICE_UNAVAILABLE));
+        let trailers_only = |status: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-status", status.parse().unwrap());
+            h
+        };
+        assert!(p.retries_grpc(&trailers_only("14")));
+        assert!(!p.retries_grpc(&trailers_only("13")));
+        assert!(!p.retries_grpc(&http::HeaderMap::new()));
         assert!(!p.retries_status(StatusCode::INTERNAL_SERVER_ERROR));
     }
 }

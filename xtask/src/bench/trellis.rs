@@ -188,6 +188,7 @@ fn config(
             namespace: mesh_api::DEFAULT_NAMESPACE.to_owned(),
             hostnames: Vec::new(),
             addresses: Vec::new(),
+            endpoint_addresses: Vec::new(),
             ports: vec![ServicePort {
                 port: SERVICE_PORT,
                 name: None,

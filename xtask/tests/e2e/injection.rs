@@ -294,9 +294,14 @@ impl std::fmt::Display for Histogram {
 /// sidecar); productpage's proxy counted every hop as mutual TLS.
 async fn pages_are_served_over_mtls(ns: &TestNamespace) {
     let ip = ns.cluster_ip("productpage").await.unwrap();
+    // And a pod by its own address, as a headless Service's clients call
+    // it: STRICT refuses plaintext, so an answer means mutual TLS.
+    let details = ns.pods("app=details").await.unwrap();
+    let details_ip = pod_ip(&details[0]).unwrap();
     let script = format!(
         "until wget -q -O /dev/null http://127.0.0.1:15021/healthz/ready; do sleep 0.2; done; \
          for i in 1 2 3 4 5; do wget -q -O- http://{ip}:9080/productpage | grep -o 'reviews-v[0-9]' | head -1; done; \
+         echo '--- by address'; wget -q -O- http://{details_ip}:9080/details/0 2>&1 | head -c 300; echo; \
          echo '--- page'; wget -q -O- http://{ip}:9080/productpage; echo; echo done; sleep 3600"
     );
     // With a classic sidecar the pod never completes: the proxy keeps
@@ -307,7 +312,14 @@ async fn pages_are_served_over_mtls(ns: &TestNamespace) {
     })
     .await;
     let page_at = out.iter().position(|l| l == "--- page").unwrap();
-    let answered = out[..page_at]
+    let by_address = out.iter().position(|l| l == "--- by address").unwrap();
+    let details_answer = &out[by_address + 1];
+    println!("details by its pod address {details_ip}: {details_answer}");
+    assert!(
+        details_answer.contains("Shakespeare"),
+        "details by its pod address {details_ip}:\n{out:#?}"
+    );
+    let answered = out[..by_address]
         .iter()
         .filter(|l| l.starts_with("reviews-v"))
         .count();
