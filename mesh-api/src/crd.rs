@@ -190,6 +190,17 @@ pub struct ConnectionPoolSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_retries: Option<u32>,
+    /// How long a connect to an endpoint may take, TLS handshake included
+    /// (a Gateway API duration such as `500ms`); unset, the proxy's
+    /// `--connect-timeout`, 2s by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub connect_timeout: Option<String>,
+    /// How long a proxy keeps an unused connection to an endpoint open;
+    /// unset, 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$"))]
+    pub idle_timeout: Option<String>,
 }
 
 /// Whether the selected workloads accept plaintext from peers or only

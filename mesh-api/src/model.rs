@@ -710,6 +710,15 @@ pub struct ConnectionLimits {
     /// Retries in flight.
     #[serde(default = "default_limit")]
     pub max_retries: u32,
+    /// How long a connect to an endpoint (TCP and, to a mesh endpoint,
+    /// the mutual TLS handshake) may take; unset, the proxy's
+    /// `--connect-timeout` (2 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout_ms: Option<u64>,
+    /// How long a pooled upstream connection may sit unused before the
+    /// proxy closes it; unset, 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 /// Each [`ConnectionLimits`] limit by default.
@@ -722,6 +731,8 @@ impl Default for ConnectionLimits {
             max_pending_requests: DEFAULT_LIMIT,
             max_requests: DEFAULT_LIMIT,
             max_retries: DEFAULT_LIMIT,
+            connect_timeout_ms: None,
+            idle_timeout_ms: None,
         }
     }
 }

@@ -334,6 +334,8 @@ fn backend_to_wire(b: &m::Backend) -> w::Backend {
             max_pending_requests: b.limits.max_pending_requests,
             max_requests: b.limits.max_requests,
             max_retries: b.limits.max_retries,
+            connect_timeout_ms: b.limits.connect_timeout_ms.unwrap_or(0),
+            idle_timeout_ms: b.limits.idle_timeout_ms.unwrap_or(0),
         }),
     }
 }
@@ -816,6 +818,8 @@ fn backend_from_wire(b: &w::Backend) -> Result<m::Backend, Fault> {
                 max_pending_requests: l.max_pending_requests,
                 max_requests: l.max_requests,
                 max_retries: l.max_retries,
+                connect_timeout_ms: (l.connect_timeout_ms != 0).then_some(l.connect_timeout_ms),
+                idle_timeout_ms: (l.idle_timeout_ms != 0).then_some(l.idle_timeout_ms),
             }),
     })
 }

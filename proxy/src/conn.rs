@@ -322,6 +322,18 @@ impl Conn {
 }
 
 impl Dest {
+    /// How long a connect to an endpoint of this destination may take: its
+    /// backend's `connectTimeout`, else `default`.
+    pub fn connect_timeout(&self, default: std::time::Duration) -> std::time::Duration {
+        match self {
+            Dest::Service(s, port) => s
+                .port_or_first(*port)
+                .and_then(|p| p.backend.as_ref())
+                .map_or(default, |b| b.connect_timeout(default)),
+            Dest::Direct { .. } => default,
+        }
+    }
+
     /// The `destination_service` label.
     pub fn name(&self) -> Arc<str> {
         match self {

@@ -561,9 +561,12 @@ async fn forward(
         let addr = pick.endpoint.addr;
         record.destination_workload = pick.endpoint.workload.clone();
         record.upstream = Some(addr);
+        let default_connect = conn.shared.limits.connect_timeout;
         let dial = pool::Dial::to(
             &pick.endpoint,
-            conn.shared.limits.connect_timeout,
+            backend
+                .as_ref()
+                .map_or(default_connect, |b| b.connect_timeout(default_connect)),
             &conn.shared.tls,
         );
         // Inbound, `tls` already says whether the client came over mTLS;

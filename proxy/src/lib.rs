@@ -242,9 +242,33 @@ pub async fn start(settings: Settings, config: ProxyConfig) -> Result<Arc<Proxy>
     });
     proxy.admin.spawn(proxy.clone(), recorder.clone());
     tokio::spawn(telemetry::upkeep(recorder));
+    tokio::spawn(expire_idle(proxy.shared.clone()));
     metrics::counter!(telemetry::CONFIG_UPDATES, "result" => "ok").increment(1);
     info!(version = 1, "config applied");
     Ok(proxy)
+}
+
+/// Closes pooled upstream connections past their idle timeout, every
+/// [`pool::IDLE_SWEEP`], until the proxy drains.
+async fn expire_idle(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(pool::IDLE_SWEEP);
+    loop {
+        tokio::select! {
+            () = shared.drain.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        shared.snapshot().expire_idle();
+        let passthrough: Vec<Arc<Endpoint>> = shared
+            .passthrough
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for e in passthrough {
+            e.pool.expire_idle();
+        }
+    }
 }
 
 /// Starts a proxy fed by the control plane at `discovery` (`host:port`):

@@ -11,7 +11,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,10 +28,14 @@ use crate::balance::Endpoint;
 use crate::body::RequestBody;
 use crate::tls::{self, Tls, TlsError};
 
-/// How long a connection may sit idle in the pool. Shorter than the idle
-/// timeouts of common servers (ours is 60 s, hyper's and nginx's longer), so
-/// that the pool rarely hands out a connection the server is closing.
+/// How long a connection may sit idle in the pool unless its backend's
+/// `idleTimeout` says otherwise. Shorter than the idle timeouts of common
+/// servers (ours is 60 s, hyper's and nginx's longer), so that the pool
+/// rarely hands out a connection the server is closing.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the proxy closes the pooled connections past their idle
+/// timeout.
+pub const IDLE_SWEEP: Duration = Duration::from_millis(500);
 /// Idle HTTP/1 connections kept per endpoint.
 pub const MAX_IDLE: usize = 256;
 
@@ -39,10 +43,13 @@ pub const MAX_IDLE: usize = 256;
 #[derive(Debug, Default)]
 pub struct Pool {
     h1: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// The shared HTTP/2 connection and when a request last took it.
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Instant)>>,
     /// Connections open now, idle or busy: each connection's task holds
     /// one count until the connection closes.
     open: Arc<AtomicUsize>,
+    /// The idle timeout in milliseconds; 0 is [`IDLE_TIMEOUT`].
+    idle_ms: AtomicU64,
 }
 
 /// One connection's count in its pool, taken before it is opened (so
@@ -99,8 +106,9 @@ impl Pool {
     /// An idle HTTP/1 connection that is still open, if any.
     pub fn checkout(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.h1.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = self.idle_timeout();
         while let Some(i) = idle.pop() {
-            if !i.conn.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
+            if !i.conn.is_closed() && i.since.elapsed() < timeout {
                 return Some(i.conn);
             }
         }
@@ -123,13 +131,50 @@ impl Pool {
 
     /// The shared HTTP/2 connection, if it is open.
     pub fn h2(&self) -> Option<http2::SendRequest<RequestBody>> {
-        let h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
-        h2.as_ref().filter(|c| !c.is_closed()).cloned()
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        let (conn, used) = h2.as_mut().filter(|(c, _)| !c.is_closed())?;
+        *used = Instant::now();
+        Some(conn.clone())
     }
 
     /// Makes `conn` the shared HTTP/2 connection.
     pub fn set_h2(&self, conn: http2::SendRequest<RequestBody>) {
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn);
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some((conn, Instant::now()));
+    }
+
+    /// The idle timeout: `timeout`, or [`IDLE_TIMEOUT`] for `None`.
+    pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| {
+            u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long a connection may sit unused.
+    pub fn idle_timeout(&self) -> Duration {
+        match self.idle_ms.load(Ordering::Relaxed) {
+            0 => IDLE_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
+    /// Closes the connections unused for longer than the idle timeout:
+    /// an HTTP/1 one waiting in the pool, and the HTTP/2 one when no
+    /// request took it for that long (streams still open on it keep it
+    /// until they end).
+    pub fn expire_idle(&self) {
+        let timeout = self.idle_timeout();
+        self.h1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|i| !i.conn.is_closed() && i.since.elapsed() < timeout);
+        let mut h2 = self.h2.lock().unwrap_or_else(|e| e.into_inner());
+        if h2
+            .as_ref()
+            .is_some_and(|(c, used)| c.is_closed() || used.elapsed() >= timeout)
+        {
+            *h2 = None;
+        }
     }
 
     /// Connections open now to the endpoint, idle or busy.

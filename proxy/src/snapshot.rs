@@ -110,6 +110,15 @@ pub struct BackendEntry {
 }
 
 impl BackendEntry {
+    /// How long a connect to one of its endpoints may take: its
+    /// `connectTimeout`, else `default` (the proxy's).
+    pub fn connect_timeout(&self, default: std::time::Duration) -> std::time::Duration {
+        self.breaker
+            .limits()
+            .connect_timeout_ms
+            .map_or(default, std::time::Duration::from_millis)
+    }
+
     /// Picks an endpoint that is not ejected and, for a retry, not
     /// `avoid`.
     pub fn pick(&self, avoid: Option<SocketAddr>) -> Option<Pick> {
@@ -139,7 +148,16 @@ impl Snapshot {
         let mut budgets = HashMap::new();
         let mut breakers = HashMap::new();
         let mut detectors = HashMap::new();
+        // An endpoint in several backends keeps the shortest idle timeout
+        // any of them asks for.
+        let mut idle: HashMap<SocketAddr, u64> = HashMap::new();
         for b in &config.backends {
+            if let Some(ms) = b.limits.idle_timeout_ms {
+                for e in &b.endpoints {
+                    let t = idle.entry(e.address).or_insert(ms);
+                    *t = (*t).min(ms);
+                }
+            }
             let eps = b
                 .endpoints
                 .iter()
@@ -247,6 +265,13 @@ impl Snapshot {
             }
         }
 
+        for (addr, e) in &endpoints {
+            e.pool.set_idle_timeout(
+                idle.get(addr)
+                    .map(|&ms| std::time::Duration::from_millis(ms)),
+            );
+        }
+
         let authorizer = Authorizer::new(&config.inbound.authorization);
         let rate_limits = match previous {
             Some(p) => p.rate_limits.update(&config.inbound.rate_limits),
@@ -302,6 +327,14 @@ impl Snapshot {
     /// The service behind a virtual address.
     pub fn service_by_vip(&self, addr: SocketAddr) -> Option<&Arc<ServiceEntry>> {
         self.by_vip.get(&addr)
+    }
+
+    /// Closes the pooled connections of every endpoint that sat unused
+    /// past their idle timeout.
+    pub fn expire_idle(&self) {
+        for e in self.endpoints.values() {
+            e.pool.expire_idle();
+        }
     }
 
     /// The services with an endpoint at `ip`, loaded or pending.

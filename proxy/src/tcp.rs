@@ -47,7 +47,7 @@ where
     };
     let dial = pool::Dial::to(
         &pick.endpoint,
-        conn.shared.limits.connect_timeout,
+        dest.connect_timeout(conn.shared.limits.connect_timeout),
         &conn.shared.tls,
     );
     let labels = labels(&conn, &snap, &dest, &pick, dial.is_tls());
@@ -77,7 +77,7 @@ pub async fn connect_tunnel(
     let addr = pick.endpoint.addr;
     let dial = pool::Dial::to(
         &pick.endpoint,
-        conn.shared.limits.connect_timeout,
+        dest.connect_timeout(conn.shared.limits.connect_timeout),
         &conn.shared.tls,
     );
     let mut upstream = match dial.connect(None).await {

@@ -37,6 +37,7 @@ use mesh_api::{
     RouteRule, Service, ServicePort,
 };
 
+use bookinfo::productpage::REVIEWS_UNAVAILABLE;
 use bookinfo::reviews::{RATINGS_UNAVAILABLE, StarColor};
 
 /// The port clients use for every mesh service (`http://details:9080`).
@@ -286,6 +287,98 @@ pub fn mesh_objects(sidecars: &[Sidecar]) -> Vec<(&'static str, String)> {
         ("policies.yaml", policies),
         ("endpoints.yaml", slices),
         (ROUTE_FILE, reviews_route_yaml(&REVIEWS_SPLIT)),
+    ]
+}
+
+/// The ratings delay of [`try_objects`].
+pub const TRY_DELAY: &str = "ratings-delay.yaml";
+
+/// The ratings abort of [`try_objects`].
+pub const TRY_ABORT: &str = "ratings-abort.yaml";
+
+/// The reviews circuit breaker of [`try_objects`].
+pub const TRY_BREAKER: &str = "reviews-breaker.yaml";
+
+/// How long the HTTPFault of [`TRY_DELAY`] holds a ratings call, and the
+/// ratings route's request timeout that cuts it short, in seconds.
+pub const TRY_DELAY_SECS: (u64, u64) = (2, 1);
+
+/// What reviews shows when it cannot fetch ratings.
+pub const RATINGS_UNAVAILABLE_TEXT: &str = RATINGS_UNAVAILABLE;
+
+/// The resilience examples `meshctl demo` writes beside the mesh, by file
+/// name: each a few objects to copy into the mesh directory (and delete
+/// to undo), with what to look for in its comment. `{front}` and
+/// `{metrics}` in the comments stand for the product page's and
+/// productpage's metrics addresses, which the caller fills in.
+pub fn try_objects() -> Vec<(&'static str, String)> {
+    let (delay, timeout) = TRY_DELAY_SECS;
+    let (delay, timeout) = (format!("{delay}s"), format!("{timeout}s"));
+    let ratings_route = |name: &str, fault: &str, timeouts: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{ name: {name}, namespace: {NAMESPACE} }}\n\
+             spec:\n  parentRefs: [{{ group: \"\", kind: Service, name: ratings, port: {MESH_PORT} }}]\n  \
+             rules:\n  - filters:\n    - type: ExtensionRef\n      \
+             extensionRef: {{ group: trellis.dev, kind: HTTPFault, name: {fault} }}\n{timeouts}    \
+             backendRefs: [{{ name: ratings, port: {MESH_PORT} }}]\n"
+        )
+    };
+    let delay_yaml = format!(
+        "# A fault and the timeout that catches it. Copy this file into mesh/ and\n\
+         # reload the product page (http://{{front}}/productpage) a few times: half\n\
+         # of the calls from reviews v2 and v3 to ratings are held {delay} by the\n\
+         # HTTPFault, and the ratings route's {timeout} request timeout cuts them\n\
+         # short (504 in reviews' proxy, response_flags=\"UT\"). Those pages come in\n\
+         # about {timeout}, without stars: \"{RATINGS_UNAVAILABLE}\". Delete the\n\
+         # file from mesh/ to undo it.\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: HTTPFault\n\
+         metadata: {{ name: ratings-delay, namespace: {NAMESPACE} }}\n\
+         spec:\n  delay: {{ fixedDelay: {delay}, percent: 50 }}\n---\n{}",
+        ratings_route(
+            "ratings-delayed",
+            "ratings-delay",
+            &format!("    timeouts: {{ request: {timeout} }}\n")
+        )
+    );
+    let abort_yaml = format!(
+        "# An abort. Copy this file into mesh/ and reload the product page: a\n\
+         # quarter of the ratings calls get 503 from reviews' own proxy, before\n\
+         # they leave it (response_flags=\"FI\"), and those pages show no stars.\n\
+         # Faults are injected once per request, before retries, as in Envoy: they\n\
+         # test how the caller copes; a retry policy fixes real failures, not\n\
+         # these. Delete the file from mesh/ to undo it.\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: HTTPFault\n\
+         metadata: {{ name: ratings-abort, namespace: {NAMESPACE} }}\n\
+         spec:\n  abort: {{ httpStatus: 503, percent: 25 }}\n---\n{}",
+        ratings_route("ratings-aborted", "ratings-abort", "")
+    );
+    let breakers: Vec<String> = REVIEWS_SPLIT
+        .iter()
+        .map(|(version, _)| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: DestinationPolicy\n\
+                 metadata: {{ name: {version}-breaker, namespace: {NAMESPACE} }}\n\
+                 spec:\n  targetRef: {{ name: {version} }}\n  \
+                 connectionPool: {{ maxRequests: 1, maxPendingRequests: 1 }}\n"
+            )
+        })
+        .collect();
+    let breaker_yaml = format!(
+        "# A circuit breaker that sheds load. Copy this file into mesh/, then load\n\
+         # the product page 20 at a time and count what productpage's proxy shed:\n\
+         #   seq 200 | xargs -P 20 -I{{}} curl -s -o /dev/null http://{{front}}/productpage\n\
+         #   curl -s http://{{metrics}}/metrics | grep -E 'trellis_overflows_total|response_flags=\"UO\"'\n\
+         # Each reviews version takes one request at a time from each proxy; the\n\
+         # rest get 503 at once (x-trellis-overloaded: max-requests), and those\n\
+         # pages say \"{REVIEWS_UNAVAILABLE}\" instead of queueing.\n\
+         # Delete the file from mesh/ to undo it.\n{}",
+        breakers.join("---\n")
+    );
+    vec![
+        (TRY_DELAY, delay_yaml),
+        (TRY_ABORT, abort_yaml),
+        (TRY_BREAKER, breaker_yaml),
     ]
 }
 
@@ -572,6 +665,26 @@ mod tests {
         let names: Vec<_> = config.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["reviews-v1-local"]);
         assert_eq!(config.backends[0].endpoints[0].address, mesh[3].app);
+    }
+
+    #[test]
+    fn every_try_file_is_objects_the_mesh_accepts() {
+        let files = try_objects();
+        let names: Vec<_> = files.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, [TRY_DELAY, TRY_ABORT, TRY_BREAKER]);
+        for (name, text) in &files {
+            assert!(text.starts_with("# "), "{name} says what it does first");
+            let objects = mesh_api::k8s::parse_documents(text);
+            assert!(objects.len() >= 2, "{name}");
+            for object in objects {
+                let object = object.unwrap_or_else(|e| panic!("{name}: {e}"));
+                object
+                    .check()
+                    .unwrap_or_else(|e| panic!("{name}: {}: {e:?}", object.kind()));
+            }
+        }
+        assert!(files[0].1.contains("fixedDelay: 2s") && files[0].1.contains("request: 1s"));
+        assert!(files[2].1.contains("{front}") && files[2].1.contains("{metrics}"));
     }
 
     #[test]

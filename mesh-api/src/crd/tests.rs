@@ -471,7 +471,7 @@ kind: DestinationPolicy
 metadata: { name: reviews, namespace: bookinfo }
 spec:
   targetRef: { name: reviews }
-  connectionPool: { maxRequests: 0, maxRetries: 3 }
+  connectionPool: { maxRequests: 0, maxRetries: 3, connectTimeout: 0s, idleTimeout: 5 minutes }
   retryBudget: { retryPercent: 2000, ttl: 500ms }
 ",
     );
@@ -479,6 +479,8 @@ spec:
         fields("DestinationPolicy \"bookinfo/reviews\"", dp.validate()),
         [
             "spec.connectionPool.maxRequests",
+            "spec.connectionPool.connectTimeout",
+            "spec.connectionPool.idleTimeout",
             "spec.retryBudget.retryPercent",
             "spec.retryBudget.ttl"
         ]
@@ -489,7 +491,7 @@ kind: DestinationPolicy
 metadata: { name: reviews, namespace: bookinfo }
 spec:
   targetRef: { name: reviews }
-  connectionPool: { maxRequests: 50, maxRetries: 3 }
+  connectionPool: { maxRequests: 50, maxRetries: 3, connectTimeout: 500ms, idleTimeout: 1m30s }
   retryBudget: { minRetriesPerSecond: 0, ttl: 1m }
 ",
     );
@@ -499,6 +501,8 @@ spec:
         crate::ConnectionLimits {
             max_requests: 50,
             max_retries: 3,
+            connect_timeout_ms: Some(500),
+            idle_timeout_ms: Some(90_000),
             ..Default::default()
         }
     );

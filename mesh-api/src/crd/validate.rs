@@ -48,20 +48,19 @@ impl DestinationPolicy {
                     );
                 }
             }
+            for (field, value) in [
+                ("connectTimeout", &pool.connect_timeout),
+                ("idleTimeout", &pool.idle_timeout),
+            ] {
+                positive_duration(&mut v, &format!("spec.connectionPool.{field}"), value);
+            }
         }
         if let Some(o) = &spec.outlier_detection {
             for (field, value) in [
                 ("interval", &o.interval),
                 ("baseEjectionTime", &o.base_ejection_time),
             ] {
-                match value.as_deref().map(parse_duration) {
-                    Some(Ok(d)) if d.is_zero() => v.err(
-                        format!("spec.outlierDetection.{field}"),
-                        "must be more than 0s",
-                    ),
-                    Some(Err(reason)) => v.err(format!("spec.outlierDetection.{field}"), reason),
-                    _ => {}
-                }
+                positive_duration(&mut v, &format!("spec.outlierDetection.{field}"), value);
             }
             if o.max_ejection_percent.is_some_and(|p| p > 100) {
                 v.err(
@@ -98,6 +97,12 @@ impl DestinationPolicy {
                 .unwrap_or(limits.max_pending_requests);
             limits.max_requests = p.max_requests.unwrap_or(limits.max_requests);
             limits.max_retries = p.max_retries.unwrap_or(limits.max_retries);
+            let ms = |text: &Option<String>| match text.as_deref().map(parse_duration) {
+                Some(Ok(t)) => Some(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                _ => None,
+            };
+            limits.connect_timeout_ms = ms(&p.connect_timeout);
+            limits.idle_timeout_ms = ms(&p.idle_timeout);
         }
         limits
     }
@@ -310,6 +315,18 @@ impl HttpFault {
                 })
             }),
         }
+    }
+}
+
+/// Checks an optional duration that must be more than zero (unset is the
+/// default).
+fn positive_duration(v: &mut Errors, field: &str, value: &Option<String>) {
+    match value.as_deref().map(parse_duration) {
+        Some(Ok(d)) if d.is_zero() => {
+            v.err(field, "must be more than 0s; leave it out for the default")
+        }
+        Some(Err(reason)) => v.err(field, reason),
+        _ => {}
     }
 }
 

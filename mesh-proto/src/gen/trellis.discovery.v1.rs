@@ -430,6 +430,12 @@ pub struct ConnectionLimits {
     pub max_requests: u32,
     #[prost(uint32, tag = "4")]
     pub max_retries: u32,
+    /// 0: the proxy's default.
+    #[prost(uint64, tag = "5")]
+    pub connect_timeout_ms: u64,
+    /// 0: the proxy's default.
+    #[prost(uint64, tag = "6")]
+    pub idle_timeout_ms: u64,
 }
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct RetryBudget {

@@ -139,7 +139,8 @@ async fn send_all(dialer: &Dialer, copies: &mut Vec<Copy>, copied: oneshot::Rece
             c.head.clone(),
             RequestBody::buffered(data.clone(), trailers.clone()),
         );
-        let dial = pool::Dial::to(&pick.endpoint, dialer.connect_timeout, &dialer.tls);
+        let timeout = c.target.connect_timeout(dialer.connect_timeout);
+        let dial = pool::Dial::to(&pick.endpoint, timeout, &dialer.tls);
         let (target, h2) = (c.target.clone(), c.h2);
         sends.spawn(async move {
             let sent = crate::http::send(&pick, req, &dial, h2, false, Some(&target.breaker)).await;

@@ -10,8 +10,12 @@
 //! product page's URL. Until Ctrl-C it prints how productpage's proxy
 //! splits `reviews` traffic. The control plane watches its directory, so
 //! editing the weights in `<dir>/mesh/reviews-route.yaml` shifts traffic
-//! live. `--smoke` fetches pages instead, checks every reviews version
-//! answers, edits the route and checks the traffic follows, and exits.
+//! live. Beside it, `<dir>/try/` holds resilience examples to copy into
+//! `mesh/` (`controlplane::meshctl::bookinfo::try_objects`): a ratings
+//! delay that a timeout cuts short, a ratings abort, and circuit breakers
+//! on reviews. `--smoke` fetches pages instead, checks every reviews
+//! version answers, edits the route and checks the traffic follows, tries
+//! the delay and the breakers, and exits.
 //!
 //! The binaries `trellis-controlplane`, `trellis-proxy` and `bookinfo` are
 //! taken from the directory `meshctl` itself is in (cargo builds them side
@@ -332,6 +336,10 @@ impl Demo {
         self.dir.join("mesh")
     }
 
+    fn try_dir(&self) -> PathBuf {
+        self.dir.join("try")
+    }
+
     fn route_path(&self) -> PathBuf {
         self.mesh_dir().join(mesh::ROUTE_FILE)
     }
@@ -348,7 +356,8 @@ impl Demo {
         let sidecars: Vec<Sidecar> = self.nodes.iter().map(|n| self.sidecar(n)).collect();
         let mesh_dir = self.mesh_dir();
         let proxies_dir = self.dir.join("proxies");
-        for dir in [&mesh_dir, &proxies_dir] {
+        let try_dir = self.try_dir();
+        for dir in [&mesh_dir, &proxies_dir, &try_dir] {
             // What an earlier run or a user left there would join the mesh.
             if dir.exists() {
                 std::fs::remove_dir_all(dir)
@@ -359,6 +368,12 @@ impl Demo {
         }
         for (name, text) in mesh::mesh_objects(&sidecars) {
             write_file(&mesh_dir.join(name), &text)?;
+        }
+        for (name, text) in mesh::try_objects() {
+            let text = text
+                .replace("{front}", &self.front().to_string())
+                .replace("{metrics}", &self.front_metrics().to_string());
+            write_file(&try_dir.join(name), &text)?;
         }
         for sidecar in &sidecars {
             let name = sidecar.workload.name;
@@ -433,6 +448,10 @@ impl Demo {
         println!(
             "To shift traffic live, edit the weights in {} and save.",
             self.route_path().display()
+        );
+        println!(
+            "To see a fault, a timeout and a circuit breaker: copy a file of {}/ into the mesh directory (each says what to look for), delete it to undo.",
+            self.try_dir().display()
         );
         println!("Proxies in sync: meshctl proxy-status (it finds this mesh while it runs)");
         println!("Logs: {}/", self.dir.join("logs").display());
@@ -614,6 +633,8 @@ impl Demo {
         }
         self.smoke_proxy_status().await?;
         self.smoke_route_edit().await?;
+        self.smoke_delay().await?;
+        self.smoke_breaker().await?;
         println!("smoke: passed");
         Ok(())
     }
@@ -742,6 +763,121 @@ impl Demo {
         if !left.is_empty() {
             bail!("smoke: the fixed route is still refused: {left:?}");
         }
+        Ok(())
+    }
+}
+
+impl Demo {
+    /// Copies a file of `try/` into the mesh.
+    fn try_file(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let to = self.mesh_dir().join(name);
+        std::fs::copy(self.try_dir().join(name), &to)
+            .with_context(|| format!("cannot copy {name} into the mesh"))?;
+        Ok(to)
+    }
+
+    /// Copies the ratings delay into the mesh (all pages come from
+    /// reviews-v3 now, which calls ratings): pages without stars must come,
+    /// each cut short by the ratings timeout, and pages with stars too;
+    /// once the file is gone, only pages with stars.
+    async fn smoke_delay(&self) -> anyhow::Result<()> {
+        let timeout = Duration::from_secs(mesh::TRY_DELAY_SECS.1);
+        let file = self.try_file(mesh::TRY_DELAY)?;
+        let started = Instant::now();
+        let (mut cut, mut whole) = (0, 0);
+        while cut < 2 || whole < 2 {
+            if started.elapsed() > SHIFT_TIMEOUT * 2 {
+                bail!(
+                    "smoke: with {} in the mesh, {cut} pages lost their ratings to the timeout and {whole} had them; expected both",
+                    mesh::TRY_DELAY
+                );
+            }
+            let asked = Instant::now();
+            let (status, page) = http::get(self.front(), "/productpage").await?;
+            let took = asked.elapsed();
+            if status != 200 {
+                bail!("smoke: a page under the ratings delay answered {status}:\n{page}");
+            }
+            if page.contains(mesh::RATINGS_UNAVAILABLE_TEXT) {
+                // Cut by the timeout: not before it, and not after the
+                // delay would have ended.
+                if took < timeout {
+                    bail!(
+                        "smoke: a page lost its ratings after {took:?}, before the {timeout:?} timeout"
+                    );
+                }
+                cut += 1;
+            } else if mesh::check_product_page(&page).is_ok() {
+                whole += 1;
+            }
+        }
+        println!(
+            "smoke: with {} in the mesh, {cut} pages came without ratings after the {timeout:?} timeout, {whole} with them",
+            mesh::TRY_DELAY
+        );
+        std::fs::remove_file(&file)?;
+        let started = Instant::now();
+        let mut in_a_row = 0;
+        while in_a_row < SHIFT_PAGES {
+            if started.elapsed() > SHIFT_TIMEOUT {
+                bail!(
+                    "smoke: {SHIFT_TIMEOUT:?} after removing {}, pages still lose their ratings",
+                    mesh::TRY_DELAY
+                );
+            }
+            let (_, page) = http::get(self.front(), "/productpage").await?;
+            match mesh::check_product_page(&page) {
+                Ok(_) => in_a_row += 1,
+                Err(_) => in_a_row = 0,
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the reviews breakers into the mesh and loads the page 20 at
+    /// a time: productpage's proxy must shed some reviews calls (its
+    /// `trellis_overflows_total` grows) and every page still answers 200.
+    async fn smoke_breaker(&self) -> anyhow::Result<()> {
+        let overflows = || async {
+            let (_, metrics) = http::get(self.front_metrics(), "/metrics").await?;
+            anyhow::Ok(
+                metrics
+                    .lines()
+                    .filter(|l| l.starts_with("trellis_overflows_total"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>(),
+            )
+        };
+        let before = overflows().await?;
+        let file = self.try_file(mesh::TRY_BREAKER)?;
+        let started = Instant::now();
+        let shed = loop {
+            if started.elapsed() > SHIFT_TIMEOUT * 2 {
+                bail!(
+                    "smoke: with {} in the mesh, 20 pages at a time never tripped a breaker",
+                    mesh::TRY_BREAKER
+                );
+            }
+            let front = self.front();
+            let pages: Vec<_> = (0..20)
+                .map(|_| tokio::spawn(async move { http::get(front, "/productpage").await }))
+                .collect();
+            for page in pages {
+                let (status, page) = page.await??;
+                if status != 200 {
+                    bail!("smoke: a page under the breakers answered {status}:\n{page}");
+                }
+            }
+            let shed = overflows().await? - before;
+            if shed > 0.0 {
+                break shed;
+            }
+        };
+        println!(
+            "smoke: with {} in the mesh, productpage's proxy shed {shed} reviews calls at once (trellis_overflows_total)",
+            mesh::TRY_BREAKER
+        );
+        std::fs::remove_file(&file)?;
         Ok(())
     }
 }
